@@ -1,0 +1,580 @@
+"""Run the model over probe batches and report what each layer does: the capture stage.
+
+Forward hooks see every recorded module (leaves, and modules that own parameters
+directly); a TorchFunctionMode sees the functional activations a ``forward`` calls
+(``F.relu(self.fc1(x))`` has no ReLU module to hook). Tensor hooks see the gradient
+of each layer's output, and ``torch.autograd.grad`` returns parameter gradients
+without touching ``.grad``. Everything is attached for the run and removed after it;
+``preserved`` restores what the run could change. What is seen goes to an Observer:
+this stage computes no statistics itself.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from modelcheck.errors import CaptureError, ProbeError
+from modelcheck.probe import Batch
+
+LOSSES = ("auto", "cross_entropy", "mse", "bce")
+
+
+@dataclass(frozen=True, slots=True)
+class LayerInfo:
+    """A recorded layer: a module, or a functional activation called inside one."""
+
+    name: str
+    type: str
+    family: str
+    functional: bool
+    saturation: tuple[float, float] | None
+    parameters: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureRun:
+    """What the run did, apart from the observations themselves."""
+
+    layers: tuple[LayerInfo, ...]
+    loss: str
+    batches: int
+    samples: int
+    gradients: bool
+    train_mode: bool
+    device: str
+    dtype: str
+
+
+class Observer(Protocol):
+    """Receives every observation of a run; the stats stage implements it."""
+
+    def on_layer(self, layer: LayerInfo, parameters: Mapping[str, torch.Tensor],
+                 buffers: Mapping[str, torch.Tensor]) -> None: ...
+    def on_activation(self, layer: LayerInfo, output: torch.Tensor, unit_dim: int) -> None: ...
+    def on_output_grad(self, layer: LayerInfo, grad: torch.Tensor) -> None: ...
+    def on_param_grads(self, layer: LayerInfo, grads: Sequence[torch.Tensor]) -> None: ...
+    def on_input(self, inputs: Sequence[torch.Tensor]) -> None: ...
+    def on_output(self, output: torch.Tensor) -> None: ...
+
+
+# -- what kind of layer is this ----------------------------------------------------------
+
+_SATURATION = {"tanh": (-0.99, 0.99), "sigmoid": (0.005, 0.995), "relu6": (-math.inf, 6.0)}
+
+_MODULE_FAMILIES: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.ReLU6, "relu6"),
+    (nn.ReLU, "relu"),
+    (nn.LeakyReLU, "leaky_relu"),
+    (nn.ELU, "elu"),
+    (nn.GELU, "gelu"),
+    (nn.SiLU, "silu"),
+    (nn.Softplus, "softplus"),
+    (nn.Tanh, "tanh"),
+    (nn.Sigmoid, "sigmoid"),
+    (nn.Hardtanh, "hardtanh"),
+    (nn.Linear, "linear"),
+    (nn.Bilinear, "linear"),
+    (nn.modules.conv._ConvNd, "conv"),
+    (nn.modules.batchnorm._NormBase, "norm"),
+    (nn.GroupNorm, "norm"),
+    (nn.LayerNorm, "norm"),
+    (nn.Embedding, "embedding"),
+    (nn.RNNBase, "rnn"),
+    (nn.MultiheadAttention, "attention"),
+    (nn.modules.dropout._DropoutNd, "dropout"),
+    (nn.modules.pooling._MaxPoolNd, "pool"),
+    (nn.modules.pooling._AvgPoolNd, "pool"),
+    (nn.modules.pooling._AdaptiveAvgPoolNd, "pool"),
+    (nn.modules.pooling._AdaptiveMaxPoolNd, "pool"),
+    (nn.Softmax, "softmax"),
+    (nn.LogSoftmax, "softmax"),
+)
+if hasattr(nn, "RMSNorm"):
+    _MODULE_FAMILIES += ((nn.RMSNorm, "norm"),)
+
+# Families whose outputs keep the units of their input (elementwise layers).
+_ELEMENTWISE = frozenset(
+    {"relu", "relu6", "leaky_relu", "elu", "gelu", "silu", "softplus", "tanh", "sigmoid",
+     "hardtanh", "dropout"}
+)
+# Families whose unit axis is the channel axis (dim 1) of a (N, C, ...) tensor.
+_CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
+
+_FUNCTIONS: dict[Any, str] = {
+    F.relu: "relu", torch.relu: "relu", torch.Tensor.relu: "relu",
+    F.relu_: "relu", torch.relu_: "relu", torch.Tensor.relu_: "relu",
+    F.relu6: "relu6",
+    F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu",
+    F.elu: "elu", F.elu_: "elu",
+    F.gelu: "gelu", F.silu: "silu", F.softplus: "softplus",
+    torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+    torch.tanh: "tanh", torch.Tensor.tanh: "tanh", F.tanh: "tanh",
+    F.hardtanh: "hardtanh", F.hardtanh_: "hardtanh",
+}  # fmt: skip
+
+
+def module_family(module: nn.Module) -> str:
+    for cls, family in _MODULE_FAMILIES:
+        if isinstance(module, cls):
+            return family
+    return "other"
+
+
+def _module_saturation(module: nn.Module, family: str) -> tuple[float, float] | None:
+    if family == "hardtanh":
+        return (float(module.min_val), float(module.max_val))
+    return _SATURATION.get(family)
+
+
+def _functional_saturation(family: str, args: tuple, kwargs: dict) -> tuple[float, float] | None:
+    if family == "hardtanh":
+        low = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+        high = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+        return (float(low), float(high))
+    return _SATURATION.get(family)
+
+
+def recorded_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules whose outputs are layers: leaves, and modules owning parameters directly
+    (MultiheadAttention computes with its own in_proj_weight, not with a child)."""
+    chosen = []
+    for name, module in model.named_modules():
+        is_leaf = next(module.children(), None) is None
+        owns = next(module.parameters(recurse=False), None) is not None
+        if is_leaf or owns:
+            chosen.append((name or type(module).__name__, module))
+    return chosen
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """The primary tensor of a module output: itself, or the first in a container."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    elif hasattr(value, "to_tuple"):  # dataclass-like model outputs
+        value = value.to_tuple()
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _is_float(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+# -- leaving the model as it came -----------------------------------------------------------
+
+
+@contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Restore train/eval flags, buffers and every RNG the run could advance."""
+    flags = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    np_rng = np.random.get_state()
+    py_rng = random.getstate()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        np.random.set_state(np_rng)
+        random.setstate(py_rng)
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+class _Recorder(TorchFunctionMode):
+    """Hooks and function mode of one run; holds no statistics, only names and order."""
+
+    def __init__(self, model: nn.Module, observer: Observer, gradients: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.observer = observer
+        self.gradients = gradients
+        self.layers: dict[str, LayerInfo] = {}
+        self.module_layers: dict[nn.Module, LayerInfo] = {}
+        self.stack: list[tuple[nn.Module, str, tuple]] = []
+        self.producers: dict[int, tuple[weakref.ref, str, int]] = {}
+        self.occurrences: dict[str, int] = {}
+        self._names = {m: (n or type(m).__name__) for n, m in model.named_modules()}
+        self.recorded = {m: n for n, m in recorded_modules(model)}
+
+    # hooks ------------------------------------------------------------------------
+
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        handles = []
+        try:
+            for module, name in self._names.items():
+                handles.append(module.register_forward_pre_hook(self._enter))
+                handles.append(module.register_forward_hook(self._leave))
+                if module in self.recorded:
+                    handles.append(module.register_forward_hook(self._module_output))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def start_batch(self) -> None:
+        self.stack.clear()
+        self.producers.clear()
+        self.occurrences.clear()
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        self.stack.append((module, self._names[module], args))
+
+    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        # A forward that raises never reaches this hook, so after an exception the
+        # stack still ends at the module that failed. An exception the model caught
+        # itself leaves stale entries above this module: drop them too.
+        for depth in range(len(self.stack) - 1, -1, -1):
+            if self.stack[depth][0] is module:
+                del self.stack[depth:]
+                return
+
+    def _module_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        tensor = first_tensor(output)
+        if not _is_float(tensor):
+            return
+        layer = self.module_layers.get(module)
+        if layer is None:
+            family = module_family(module)
+            layer = LayerInfo(
+                name=self.recorded[module],
+                type=type(module).__name__,
+                family=family,
+                functional=False,
+                saturation=_module_saturation(module, family),
+                parameters=tuple(n for n, _ in module.named_parameters(recurse=False)),
+            )
+            self.module_layers[module] = layer
+            self._first_sight(layer, module)
+        unit_dim = self._unit_dim(layer.family, tensor, first_tensor(args), module)
+        self._observe(layer, tensor, unit_dim)
+
+    # function mode ------------------------------------------------------------------
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        family = _FUNCTIONS.get(func)
+        if family is not None and _is_float(out) and not self._inside_recorded_leaf():
+            with torch._C.DisableTorchFunction():
+                self._functional_output(family, args, kwargs, out)
+        return out
+
+    def _inside_recorded_leaf(self) -> bool:
+        # nn.ReLU calls F.relu: the module hook already records that output.
+        if not self.stack:
+            return False
+        module = self.stack[-1][0]
+        return module in self.recorded and next(module.children(), None) is None
+
+    def _functional_output(self, family: str, args: tuple, kwargs: dict, out: torch.Tensor):
+        source = args[0] if args else None
+        producer = self._producer(source)
+        if producer is not None:
+            base = f"{producer[0]}.{family}"
+        else:
+            scope = self.stack[-1][1] if self.stack else ""
+            base = f"{scope}.{family}" if scope else family
+        seen = self.occurrences.get(base, 0)
+        self.occurrences[base] = seen + 1
+        name = base if seen == 0 else f"{base}_{seen}"
+        layer = self.layers.get(name)
+        if layer is None:
+            layer = LayerInfo(
+                name=name,
+                type=f"F.{family}",
+                family=family,
+                functional=True,
+                saturation=_functional_saturation(family, args, kwargs),
+                parameters=(),
+            )
+            self._first_sight(layer, None)
+        unit_dim = producer[1] if producer and producer[2] == out.dim() else _default_dim(out)
+        self._observe(layer, out, unit_dim)
+
+    # shared -------------------------------------------------------------------------
+
+    def _first_sight(self, layer: LayerInfo, module: nn.Module | None) -> None:
+        self.layers[layer.name] = layer
+        params = {} if module is None else dict(module.named_parameters(recurse=False))
+        buffers = {} if module is None else dict(module.named_buffers(recurse=False))
+        self.observer.on_layer(
+            layer,
+            {n: p.detach() for n, p in params.items()},
+            {n: b.detach() for n, b in buffers.items()},
+        )
+
+    def _observe(self, layer: LayerInfo, out: torch.Tensor, unit_dim: int) -> None:
+        with torch._C.DisableTorchFunction():
+            self.observer.on_activation(layer, out, unit_dim)
+            if self.gradients and out.requires_grad:
+                out.register_hook(lambda g, layer=layer: self._grad(layer, g))
+        self.producers[id(out)] = (weakref.ref(out), layer.name, unit_dim)
+
+    def _grad(self, layer: LayerInfo, grad: torch.Tensor) -> None:
+        self.observer.on_output_grad(layer, grad)
+
+    def _producer(self, tensor: Any) -> tuple[str, int, int] | None:
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        entry = self.producers.get(id(tensor))
+        if entry is None or entry[0]() is not tensor:
+            return None
+        return entry[1], entry[2], tensor.dim()
+
+    def _unit_dim(self, family: str, out: torch.Tensor, source: Any, module: nn.Module) -> int:
+        if out.dim() <= 1:
+            return 0
+        if isinstance(module, _CHANNEL_FIRST) or family == "pool":
+            return 1
+        if family in _ELEMENTWISE:
+            producer = self._producer(source)
+            if producer is not None and producer[2] == out.dim():
+                return producer[1]
+            return _default_dim(out)
+        return out.dim() - 1
+
+
+def _default_dim(out: torch.Tensor) -> int:
+    # Without a producer to inherit from, a 4-D or 5-D tensor is taken as (N, C, ...).
+    if out.dim() <= 1:
+        return 0
+    return 1 if out.dim() >= 4 else out.dim() - 1
+
+
+# -- one batch ---------------------------------------------------------------------------------
+
+
+def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype, tensor.device
+    tensor = next((*model.parameters(), *model.buffers()), None)
+    return torch.float32, tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _prepare(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.to(device)
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_prepare(v, dtype, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _prepare(v, dtype, device) for k, v in value.items()}
+    return value
+
+
+def _float_inputs(inputs: Any) -> list[torch.Tensor]:
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    elif isinstance(inputs, dict):
+        inputs = tuple(inputs.values())
+    return [t for t in inputs if _is_float(t)]
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+def compute_loss(output: torch.Tensor, target: torch.Tensor | None, kind: str,
+                 direction: torch.Tensor | None) -> tuple[torch.Tensor, str]:
+    """The loss the backward pass starts from, and its name for the report.
+
+    Without labels, ``sum(output * v) / batch`` with a fixed random direction ``v``:
+    its gradient is a vector-Jacobian product that probes how signal propagates back.
+    """
+    if target is None:
+        return (output * direction).sum() / max(output.shape[0], 1), "surrogate"
+    kind = _auto_loss(output, target) if kind == "auto" else kind
+    if kind == "cross_entropy":
+        if target.is_floating_point() and target.shape == output.shape:
+            return F.cross_entropy(output, target), kind
+        return F.cross_entropy(output, target.long()), kind
+    target = target.to(output.dtype)
+    if target.numel() != output.numel():
+        raise ProbeError(
+            f"labels of shape {tuple(target.shape)} do not fit the output of shape "
+            f"{tuple(output.shape)} for loss {kind!r}; pass --loss to choose another"
+        )
+    target = target.reshape(output.shape)
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(output, target), kind
+    return F.mse_loss(output, target), kind
+
+
+def _auto_loss(output: torch.Tensor, target: torch.Tensor) -> str:
+    classes = output.shape[1] if output.dim() >= 2 else 1
+    if not target.is_floating_point():
+        if classes > 1 and target.dim() == output.dim() - 1:
+            return "cross_entropy"
+        if output.numel() == target.numel():
+            return "bce"
+    elif target.numel() == output.numel():
+        return "mse"
+    raise ProbeError(
+        f"cannot choose a loss for labels of shape {tuple(target.shape)} "
+        f"({str(target.dtype).removeprefix('torch.')}) and output of shape "
+        f"{tuple(output.shape)}; pass --loss cross_entropy|mse|bce"
+    )
+
+
+def _describe_failure(recorder: _Recorder, error: BaseException) -> str:
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if not recorder.stack:
+        return f"the model's forward raised {type(error).__name__}: {cause}"
+    module, name, args = recorder.stack[-1]
+    shapes = ", ".join(
+        str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor)
+    ) or "no tensors"
+    setup = module.extra_repr().splitlines()[0] if module.extra_repr() else ""
+    kind = f"{type(module).__name__}({setup})" if setup else type(module).__name__
+    return f"the forward failed at layer {name} [{kind}] given input {shapes}: {cause}"
+
+
+def run(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    observer: Observer,
+    *,
+    loss: str = "auto",
+    train_mode: bool = False,
+    gradients: bool = True,
+    seed: int = 0,
+) -> CaptureRun:
+    """Run every batch forward (and backward unless ``gradients`` is False).
+
+    The model runs in eval mode unless ``train_mode``; its flags, buffers and the RNG
+    states come back as they were, and ``.grad`` is never written.
+    """
+    if loss not in LOSSES:
+        raise ProbeError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    dtype, device = _model_dtype_device(model)
+    recorder = _Recorder(model, observer, gradients)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    owners = _parameter_owners(recorder)
+    n_batches = n_samples = 0
+    loss_name = "none"
+    direction: dict[tuple, torch.Tensor] = {}
+    with ExitStack() as stack:
+        stack.enter_context(preserved(model))
+        model.train(train_mode)
+        stack.enter_context(recorder.attached())
+        for batch in batches:
+            recorder.start_batch()
+            inputs = _prepare(batch.inputs, dtype, device)
+            target = None if batch.target is None else batch.target.to(device)
+            leaves = _float_inputs(inputs)
+            with torch._C.DisableTorchFunction():
+                observer.on_input(leaves)
+            need_input_grad = gradients and not trainable
+            if need_input_grad:
+                inputs = _detached_requiring_grad(inputs)
+                leaves = _float_inputs(inputs)
+            grad_context = torch.enable_grad() if gradients else torch.no_grad()
+            try:
+                with grad_context, recorder:
+                    output = first_tensor(_call(model, inputs))
+            except (KeyboardInterrupt, ProbeError):
+                raise
+            except Exception as error:
+                raise CaptureError(_describe_failure(recorder, error)) from error
+            if not _is_float(output):
+                raise CaptureError("the model returned no floating-point tensor to check")
+            observer.on_output(output.detach())
+            n_batches += 1
+            n_samples += output.shape[0] if output.dim() else 1
+            if gradients:
+                wrt = trainable or leaves
+                if output.requires_grad and wrt:
+                    key = tuple(output.shape[1:])
+                    if target is None and key not in direction:
+                        direction[key] = _direction(output, seed)
+                    value, loss_name = compute_loss(output, target, loss, direction.get(key))
+                    grads = torch.autograd.grad(value, wrt, allow_unused=True)
+                    if trainable:
+                        _report_param_grads(recorder, owners, trainable, grads)
+    return CaptureRun(
+        layers=tuple(recorder.layers.values()),
+        loss=loss_name if gradients else "none (forward only)",
+        batches=n_batches,
+        samples=n_samples,
+        gradients=gradients,
+        train_mode=train_mode,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+    )
+
+
+def _detached_requiring_grad(inputs: Any) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.detach().requires_grad_(inputs.is_floating_point())
+    if isinstance(inputs, tuple):
+        return tuple(_detached_requiring_grad(v) for v in inputs)
+    if isinstance(inputs, dict):
+        return {k: _detached_requiring_grad(v) for k, v in inputs.items()}
+    return inputs
+
+
+def _direction(output: torch.Tensor, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device=output.device).manual_seed(seed)
+    return torch.randn(
+        output.shape[1:], generator=gen, device=output.device, dtype=output.dtype
+    )
+
+
+def _parameter_owners(recorder: _Recorder) -> dict[int, nn.Module]:
+    """Each parameter's recorded owner module (the first one, for tied weights)."""
+    owners: dict[int, nn.Module] = {}
+    for module in recorder.recorded:
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), module)
+    return owners
+
+
+def _report_param_grads(
+    recorder: _Recorder,
+    owners: dict[int, nn.Module],
+    trainable: list[torch.nn.Parameter],
+    grads: Sequence[torch.Tensor | None],
+) -> None:
+    by_module: dict[nn.Module, list[torch.Tensor]] = {}
+    for p, g in zip(trainable, grads):
+        module = owners.get(id(p))
+        if module is not None and g is not None:
+            by_module.setdefault(module, []).append(g)
+    for module, module_grads in by_module.items():
+        layer = recorder.module_layers.get(module)
+        if layer is not None:
+            recorder.observer.on_param_grads(layer, module_grads)

@@ -1,0 +1,263 @@
+"""The ``modelcheck`` command: flags mapped onto ``modelcheck.check()``, linter-style.
+
+Exit codes: 0 nothing at or above ``--fail-on``; 1 findings at or above it; 2 the check
+could not run (one line on stderr, a traceback only with ``--debug``); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from modelcheck import rules as rules_module
+from modelcheck.engine import __version__, check, load_rule_set
+from modelcheck.errors import ConfigError, ModelcheckError
+from modelcheck.probe import infer_input_shape, probe_from_spec
+from modelcheck.renderers import FORMATS, format_number, render
+from modelcheck.report import Report, write_atomic
+from modelcheck.settings import LOSS_CHOICES, SEVERITY_CHOICES, Settings
+from modelcheck.source import load_model
+
+COMMANDS = ("demo", "rules", "rule")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line and exit code 2, like any bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        if argv and argv[0] in COMMANDS:
+            return _COMMANDS[argv[0]](argv[1:])
+        return _check_command(argv)
+    except ModelcheckError as error:
+        if debug:
+            traceback.print_exc()
+        print(f"modelcheck: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("modelcheck: interrupted", file=sys.stderr)
+        return 130
+
+
+# -- modelcheck MODEL ------------------------------------------------------------------------
+
+
+def _output_options(parser: argparse.ArgumentParser) -> None:
+    out = parser.add_argument_group("output")
+    out.add_argument("--format", choices=FORMATS, default="text", help="output format")
+    out.add_argument("-o", "--output", metavar="FILE", help="write the output to FILE")
+    out.add_argument("--show-fixes", action="store_true", help="list fixes under each finding")
+    out.add_argument("--exit-zero", action="store_true", help="exit 0 even with findings")
+    out.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+
+def _rule_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("rules")
+    group.add_argument("--select", metavar="RULES", help="comma-separated codes, prefixes, slugs")
+    group.add_argument("--ignore", metavar="RULES", help="rules not to check")
+    group.add_argument("--extend-select", metavar="RULES", help="rules to add to --select")
+    group.add_argument("--fail-on", choices=SEVERITY_CHOICES,
+                       help="lowest severity that makes the exit code 1 (default: error)")
+
+
+def _check_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="modelcheck",
+        description="Lint a PyTorch model's health: dead units, saturation, exploding and "
+        "vanishing signals. Other commands: `modelcheck demo`, `modelcheck rules`, "
+        "`modelcheck rule CODE`.",
+    )
+    parser.add_argument("model", help="model file: a state_dict (with --arch) or a pickled module")
+    parser.add_argument("--version", action="version", version=f"modelcheck {__version__}")
+    source = parser.add_argument_group("model")
+    source.add_argument("--arch", metavar="MODULE:FACTORY",
+                        help="factory that builds the module a state_dict belongs to")
+    source.add_argument("--arch-kwargs", metavar="JSON", help="keyword arguments for --arch")
+    source.add_argument("--trust", action="store_true",
+                        help="allow unpickling a whole module (runs code from the file)")
+    probe = parser.add_argument_group("probe")
+    probe.add_argument("--probe", metavar="SPEC",
+                       help="file (.pt .npy .npz .csv), dataset (iris digits wine "
+                       "breast_cancer) or 'random' (default)")
+    probe.add_argument("--target", metavar="COLUMN", help="label column of a CSV probe")
+    probe.add_argument("--no-standardize", action="store_true",
+                       help="keep dataset features as they are")
+    probe.add_argument("--input-shape", metavar="DIMS", help="shape of one random sample: 3,32,32")
+    probe.add_argument("--batch-size", type=int)
+    probe.add_argument("--max-samples", type=int)
+    probe.add_argument("--seed", type=int)
+    run = parser.add_argument_group("run")
+    run.add_argument("--loss", choices=LOSS_CHOICES, help="loss with labels (default: auto)")
+    run.add_argument("--train-mode", action="store_true", help="run in train mode")
+    run.add_argument("--no-gradients", action="store_true", help="forward pass only")
+    _rule_options(parser)
+    _output_options(parser)
+    return parser
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    values: dict[str, object] = {}
+    for name in ("select", "ignore", "extend_select"):
+        if getattr(args, name, None):
+            values[name] = getattr(args, name)
+    for name in ("fail_on", "loss", "batch_size", "max_samples", "seed"):
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    if getattr(args, "train_mode", False):
+        values["train_mode"] = True
+    if getattr(args, "no_gradients", False):
+        values["gradients"] = False
+    return Settings().updated(values, "command line")
+
+
+def _check_command(argv: list[str]) -> int:
+    args = _check_parser().parse_args(argv)
+    settings = _settings_from(args)
+    _refuse_to_overwrite(args.output, [args.model])
+    loaded = load_model(args.model, arch=args.arch, arch_kwargs=_json_kwargs(args.arch_kwargs),
+                        trust=args.trust)
+    spec = args.probe or settings.probe or "random"
+    shape = _shape(args.input_shape)
+    if spec == "random" and shape is None:
+        shape = infer_input_shape(loaded.module)
+    probe = probe_from_spec(spec, input_shape=shape, target=args.target,
+                            batch_size=settings.batch_size, max_samples=settings.max_samples,
+                            seed=settings.seed, standardize=not args.no_standardize)
+    report = check(loaded, probe, settings=settings)
+    return _emit(report, args)
+
+
+def _emit(report: Report, args: argparse.Namespace, preface: str = "") -> int:
+    text = render(report, args.format, show_fixes=args.show_fixes)
+    if args.output:
+        write_atomic(args.output, text)
+    else:
+        sys.stdout.write(preface + text)
+    return 0 if report.ok or args.exit_zero else 1
+
+
+def _refuse_to_overwrite(output: str | None, inputs: Sequence[str]) -> None:
+    if output is None:
+        return
+    for path in inputs:
+        if os.path.exists(path) and os.path.exists(output) and os.path.samefile(output, path):
+            raise ConfigError(f"--output {output} would overwrite the input file {path}")
+
+
+def _json_kwargs(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--arch-kwargs is not valid JSON: {error.msg} at {error.pos}") from None
+    if not isinstance(value, dict):
+        raise ConfigError("--arch-kwargs must be a JSON object, e.g. '{\"width\": 64}'")
+    return value
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        dims = ()
+    if not dims or min(dims) < 1:
+        raise ConfigError(f"--input-shape {text!r} must be positive integers like 3,32,32")
+    return dims
+
+
+# -- modelcheck demo -------------------------------------------------------------------------
+
+
+def _demo_command(argv: list[str]) -> int:
+    parser = _Parser(prog="modelcheck demo",
+                     description="Train the seed article's Iris network and check it.")
+    _rule_options(parser)
+    _output_options(parser)
+    args = parser.parse_args(argv)
+    from modelcheck.demo import run_demo
+
+    settings = _settings_from(args)
+    _, report = run_demo(settings=settings)
+    preface = (
+        "Trained the seed article's Iris network (4-64-32-16-3 with F.relu, MSE on one-hot "
+        "labels, Adam lr 1e-3, 500 epochs)\nand checked it on the 30 test samples:\n\n"
+    )
+    args.show_fixes = args.show_fixes or args.format == "text"
+    return _emit(report, args, preface if args.format == "text" else "")
+
+
+# -- modelcheck rules / rule CODE -----------------------------------------------------------------
+
+
+def _rules_command(argv: list[str]) -> int:
+    parser = _Parser(prog="modelcheck rules", description="List the rules.")
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    args = parser.parse_args(argv)
+    every = load_rule_set(Settings())
+    if args.format == "json":
+        rows = [{"code": r.code, "slug": r.slug, "title": r.title, "status": r.status,
+                 "thresholds": dict(r.thresholds)} for r in every]
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r.slug) for r in every)
+    for r in every:
+        levels = ", ".join(f"{s} {format_number(t)}" for s, t in r.thresholds.items())
+        print(f"{r.code}  {r.slug:{width}}  {r.title}" + (f"  [{levels}]" if levels else ""))
+    return 0
+
+
+def _rule_command(argv: list[str]) -> int:
+    parser = _Parser(prog="modelcheck rule", description="Explain one rule.")
+    parser.add_argument("rule", help="code (MC101) or slug (dead-units)")
+    args = parser.parse_args(argv)
+    every = load_rule_set(Settings())
+    matches = [r for r in every if args.rule in (r.code, r.slug)]
+    if not matches:
+        rules_module.resolve(every, args.rule, "rule")  # raises, with a suggestion
+        matches = rules_module.resolve(every, args.rule, "rule")
+    for rule in matches:
+        print(explain(rule))
+    return 0
+
+
+def explain(rule: rules_module.Rule) -> str:
+    """The rule's documentation under fixed headings, as ``modelcheck rule`` prints it."""
+    wrap = lambda text: textwrap.fill(" ".join(text.split()), 88, initial_indent="  ",  # noqa: E731
+                                      subsequent_indent="  ")
+    lines = [f"{rule.code} {rule.slug} — {rule.title}", "", "What it does", wrap(rule.what), "",
+             "Why it matters", wrap(rule.why), ""]
+    if rule.example:
+        lines += ["Example", f"  {rule.example}", ""]
+    lines.append("How to fix")
+    lines += [textwrap.fill(" ".join(f.text.split()), 88, initial_indent="  - ",
+                            subsequent_indent="    ") for f in rule.fixes]
+    settings = [f"{k} = {format_number(v)}" for k, v in {**rule.thresholds, **rule.params}.items()]
+    if settings:
+        lines += ["", "Settings (override in [tool.modelcheck.rules." + rule.slug + "])",
+                  "  " + ", ".join(settings)]
+    if rule.references:
+        lines += ["", "References", *(f"  - {r}" for r in rule.references)]
+    lines.append(f"\nDefined in {Path(rule.path).name}")
+    return "\n".join(lines)
+
+
+_COMMANDS = {"demo": _demo_command, "rules": _rules_command, "rule": _rule_command}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""``modelcheck.check()``: one call through every stage, from a module to a Report.
+
+The command line and the pytest plugin both end here. Arguments are validated once,
+on the way in; the stages after that trust their inputs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fnmatch
+import glob
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modelcheck import capture, rules
+from modelcheck.errors import ConfigError
+from modelcheck.metrics import derive
+from modelcheck.probe import Probe, infer_input_shape, probe_from_data, probe_from_spec
+from modelcheck.report import ModelInfo, ProbeInfo, Report
+from modelcheck.rules import Finding, Rule
+from modelcheck.settings import Settings
+from modelcheck.source import LoadedModel
+from modelcheck.stats import NonfiniteCounter, StatsCollector
+
+__version__ = "0.1.0"
+
+
+def check(
+    model: nn.Module | LoadedModel,
+    probe: object = None,
+    labels: object = None,
+    *,
+    settings: Settings | None = None,
+    input_shape: Sequence[int] | None = None,
+    **options: object,
+) -> Report:
+    """Check ``model`` on ``probe`` and return what was found.
+
+    ``probe`` is a tensor or array of inputs (``labels`` optional), an ``(x, y)`` pair, a
+    DataLoader or any iterable of batches, a probe spec string (a file, ``"iris"``,
+    ``"random"``), or None for seeded random inputs shaped by the model's first layer.
+    ``options`` are the settings of ``modelcheck.settings`` by name (``select``,
+    ``ignore``, ``fail_on``, ``loss``, ``rules={"dead-units": {"error": 0.6}}``, ...).
+    The model comes back exactly as it was given.
+    """
+    settings = (settings or Settings()).updated(options, "check()")
+    loaded = model if isinstance(model, LoadedModel) else None
+    module = loaded.module if loaded else model
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"check(): model must be a torch.nn.Module, not {type(module).__name__}")
+    chosen = select_rules(settings)
+    probe = _as_probe(probe, labels, module, settings, input_shape)
+
+    collector = StatsCollector(settings.sample_size, settings.seed)
+    run_options = {"loss": settings.loss, "train_mode": settings.train_mode,
+                   "gradients": settings.gradients, "seed": settings.seed}
+    run = capture.run(module, probe.batches, collector, **run_options)
+    if collector.saw_nonfinite():
+        counter = NonfiniteCounter()
+        capture.run(module, probe.batches, counter, **run_options)
+        collector.add_nonfinite_counts(counter)
+    stats = collector.finalize(run.layers)
+
+    parameters = sum(p.numel() for p in module.parameters())
+    metrics = derive(stats, parameters=parameters, loss=run.loss)
+    findings = _without_layer_ignores(rules.evaluate(chosen, metrics), settings)
+    return Report(
+        version=__version__,
+        torch_version=torch.__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        model=ModelInfo(
+            source=loaded.source if loaded else "<in-memory module>",
+            format=loaded.format if loaded else "module",
+            type=type(module).__name__,
+            parameters=parameters,
+            trainable_parameters=sum(p.numel() for p in module.parameters() if p.requires_grad),
+            dtype=run.dtype,
+            device=run.device,
+            description=loaded.description if loaded else f"in-memory {type(module).__name__}",
+        ),
+        probe=ProbeInfo(
+            source=probe.source,
+            samples=run.samples,
+            batches=run.batches,
+            labels=probe.has_labels,
+            loss=run.loss,
+            train_mode=run.train_mode,
+            gradients=run.gradients,
+            sample_size=settings.sample_size,
+        ),
+        layers=stats.layers,
+        input=stats.input,
+        output=stats.output,
+        findings=tuple(findings),
+        rules=chosen,
+        fail_on=settings.fail_on,
+    )
+
+
+def load_rule_set(settings: Settings) -> tuple[Rule, ...]:
+    """Built-in rules plus ``extend_rules`` files, with per-rule overrides applied."""
+    paths = sorted(rules.builtin_rules_dir().glob("*.toml"))
+    for pattern in settings.extend_rules:
+        matched = sorted(Path(p) for p in glob.glob(pattern))
+        if not matched:
+            raise ConfigError(f"extend-rules: {pattern!r} matches no rule file")
+        paths += matched
+    every = rules.load_rules(paths)
+    overridden = []
+    for rule in every:
+        overrides = {}
+        for key, values in settings.rules.items():
+            if key in (rule.slug, rule.code):
+                overrides.update(values)
+        overridden.append(rule.with_overrides(overrides, f"rules.{rule.slug}")
+                          if overrides else rule)
+    known = {r.slug for r in every} | {r.code for r in every}
+    for key in settings.rules:
+        if key not in known:
+            rules.resolve(every, key, "rules")  # raises with a suggestion
+    return tuple(overridden)
+
+
+def select_rules(settings: Settings) -> tuple[Rule, ...]:
+    every = load_rule_set(settings)
+    chosen = rules.select(every, settings.select, settings.ignore)
+    if settings.extend_select:
+        extra = rules.select(every, settings.extend_select, settings.ignore, "extend-select")
+        codes = {r.code for r in (*chosen, *extra)}
+        chosen = tuple(r for r in every if r.code in codes)
+    for glob_rules in settings.per_layer_ignores.values():
+        for selector in glob_rules:
+            rules.resolve(every, selector, "per-layer-ignores")
+    return chosen
+
+
+def _without_layer_ignores(findings: list[Finding], settings: Settings) -> list[Finding]:
+    return [f for f in findings if not _ignored_here(f, settings.per_layer_ignores)]
+
+
+def _ignored_here(finding: Finding, per_layer: Mapping[str, Sequence[str]]) -> bool:
+    if finding.layer is None:
+        return False
+    return any(
+        selector in ("ALL", finding.rule) or finding.code.startswith(selector)
+        for pattern, selectors in per_layer.items()
+        if fnmatch.fnmatchcase(finding.layer, pattern)
+        for selector in selectors
+    )
+
+
+def _as_probe(probe: object, labels: object, module: nn.Module, settings: Settings,
+              input_shape: Sequence[int] | None) -> Probe:
+    if isinstance(probe, Probe):
+        return probe
+    spec = probe if isinstance(probe, str) else (settings.probe if probe is None else None)
+    if spec is None and probe is None:
+        spec = "random"
+    if spec is not None:
+        if spec == "random" and input_shape is None:
+            input_shape = infer_input_shape(module)
+        return probe_from_spec(spec, input_shape=input_shape, batch_size=settings.batch_size,
+                               max_samples=settings.max_samples, seed=settings.seed)
+    return probe_from_data(probe, labels, batch_size=settings.batch_size,
+                           max_samples=settings.max_samples)

@@ -1,0 +1,308 @@
+"""Named metrics that rules are written in, derived from the run's statistics.
+
+Part of the rules stage: it turns RunStats into flat mappings of plain values, one
+for the model, one per layer and one per weight tensor. Every name a rule may use is
+declared here with one line of documentation; a rule naming anything else fails to
+load. Values are None where they do not apply (a Linear layer has no dead units).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from modelcheck.stats import Distribution, LayerStats, RunStats
+
+ACTIVATION_FAMILIES = frozenset(
+    {"relu", "relu6", "leaky_relu", "elu", "gelu", "silu", "softplus", "tanh", "sigmoid",
+     "hardtanh"}
+)
+# He gain for the ReLU family, LeCun (1) otherwise: std * sqrt(fan_in) a layer should start at.
+_HE_FAMILIES = frozenset({"relu", "relu6", "leaky_relu", "elu", "gelu", "silu"})
+_PASS_THROUGH = frozenset({"dropout", "other", "pool"})
+_WEIGHTED_FAMILIES = frozenset({"linear", "conv", "rnn", "attention"})
+
+MODEL_METRICS: Mapping[str, str] = {
+    "parameters": "number of parameter values in the model",
+    "samples": "number of probe samples",
+    "layers": "number of recorded layers",
+    "loss": "loss the backward pass used ('surrogate' without labels)",
+    "input_float": "the probe input is floating point",
+    "input_mean_abs": "median over input features of |feature mean|",
+    "input_std": "median over input features of the feature std",
+    "input_features": "number of input features (channels for images)",
+    "input_nonfinite": "NaN or Inf values in the probe input",
+    "output_units": "size of the output's last dimension",
+    "output_rel_std": "largest per-unit std of the output over samples, relative to its rms",
+    "output_classes_predicted": "output units that are the argmax for at least one sample",
+    "output_top_class_fraction": "share of samples whose argmax is the most common one",
+    "hidden_kurtosis": "excess kurtosis of each hidden activation layer, in depth order",
+    "hidden_layers": "names of the hidden activation layers, in depth order",
+    "kurtosis_rho": "Spearman correlation of hidden_kurtosis with depth",
+    "kurtosis_first": "excess kurtosis of the shallowest hidden activation layer",
+    "kurtosis_last": "excess kurtosis of the deepest hidden activation layer",
+    "first_hidden_layer": "name of the shallowest hidden activation layer",
+    "last_hidden_layer": "name of the deepest hidden activation layer",
+}
+
+LAYER_METRICS: Mapping[str, str] = {
+    "name": "module name, or producer.function for functional activations",
+    "type": "module class name, or F.<function>",
+    "family": "activation or layer family (relu, tanh, linear, conv, norm, ...)",
+    "depth": "position in execution order, from 0",
+    "functional": "the layer is a functional activation called in a forward",
+    "is_activation": "the layer is an activation function",
+    "is_last": "the layer is the last one executed",
+    "calls": "how many times the layer ran over the probe",
+    "count": "number of output values seen",
+    "units": "units of the output (features, channels)",
+    "mean": "mean output value",
+    "std": "standard deviation of the output values",
+    "rms": "root mean square of the output values",
+    "min": "smallest output value",
+    "max": "largest output value",
+    "skewness": "skewness of the output values",
+    "kurtosis": "excess kurtosis of the output values (0 for a Gaussian)",
+    "zero_fraction": "share of output values exactly zero",
+    "nonfinite": "NaN or Inf output values",
+    "dead_fraction": "share of units active (> 0) on under 1% of positions (ReLU family)",
+    "dead_units": "number of such dead units",
+    "saturated_fraction": "share of units in the flat region on at least 95% of positions",
+    "saturated_units": "number of such saturated units",
+    "saturated_value_fraction": "share of output values in the flat region",
+    "unit_active_fraction": "per unit: share of positions where it is > 0 (ReLU family)",
+    "unit_saturated_fraction": "per unit: share of positions in the flat region",
+    "unit_std": "per unit: standard deviation over positions",
+    "unit_mean": "per unit: mean over positions",
+    "rms_ratio": "output rms relative to the first layer's",
+    "reference_layer": "the layer rms_ratio is relative to",
+    "grad_rms": "rms of the gradient of the loss with respect to the layer output",
+    "param_grad_rms": "rms of the gradients of the layer's own parameters",
+    "param_grad_mean_abs": "mean |gradient| of the layer's own parameters",
+    "param_grad_ratio": "param_grad_rms relative to the last parametrised layer's",
+    "grad_reference_layer": "the layer param_grad_ratio is relative to",
+    "param_nonfinite": "NaN or Inf values in the layer's parameters",
+    "buffer_nonfinite": "NaN or Inf values in the layer's buffers",
+    "grad_nonfinite": "the layer's output or parameter gradients hold NaN or Inf",
+    "has_norm_before": "a normalisation layer ran just before this one",
+}
+
+PARAMETER_METRICS: Mapping[str, str] = {
+    "param": "parameter name within its layer (weight, weight_ih_l0, ...)",
+    "param_mean": "mean of the parameter values",
+    "param_std": "standard deviation of the parameter values",
+    "param_numel": "number of values in the parameter",
+    "fan_in": "inputs feeding one output unit",
+    "all_equal": "every value of the parameter is the same",
+    "next_activation": "family of the activation that follows the layer ('linear' if none)",
+    "init_gain": "std * sqrt(fan_in) expected for that activation (He sqrt(2), else 1)",
+    "init_ratio": "std * sqrt(fan_in) relative to init_gain",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    """Everything rules can read, in execution order."""
+
+    model: Mapping[str, object]
+    layers: tuple[Mapping[str, object], ...]
+    parameters: tuple[Mapping[str, object], ...]
+
+
+def derive(run: RunStats, *, parameters: int, loss: str) -> Metrics:
+    layers = [_layer_metrics(layer, i, len(run.layers)) for i, layer in enumerate(run.layers)]
+    _add_relative(layers, "rms", "rms_ratio", "reference_layer", first=True)
+    _add_relative(layers, "param_grad_rms", "param_grad_ratio", "grad_reference_layer",
+                  first=False)
+    _add_context(layers)
+    model = _model_metrics(run, layers, parameters=parameters, loss=loss)
+    params = []
+    for i, (layer, stats) in enumerate(zip(layers, run.layers)):
+        params += _parameter_metrics(layer, stats, _next_activation(layers, i))
+    return Metrics(model=model, layers=tuple(layers), parameters=tuple(params))
+
+
+def _array(values: Sequence[float] | None) -> np.ndarray | None:
+    return None if values is None else np.asarray(values, dtype=np.float64)
+
+
+def _distribution_metrics(d: Distribution | None) -> dict[str, object]:
+    if d is None:
+        keys = ("count", "units", "mean", "std", "rms", "min", "max", "skewness", "kurtosis",
+                "zero_fraction", "nonfinite", "dead_fraction", "dead_units",
+                "saturated_fraction", "saturated_units",
+                "saturated_value_fraction", "unit_active_fraction", "unit_saturated_fraction",
+                "unit_std", "unit_mean")
+        return dict.fromkeys(keys)
+    return {
+        "count": d.count,
+        "units": d.units,
+        "mean": d.mean,
+        "std": d.std,
+        "rms": d.rms,
+        "min": d.min,
+        "max": d.max,
+        "skewness": d.skewness,
+        "kurtosis": d.kurtosis,
+        "zero_fraction": d.zero_fraction,
+        "nonfinite": d.nonfinite,
+        "dead_fraction": d.dead_fraction,
+        "dead_units": _units(d.dead_fraction, d.units),
+        "saturated_fraction": d.saturated_fraction,
+        "saturated_units": _units(d.saturated_fraction, d.units),
+        "saturated_value_fraction": d.saturated_value_fraction,
+        "unit_active_fraction": _array(d.unit_active_fraction),
+        "unit_saturated_fraction": _array(d.unit_saturated_fraction),
+        "unit_std": _array(d.unit_std),
+        "unit_mean": _array(d.unit_mean),
+    }
+
+
+def _units(fraction: float | None, units: int) -> int | None:
+    return None if fraction is None else round(fraction * units)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _layer_metrics(layer: LayerStats, depth: int, total: int) -> dict[str, object]:
+    out_grad, param_grad = layer.output_grad, layer.param_grad
+    grad_nonfinite = any(
+        g is not None and (g.nonfinite > 0 or not _finite(g.rms)) for g in (out_grad, param_grad)
+    )
+    metrics = {
+        "name": layer.name,
+        "type": layer.type,
+        "family": layer.family,
+        "depth": depth,
+        "functional": layer.functional,
+        "is_activation": layer.family in ACTIVATION_FAMILIES,
+        "is_last": depth == total - 1,
+        "calls": layer.calls,
+        **_distribution_metrics(layer.activation),
+        "grad_rms": None if out_grad is None else out_grad.rms,
+        "param_grad_rms": None if param_grad is None else param_grad.rms,
+        "param_grad_mean_abs": None if param_grad is None else param_grad.mean_abs,
+        "param_nonfinite": sum(p.nonfinite for p in layer.parameters),
+        "buffer_nonfinite": layer.buffer_nonfinite,
+        "grad_nonfinite": grad_nonfinite,
+    }
+    return metrics
+
+
+def _add_relative(layers: list[dict], key: str, ratio: str, reference: str, *, first: bool):
+    """Divide ``key`` by the first (or last) layer's positive finite value of it."""
+    candidates = [m for m in layers if _finite(m[key]) and m[key] > 0]
+    ref = (candidates[0] if first else candidates[-1]) if candidates else None
+    for m in layers:
+        if ref is None or m[key] is None:
+            m[ratio], m[reference] = None, None
+        else:
+            m[ratio], m[reference] = m[key] / ref[key], ref["name"]
+
+
+def _add_context(layers: list[dict]) -> None:
+    for i, m in enumerate(layers):
+        m["has_norm_before"] = i > 0 and layers[i - 1]["family"] == "norm"
+
+
+def _next_activation(layers: Sequence[Mapping[str, object]], index: int) -> str:
+    for m in layers[index + 1 :]:
+        family = m["family"]
+        if family in ACTIVATION_FAMILIES:
+            return str(family)
+        if family not in _PASS_THROUGH:
+            return "linear"
+    return "linear"
+
+
+def _parameter_metrics(
+    layer: Mapping[str, object], stats: LayerStats, activation: str
+) -> list[dict]:
+    if stats.family not in _WEIGHTED_FAMILIES:
+        return []
+    found = []
+    for p in stats.parameters:
+        if p.fan_in is None:
+            continue
+        gain = math.sqrt(2.0) if activation in _HE_FAMILIES else 1.0
+        scale = p.std * math.sqrt(p.fan_in)
+        found.append(
+            {
+                **layer,
+                "param": p.name,
+                "param_mean": p.mean,
+                "param_std": p.std,
+                "param_numel": math.prod(p.shape),
+                "fan_in": p.fan_in,
+                "all_equal": p.max == p.min and math.prod(p.shape) > 1,
+                "next_activation": activation,
+                "init_gain": gain,
+                "init_ratio": scale / gain,
+            }
+        )
+    return found
+
+
+def _model_metrics(run: RunStats, layers: list[dict], *, parameters: int, loss: str) -> dict:
+    hidden = [m for m in layers if m["is_activation"] and not m["is_last"]]
+    hidden = [m for m in hidden if m["kurtosis"] is not None]
+    kurtosis = np.asarray([m["kurtosis"] for m in hidden], dtype=np.float64)
+    return {
+        "parameters": parameters,
+        "samples": None if run.output is None else run.output.count // max(run.output.units, 1),
+        "layers": len(layers),
+        "loss": loss,
+        **_input_metrics(run.input),
+        **_output_metrics(run.output, run.output_argmax),
+        "hidden_kurtosis": kurtosis,
+        "hidden_layers": tuple(m["name"] for m in hidden),
+        "kurtosis_rho": _depth_correlation(kurtosis),
+        "kurtosis_first": float(kurtosis[0]) if kurtosis.size else None,
+        "kurtosis_last": float(kurtosis[-1]) if kurtosis.size else None,
+        "first_hidden_layer": hidden[0]["name"] if hidden else None,
+        "last_hidden_layer": hidden[-1]["name"] if hidden else None,
+    }
+
+
+def _depth_correlation(values: np.ndarray) -> float | None:
+    """Spearman's rho of values against their depth order; None if undefined."""
+    if values.size < 3 or np.ptp(values) == 0:
+        return None
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(np.arange(values.size), values).statistic
+    return float(rho) if math.isfinite(rho) else None
+
+
+def _input_metrics(d: Distribution | None) -> dict[str, object]:
+    if d is None:
+        return {"input_float": False, "input_mean_abs": None, "input_std": None,
+                "input_features": None, "input_nonfinite": 0}
+    return {
+        "input_float": True,
+        "input_mean_abs": float(np.median(np.abs(d.unit_mean))),
+        "input_std": float(np.median(d.unit_std)),
+        "input_features": d.units,
+        "input_nonfinite": d.nonfinite,
+    }
+
+
+def _output_metrics(d: Distribution | None, argmax: tuple[int, ...] | None) -> dict:
+    if d is None:
+        return {"output_units": None, "output_rel_std": None, "output_classes_predicted": None,
+                "output_top_class_fraction": None}
+    rel = max(d.unit_std) / d.rms if d.rms > 0 else 0.0
+    wins = np.asarray(argmax) if argmax is not None else None
+    return {
+        "output_units": d.units,
+        "output_rel_std": rel if math.isfinite(rel) else None,
+        "output_classes_predicted": None if wins is None else int((wins > 0).sum()),
+        "output_top_class_fraction": (
+            None if wins is None or wins.sum() == 0 else float(wins.max() / wins.sum())
+        ),
+    }

@@ -1,0 +1,192 @@
+"""The result of a check: findings plus every layer's statistics; renderers only read it.
+
+``Report.to_dict`` is the JSON contract of DESIGN.md: keys are only ever added, never
+renamed, and numbers that are not finite become null (with ``nonfinite`` counts saying
+why), so any JSON parser can read it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelcheck.rules import SEVERITIES, Finding, Rule, severity_rank
+from modelcheck.stats import Distribution, LayerStats
+
+FAIL_ON = (*SEVERITIES, "never")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    source: str
+    format: str
+    type: str
+    parameters: int
+    trainable_parameters: int
+    dtype: str
+    device: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeInfo:
+    source: str
+    samples: int
+    batches: int
+    labels: bool
+    loss: str
+    train_mode: bool
+    gradients: bool
+    sample_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Everything one check found. ``ok`` is False when a finding reaches ``fail_on``."""
+
+    version: str
+    torch_version: str
+    created: str
+    model: ModelInfo
+    probe: ProbeInfo
+    layers: tuple[LayerStats, ...]
+    input: Distribution | None
+    output: Distribution | None
+    findings: tuple[Finding, ...]
+    rules: tuple[Rule, ...]
+    fail_on: str
+
+    @property
+    def ok(self) -> bool:
+        return not self.failing
+
+    @property
+    def failing(self) -> tuple[Finding, ...]:
+        """Findings at or above ``fail_on``."""
+        if self.fail_on == "never":
+            return ()
+        bar = severity_rank(self.fail_on)
+        return tuple(f for f in self.findings if severity_rank(f.severity) >= bar)
+
+    @property
+    def summary(self) -> dict[str, int]:
+        counts = {s: sum(f.severity == s for f in self.findings) for s in SEVERITIES}
+        return {"errors": counts["error"], "warnings": counts["warning"], "infos": counts["info"]}
+
+    def layer(self, name: str) -> LayerStats:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named {name!r}; layers: {', '.join(layer_names(self))}")
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "tool": {"modelcheck": self.version, "torch": self.torch_version,
+                     "created": self.created},
+            "model": _plain(self.model),
+            "probe": _plain(self.probe),
+            "layers": [_layer_dict(layer, depth) for depth, layer in enumerate(self.layers)],
+            "findings": [_finding_dict(f) for f in self.findings],
+            "summary": {**self.summary, "ok": self.ok, "fail_on": self.fail_on},
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+
+def layer_names(report: Report) -> list[str]:
+    return [layer.name for layer in report.layers]
+
+
+def number(value: float | None) -> float | None:
+    """A JSON-safe number: NaN and infinities become None."""
+    if value is None or not math.isfinite(value):
+        return None
+    return value
+
+
+def _plain(info: ModelInfo | ProbeInfo) -> dict:
+    return {name: getattr(info, name) for name in info.__slots__}
+
+
+def layer_stats_dict(layer: LayerStats) -> dict[str, object]:
+    """The flat ``stats`` object of one layer (DESIGN.md contract)."""
+    d = layer.activation
+    stats: dict[str, object] = dict.fromkeys(_DISTRIBUTION_KEYS)
+    if d is not None:
+        stats.update({key: getattr(d, key) for key in _DISTRIBUTION_KEYS})
+    grad, pgrad = layer.output_grad, layer.param_grad
+    stats.update(
+        {
+            "grad_rms": None if grad is None else grad.rms,
+            "param_grad_rms": None if pgrad is None else pgrad.rms,
+            "param_grad_mean_abs": None if pgrad is None else pgrad.mean_abs,
+            "param_nonfinite": sum(p.nonfinite for p in layer.parameters),
+            "buffer_nonfinite": layer.buffer_nonfinite,
+        }
+    )
+    return {k: number(v) if isinstance(v, float) else v for k, v in stats.items()}
+
+
+_DISTRIBUTION_KEYS = (
+    "count", "mean", "std", "rms", "min", "max", "skewness", "kurtosis", "zero_fraction",
+    "nonfinite", "units", "dead_fraction", "saturated_fraction", "saturated_value_fraction",
+    "sample_size",
+)  # fmt: skip
+
+
+def _layer_dict(layer: LayerStats, depth: int) -> dict:
+    d = layer.activation
+    return {
+        "name": layer.name,
+        "type": layer.type,
+        "family": layer.family,
+        "depth": depth,
+        "functional": layer.functional,
+        "calls": layer.calls,
+        "stats": layer_stats_dict(layer),
+        "histogram": None if d is None or d.histogram is None else {
+            "edges": list(d.histogram.edges), "counts": list(d.histogram.counts)},
+        "quantiles": None if d is None or d.quantiles is None else list(d.quantiles),
+        "parameters": [
+            {"name": p.name, "shape": list(p.shape), "mean": number(p.mean),
+             "std": number(p.std), "min": number(p.min), "max": number(p.max),
+             "fan_in": p.fan_in, "nonfinite": p.nonfinite}
+            for p in layer.parameters
+        ],
+    }
+
+
+def _finding_dict(f: Finding) -> dict:
+    return {
+        "code": f.code,
+        "rule": f.rule,
+        "severity": f.severity,
+        "layer": f.layer,
+        "value": number(f.value),
+        "threshold": number(f.threshold),
+        "message": f.message,
+        "fixes": list(f.fixes),
+        "title": f.title,
+        "deeper": f.deeper,
+    }
+
+
+def write_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place,
+    so a reader never sees half a report and a failure leaves nothing behind."""
+    target = Path(path)
+    directory = target.parent if str(target.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

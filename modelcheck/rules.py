@@ -1,0 +1,455 @@
+"""Declarative health rules: load them from TOML and evaluate them over metrics.
+
+A rule is data. Its file gives identity (code, slug), documentation (what, why,
+example, fixes, references) and one or more checks: where the check applies, the value
+it measures, the condition that makes a finding, and either thresholds per severity
+(bound to ``threshold`` in the condition) or one fixed severity. Expressions are parsed
+by ``modelcheck.expr`` against the metric names of their scope when the rule loads, so
+a typo fails at once, naming the file and key, never half-way through a check.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import string
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from modelcheck import expr
+from modelcheck.errors import ConfigError, RuleError
+from modelcheck.metrics import LAYER_METRICS, MODEL_METRICS, PARAMETER_METRICS, Metrics
+
+SEVERITIES = ("error", "warning", "info")
+SCOPES = ("model", "layer", "parameter")
+_RANK = {s: i for i, s in enumerate(reversed(SEVERITIES), start=1)}
+
+# Names every finding's message and fixes may use besides the metrics of its scope.
+_FINDING_NAMES = ("value", "threshold", "severity", "layer", "deeper", "worst_layer",
+                  "worst_value")
+_RULE_KEYS = {"code", "slug", "title", "status", "what", "why", "example", "fixes",
+              "references", "params", "checks"}
+_CHECK_KEYS = {"scope", "applies-to", "value", "condition", "thresholds", "severity",
+               "message", "report", "at"}
+
+
+def severity_rank(severity: str) -> int:
+    """error 3, warning 2, info 1: larger is worse."""
+    return _RANK[severity]
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    scope: str
+    applies_to: expr.Expression | None
+    value: expr.Expression
+    condition: expr.Expression
+    thresholds: Mapping[str, float]
+    severity: str | None
+    message: str
+    report: str  # "each" layer, or only the "first" layer that crosses (depth-wise rules)
+    at: expr.Expression | None  # the layer a model-scope finding points at
+
+
+@dataclass(frozen=True, slots=True)
+class Fix:
+    text: str
+    when: expr.Expression | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    code: str
+    slug: str
+    title: str
+    status: str
+    what: str
+    why: str
+    example: str
+    fixes: tuple[Fix, ...]
+    references: tuple[str, ...]
+    params: Mapping[str, float]
+    checks: tuple[Check, ...]
+    path: str
+
+    @property
+    def thresholds(self) -> Mapping[str, float]:
+        """The thresholds of the rule's one thresholded check (empty if none)."""
+        return next((c.thresholds for c in self.checks if c.thresholds), {})
+
+    def with_overrides(self, overrides: Mapping[str, object], where: str) -> Rule:
+        """A copy with thresholds (``error = 0.6``) and params replaced."""
+        thresholds, params = dict(self.thresholds), dict(self.params)
+        for key, value in overrides.items():
+            name = key.replace("-", "_")
+            if key in SEVERITIES:
+                thresholds[key] = _number(value, f"{where}.{key}")
+            elif name in params:
+                params[name] = _number(value, f"{where}.{key}")
+            else:
+                known = ", ".join([*SEVERITIES, *params]) or "severities"
+                raise ConfigError(f"{where}: unknown key {key!r} for rule {self.slug} "
+                                  f"(known: {known})")
+        checks = tuple(replace(c, thresholds=thresholds) if c.thresholds else c
+                       for c in self.checks)
+        if thresholds and not any(c.thresholds for c in self.checks):
+            raise ConfigError(f"{where}: rule {self.slug} has no thresholds to override")
+        return replace(self, checks=checks, params=params)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One health problem: which rule, how bad, where, by how much, and what to try."""
+
+    code: str
+    rule: str
+    severity: str
+    layer: str | None
+    value: float | None
+    threshold: float | None
+    message: str
+    fixes: tuple[str, ...]
+    title: str
+    deeper: int = 0
+    related: tuple[str, ...] = field(default=())
+
+
+# -- loading -----------------------------------------------------------------------------
+
+
+def builtin_rules_dir() -> Path:
+    from modelcheck._resources import data_dir
+
+    return data_dir("rules")
+
+
+def load_rule_file(path: Path) -> Rule:
+    where = str(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise RuleError(f"{where}: cannot read rule file ({error.strerror or error})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise RuleError(f"{where}: invalid TOML: {error}") from None
+    return parse_rule(data, where)
+
+
+def parse_rule(data: Mapping[str, object], where: str) -> Rule:
+    checks_data = data.get("checks")
+    flat = {k: v for k, v in data.items() if k in _CHECK_KEYS}
+    if checks_data is None:
+        checks_data = [flat]
+    elif flat:
+        raise RuleError(f"{where}: give either [[checks]] or a single flat check, not both "
+                        f"(found {', '.join(sorted(flat))})")
+    unknown = set(data) - _RULE_KEYS - _CHECK_KEYS
+    if unknown:
+        raise RuleError(f"{where}: unknown key {sorted(unknown)[0]!r}; "
+                        f"rule keys are {', '.join(sorted(_RULE_KEYS | _CHECK_KEYS))}")
+    slug = _text(data, "slug", where)
+    if not slug.replace("-", "").isalnum() or slug != slug.lower():
+        raise RuleError(f"{where}: slug {slug!r} must be kebab-case (dead-units)")
+    code = _text(data, "code", where)
+    if not (code[:2].isalpha() and code[:2].isupper() and code[2:].isdigit()):
+        raise RuleError(f"{where}: code {code!r} must look like MC101")
+    params = {k.replace("-", "_"): _number(v, f"{where}: params.{k}")
+              for k, v in _table(data, "params", where).items()}
+    if not isinstance(checks_data, list) or not checks_data:
+        raise RuleError(f"{where}: 'checks' must be a non-empty array of tables")
+    checks = tuple(_parse_check(c, params, f"{where}: checks[{i}]" if "checks" in data else where)
+                   for i, c in enumerate(checks_data))
+    if sum(1 for c in checks if c.thresholds) > 1:
+        raise RuleError(f"{where}: at most one check may have thresholds")
+    names = _scope_names(max(checks, key=lambda c: SCOPES.index(c.scope)).scope, params)
+    fixes = tuple(_parse_fix(f, names, f"{where}: fixes[{i}]")
+                  for i, f in enumerate(_list(data, "fixes", where)))
+    return Rule(
+        code=code,
+        slug=slug,
+        title=_text(data, "title", where),
+        status=str(data.get("status", "stable")),
+        what=_text(data, "what", where),
+        why=_text(data, "why", where),
+        example=str(data.get("example", "")),
+        fixes=fixes,
+        references=tuple(str(r) for r in _list(data, "references", where)),
+        params=params,
+        checks=checks,
+        path=where,
+    )
+
+
+def _scope_names(scope: str, params: Mapping[str, float]) -> set[str]:
+    names = set(MODEL_METRICS) | set(params) | set(_FINDING_NAMES)
+    if scope in ("layer", "parameter"):
+        names |= set(LAYER_METRICS)
+    if scope == "parameter":
+        names |= set(PARAMETER_METRICS)
+    return names
+
+
+def _parse_check(data: object, params: Mapping[str, float], where: str) -> Check:
+    if not isinstance(data, Mapping):
+        raise RuleError(f"{where}: a check must be a table")
+    unknown = set(data) - _CHECK_KEYS
+    if unknown:
+        raise RuleError(f"{where}: unknown check key {sorted(unknown)[0]!r}")
+    scope = str(data.get("scope", "layer"))
+    if scope not in SCOPES:
+        raise RuleError(f"{where}: scope {scope!r} must be one of {', '.join(SCOPES)}")
+    report = str(data.get("report", "each"))
+    if report not in ("each", "first") or (report == "first" and scope != "layer"):
+        raise RuleError(f"{where}: report must be 'each', or 'first' for a layer check")
+    thresholds = {k: _number(v, f"{where}: thresholds.{k}")
+                  for k, v in _table(data, "thresholds", where).items()}
+    if set(thresholds) - set(SEVERITIES):
+        raise RuleError(f"{where}: thresholds may only name {', '.join(SEVERITIES)}")
+    severity = data.get("severity")
+    if (severity is None) == (not thresholds):
+        raise RuleError(f"{where}: give either thresholds or one fixed severity")
+    if severity is not None and severity not in SEVERITIES:
+        raise RuleError(f"{where}: severity {severity!r} must be one of {', '.join(SEVERITIES)}")
+    names = _scope_names(scope, params)
+    value_names = names - {"value", "threshold"}
+    if not thresholds:
+        names = names - {"threshold"}
+    applies = data.get("applies-to")
+    at = data.get("at")
+    if at is not None and scope != "model":
+        raise RuleError(f"{where}: 'at' names the layer of a model-scope finding only")
+    check = Check(
+        scope=scope,
+        applies_to=None if applies is None else _expression(applies, value_names,
+                                                            f"{where}: applies-to"),
+        value=_expression(_text(data, "value", where), value_names, f"{where}: value"),
+        condition=_expression(_text(data, "condition", where), names, f"{where}: condition"),
+        thresholds=thresholds,
+        severity=severity,
+        message=_text(data, "message", where),
+        report=report,
+        at=None if at is None else _expression(at, value_names, f"{where}: at"),
+    )
+    _check_template(check.message, names, f"{where}: message")
+    return check
+
+
+def _parse_fix(data: object, names: set[str], where: str) -> Fix:
+    if isinstance(data, str):
+        data = {"text": data}
+    if not isinstance(data, Mapping) or set(data) - {"text", "when"}:
+        raise RuleError(f"{where}: a fix is a string or a table with 'text' and 'when'")
+    text = _text(data, "text", where)
+    _check_template(text, names, f"{where}: text")
+    when = data.get("when")
+    return Fix(text=text, when=None if when is None else _expression(when, names, f"{where}: when"))
+
+
+def _expression(source: object, names: set[str], where: str) -> expr.Expression:
+    if not isinstance(source, str):
+        raise RuleError(f"{where}: must be an expression string")
+    return expr.parse(source, known_names=names, where=where)
+
+
+def _check_template(template: str, names: set[str], where: str) -> None:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as error:
+        raise RuleError(f"{where}: bad template {template!r}: {error}") from None
+    for name in fields:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise RuleError(f"{where}: unknown field {{{name}}} in {template!r}{hint}")
+
+
+def _text(data: Mapping, key: str, where: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise RuleError(f"{where}: missing or empty '{key}'")
+    return value.strip()
+
+
+def _table(data: Mapping, key: str, where: str) -> Mapping:
+    value = data.get(key, {})
+    if not isinstance(value, Mapping):
+        raise RuleError(f"{where}: '{key}' must be a table")
+    return value
+
+
+def _list(data: Mapping, key: str, where: str) -> list:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise RuleError(f"{where}: '{key}' must be an array")
+    return value
+
+
+def _number(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    return float(value)
+
+
+def load_rules(paths: Iterable[Path]) -> tuple[Rule, ...]:
+    rules = [load_rule_file(Path(p)) for p in paths]
+    seen: dict[str, str] = {}
+    for rule in rules:
+        for key in (rule.code, rule.slug):
+            if key in seen:
+                raise RuleError(f"{rule.path}: {key} is already defined in {seen[key]}")
+            seen[key] = rule.path
+    return tuple(sorted(rules, key=lambda r: r.code))
+
+
+def builtin_rules() -> tuple[Rule, ...]:
+    return load_rules(sorted(builtin_rules_dir().glob("*.toml")))
+
+
+# -- choosing ----------------------------------------------------------------------------
+
+
+def resolve(rules: Sequence[Rule], selector: str, where: str) -> list[Rule]:
+    """Rules named by a code, a code prefix (MC1), a slug, or ALL."""
+    if selector == "ALL":
+        return list(rules)
+    chosen = [r for r in rules if r.slug == selector or r.code.startswith(selector)]
+    if not chosen:
+        known = [r.slug for r in rules] + [r.code for r in rules]
+        close = difflib.get_close_matches(selector, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; see `modelcheck rules`"
+        raise ConfigError(f"{where}: unknown rule {selector!r}{hint}")
+    return chosen
+
+
+def select(rules: Sequence[Rule], select: Sequence[str] | None = None,
+           ignore: Sequence[str] = (), where: str = "select") -> tuple[Rule, ...]:
+    chosen = {r.code for s in (select or ["ALL"]) for r in resolve(rules, s, where)}
+    dropped = {r.code for s in ignore for r in resolve(rules, s, "ignore")}
+    return tuple(r for r in rules if r.code in chosen - dropped)
+
+
+# -- evaluating --------------------------------------------------------------------------
+
+
+def evaluate(rules: Sequence[Rule], metrics: Metrics) -> list[Finding]:
+    findings = []
+    for rule in rules:
+        for check in rule.checks:
+            findings += _run_check(rule, check, metrics)
+    return sort_findings(findings)
+
+
+def sort_findings(findings: Iterable[Finding]) -> list[Finding]:
+    return sorted(findings, key=lambda f: (-severity_rank(f.severity), f.code))
+
+
+@dataclass(frozen=True, slots=True)
+class _Hit:
+    env: Mapping[str, object]
+    severity: str
+    value: object
+    threshold: float | None
+
+
+def _run_check(rule: Rule, check: Check, metrics: Metrics) -> list[Finding]:
+    if check.scope == "model":
+        items = [metrics.model]
+    else:
+        rows = metrics.layers if check.scope == "layer" else metrics.parameters
+        items = [{**metrics.model, **row} for row in rows]
+    hits = [hit for env in items if (hit := _hit(rule, check, env)) is not None]
+    if not hits:
+        return []
+    if check.report == "first":
+        worst = max(hits, key=lambda h: severity_rank(h.severity))
+        return [_finding(rule, check, hits[0], worst, len(hits) - 1, hits)]
+    return [_finding(rule, check, h, h, 0, [h]) for h in hits]
+
+
+def _hit(rule: Rule, check: Check, env: Mapping[str, object]) -> _Hit | None:
+    env = {**env, **rule.params}
+    if check.applies_to is not None and not expr.truthy(check.applies_to.evaluate(env)):
+        return None
+    value = check.value.evaluate(env)
+    env["value"] = value
+    if not check.thresholds:
+        if expr.truthy(check.condition.evaluate(env)):
+            return _Hit(env, check.severity, value, None)
+        return None
+    for severity in SEVERITIES:
+        threshold = check.thresholds.get(severity)
+        if threshold is None:
+            continue
+        if expr.truthy(check.condition.evaluate({**env, "threshold": threshold})):
+            return _Hit({**env, "threshold": threshold}, severity, value, threshold)
+    return None
+
+
+def _finding(rule: Rule, check: Check, first: _Hit, worst: _Hit, deeper: int,
+             hits: Sequence[_Hit]) -> Finding:
+    if check.scope == "model":
+        layer = None if check.at is None else check.at.evaluate(first.env)
+    else:
+        layer = first.env.get("name")
+    context = {
+        **first.env,
+        "value": worst.value,
+        "threshold": worst.threshold,
+        "severity": worst.severity,
+        "layer": layer,
+        "deeper": deeper,
+        "worst_layer": worst.env.get("name"),
+        "worst_value": worst.value,
+    }
+    fixes = tuple(
+        render(f.text, context)
+        for f in rule.fixes
+        if f.when is None or expr.truthy(f.when.evaluate(context))
+    )
+    return Finding(
+        code=rule.code,
+        rule=rule.slug,
+        severity=worst.severity,
+        layer=None if layer is None else str(layer),
+        value=_plain_number(worst.value),
+        threshold=worst.threshold,
+        message=render(check.message, context),
+        fixes=fixes,
+        title=rule.title,
+        deeper=deeper,
+        related=tuple(str(h.env.get("name")) for h in hits[1:]),
+    )
+
+
+def _plain_number(value: object) -> float | None:
+    if isinstance(value, (bool, np.bool_)):
+        return float(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    return None
+
+
+def render(template: str, context: Mapping[str, object]) -> str:
+    """Fill a message template; a value that does not apply reads 'n/a'."""
+    parts = []
+    for literal, name, spec, _ in string.Formatter().parse(template):
+        parts.append(literal)
+        if name is not None:
+            parts.append(_format(context.get(name), spec or ""))
+    return "".join(parts)
+
+
+def _format(value: object, spec: str) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return ", ".join(str(v) for v in value)
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)
