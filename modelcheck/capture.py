@@ -60,8 +60,12 @@ class CaptureRun:
 class Observer(Protocol):
     """Receives every observation of a run; the stats stage implements it."""
 
-    def on_layer(self, layer: LayerInfo, parameters: Mapping[str, torch.Tensor],
-                 buffers: Mapping[str, torch.Tensor]) -> None: ...
+    def on_layer(
+        self,
+        layer: LayerInfo,
+        parameters: Mapping[str, torch.Tensor],
+        buffers: Mapping[str, torch.Tensor],
+    ) -> None: ...
     def on_activation(self, layer: LayerInfo, output: torch.Tensor, unit_dim: int) -> None: ...
     def on_output_grad(self, layer: LayerInfo, grad: torch.Tensor) -> None: ...
     def on_param_grads(self, layer: LayerInfo, grads: Sequence[torch.Tensor]) -> None: ...
@@ -106,8 +110,19 @@ if hasattr(nn, "RMSNorm"):
 
 # Families whose outputs keep the units of their input (elementwise layers).
 _ELEMENTWISE = frozenset(
-    {"relu", "relu6", "leaky_relu", "elu", "gelu", "silu", "softplus", "tanh", "sigmoid",
-     "hardtanh", "dropout"}
+    {
+        "relu",
+        "relu6",
+        "leaky_relu",
+        "elu",
+        "gelu",
+        "silu",
+        "softplus",
+        "tanh",
+        "sigmoid",
+        "hardtanh",
+        "dropout",
+    }
 )
 # Families whose unit axis is the channel axis (dim 1) of a (N, C, ...) tensor.
 _CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
@@ -230,7 +245,7 @@ class _Recorder(TorchFunctionMode):
     def attached(self) -> Iterator[None]:
         handles = []
         try:
-            for module, name in self._names.items():
+            for module in self._names:
                 handles.append(module.register_forward_pre_hook(self._enter))
                 handles.append(module.register_forward_hook(self._leave))
                 if module in self.recorded:
@@ -408,8 +423,9 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def compute_loss(output: torch.Tensor, target: torch.Tensor | None, kind: str,
-                 direction: torch.Tensor | None) -> tuple[torch.Tensor, str]:
+def compute_loss(
+    output: torch.Tensor, target: torch.Tensor | None, kind: str, direction: torch.Tensor | None
+) -> tuple[torch.Tensor, str]:
     """The loss the backward pass starts from, and its name for the report.
 
     Without labels, ``sum(output * v) / batch`` with a fixed random direction ``v``:
@@ -455,9 +471,9 @@ def _describe_failure(recorder: _Recorder, error: BaseException) -> str:
     if not recorder.stack:
         return f"the model's forward raised {type(error).__name__}: {cause}"
     module, name, args = recorder.stack[-1]
-    shapes = ", ".join(
-        str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor)
-    ) or "no tensors"
+    shapes = (
+        ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor)) or "no tensors"
+    )
     setup = module.extra_repr().splitlines()[0] if module.extra_repr() else ""
     kind = f"{type(module).__name__}({setup})" if setup else type(module).__name__
     return f"the forward failed at layer {name} [{kind}] given input {shapes}: {cause}"
@@ -549,9 +565,7 @@ def _detached_requiring_grad(inputs: Any) -> Any:
 
 def _direction(output: torch.Tensor, seed: int) -> torch.Tensor:
     gen = torch.Generator(device=output.device).manual_seed(seed)
-    return torch.randn(
-        output.shape[1:], generator=gen, device=output.device, dtype=output.dtype
-    )
+    return torch.randn(output.shape[1:], generator=gen, device=output.device, dtype=output.dtype)
 
 
 def _parameter_owners(recorder: _Recorder) -> dict[int, nn.Module]:

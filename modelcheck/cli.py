@@ -68,8 +68,11 @@ def _rule_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--select", metavar="RULES", help="comma-separated codes, prefixes, slugs")
     group.add_argument("--ignore", metavar="RULES", help="rules not to check")
     group.add_argument("--extend-select", metavar="RULES", help="rules to add to --select")
-    group.add_argument("--fail-on", choices=SEVERITY_CHOICES,
-                       help="lowest severity that makes the exit code 1 (default: error)")
+    group.add_argument(
+        "--fail-on",
+        choices=SEVERITY_CHOICES,
+        help="lowest severity that makes the exit code 1 (default: error)",
+    )
 
 
 def _check_parser() -> argparse.ArgumentParser:
@@ -82,18 +85,28 @@ def _check_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", help="model file: a state_dict (with --arch) or a pickled module")
     parser.add_argument("--version", action="version", version=f"modelcheck {__version__}")
     source = parser.add_argument_group("model")
-    source.add_argument("--arch", metavar="MODULE:FACTORY",
-                        help="factory that builds the module a state_dict belongs to")
+    source.add_argument(
+        "--arch",
+        metavar="MODULE:FACTORY",
+        help="factory that builds the module a state_dict belongs to",
+    )
     source.add_argument("--arch-kwargs", metavar="JSON", help="keyword arguments for --arch")
-    source.add_argument("--trust", action="store_true",
-                        help="allow unpickling a whole module (runs code from the file)")
+    source.add_argument(
+        "--trust",
+        action="store_true",
+        help="allow unpickling a whole module (runs code from the file)",
+    )
     probe = parser.add_argument_group("probe")
-    probe.add_argument("--probe", metavar="SPEC",
-                       help="file (.pt .npy .npz .csv), dataset (iris digits wine "
-                       "breast_cancer) or 'random' (default)")
+    probe.add_argument(
+        "--probe",
+        metavar="SPEC",
+        help="file (.pt .npy .npz .csv), dataset (iris digits wine "
+        "breast_cancer) or 'random' (default)",
+    )
     probe.add_argument("--target", metavar="COLUMN", help="label column of a CSV probe")
-    probe.add_argument("--no-standardize", action="store_true",
-                       help="keep dataset features as they are")
+    probe.add_argument(
+        "--no-standardize", action="store_true", help="keep dataset features as they are"
+    )
     probe.add_argument("--input-shape", metavar="DIMS", help="shape of one random sample: 3,32,32")
     probe.add_argument("--batch-size", type=int)
     probe.add_argument("--max-samples", type=int)
@@ -126,15 +139,22 @@ def _check_command(argv: list[str]) -> int:
     args = _check_parser().parse_args(argv)
     settings = _settings_from(args)
     _refuse_to_overwrite(args.output, [args.model])
-    loaded = load_model(args.model, arch=args.arch, arch_kwargs=_json_kwargs(args.arch_kwargs),
-                        trust=args.trust)
+    loaded = load_model(
+        args.model, arch=args.arch, arch_kwargs=_json_kwargs(args.arch_kwargs), trust=args.trust
+    )
     spec = args.probe or settings.probe or "random"
     shape = _shape(args.input_shape)
     if spec == "random" and shape is None:
         shape = infer_input_shape(loaded.module)
-    probe = probe_from_spec(spec, input_shape=shape, target=args.target,
-                            batch_size=settings.batch_size, max_samples=settings.max_samples,
-                            seed=settings.seed, standardize=not args.no_standardize)
+    probe = probe_from_spec(
+        spec,
+        input_shape=shape,
+        target=args.target,
+        batch_size=settings.batch_size,
+        max_samples=settings.max_samples,
+        seed=settings.seed,
+        standardize=not args.no_standardize,
+    )
     report = check(loaded, probe, settings=settings)
     return _emit(report, args)
 
@@ -184,8 +204,9 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def _demo_command(argv: list[str]) -> int:
-    parser = _Parser(prog="modelcheck demo",
-                     description="Train the seed article's Iris network and check it.")
+    parser = _Parser(
+        prog="modelcheck demo", description="Train the seed article's Iris network and check it."
+    )
     _rule_options(parser)
     _output_options(parser)
     args = parser.parse_args(argv)
@@ -210,8 +231,16 @@ def _rules_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     every = load_rule_set(Settings())
     if args.format == "json":
-        rows = [{"code": r.code, "slug": r.slug, "title": r.title, "status": r.status,
-                 "thresholds": dict(r.thresholds)} for r in every]
+        rows = [
+            {
+                "code": r.code,
+                "slug": r.slug,
+                "title": r.title,
+                "status": r.status,
+                "thresholds": dict(r.thresholds),
+            }
+            for r in every
+        ]
         print(json.dumps(rows, indent=2))
         return 0
     width = max(len(r.slug) for r in every)
@@ -237,19 +266,33 @@ def _rule_command(argv: list[str]) -> int:
 
 def explain(rule: rules_module.Rule) -> str:
     """The rule's documentation under fixed headings, as ``modelcheck rule`` prints it."""
-    wrap = lambda text: textwrap.fill(" ".join(text.split()), 88, initial_indent="  ",  # noqa: E731
-                                      subsequent_indent="  ")
-    lines = [f"{rule.code} {rule.slug} — {rule.title}", "", "What it does", wrap(rule.what), "",
-             "Why it matters", wrap(rule.why), ""]
+
+    def wrap(text: str, first: str = "  ", rest: str = "  ") -> str:
+        return textwrap.fill(
+            " ".join(text.split()), 88, initial_indent=first, subsequent_indent=rest
+        )
+
+    lines = [
+        f"{rule.code} {rule.slug} — {rule.title}",
+        "",
+        "What it does",
+        wrap(rule.what),
+        "",
+        "Why it matters",
+        wrap(rule.why),
+        "",
+    ]
     if rule.example:
         lines += ["Example", f"  {rule.example}", ""]
     lines.append("How to fix")
-    lines += [textwrap.fill(" ".join(f.text.split()), 88, initial_indent="  - ",
-                            subsequent_indent="    ") for f in rule.fixes]
+    lines += [wrap(f.text, "  - ", "    ") for f in rule.fixes]
     settings = [f"{k} = {format_number(v)}" for k, v in {**rule.thresholds, **rule.params}.items()]
     if settings:
-        lines += ["", "Settings (override in [tool.modelcheck.rules." + rule.slug + "])",
-                  "  " + ", ".join(settings)]
+        lines += [
+            "",
+            "Settings (override in [tool.modelcheck.rules." + rule.slug + "])",
+            "  " + ", ".join(settings),
+        ]
     if rule.references:
         lines += ["", "References", *(f"  - {r}" for r in rule.references)]
     lines.append(f"\nDefined in {Path(rule.path).name}")

@@ -55,8 +55,12 @@ def check(
     probe = _as_probe(probe, labels, module, settings, input_shape)
 
     collector = StatsCollector(settings.sample_size, settings.seed)
-    run_options = {"loss": settings.loss, "train_mode": settings.train_mode,
-                   "gradients": settings.gradients, "seed": settings.seed}
+    run_options = {
+        "loss": settings.loss,
+        "train_mode": settings.train_mode,
+        "gradients": settings.gradients,
+        "seed": settings.seed,
+    }
     run = capture.run(module, probe.batches, collector, **run_options)
     if collector.saw_nonfinite():
         counter = NonfiniteCounter()
@@ -115,8 +119,9 @@ def load_rule_set(settings: Settings) -> tuple[Rule, ...]:
         for key, values in settings.rules.items():
             if key in (rule.slug, rule.code):
                 overrides.update(values)
-        overridden.append(rule.with_overrides(overrides, f"rules.{rule.slug}")
-                          if overrides else rule)
+        overridden.append(
+            rule.with_overrides(overrides, f"rules.{rule.slug}") if overrides else rule
+        )
     known = {r.slug for r in every} | {r.code for r in every}
     for key in settings.rules:
         if key not in known:
@@ -152,8 +157,13 @@ def _ignored_here(finding: Finding, per_layer: Mapping[str, Sequence[str]]) -> b
     )
 
 
-def _as_probe(probe: object, labels: object, module: nn.Module, settings: Settings,
-              input_shape: Sequence[int] | None) -> Probe:
+def _as_probe(
+    probe: object,
+    labels: object,
+    module: nn.Module,
+    settings: Settings,
+    input_shape: Sequence[int] | None,
+) -> Probe:
     if isinstance(probe, Probe):
         return probe
     spec = probe if isinstance(probe, str) else (settings.probe if probe is None else None)
@@ -162,7 +172,13 @@ def _as_probe(probe: object, labels: object, module: nn.Module, settings: Settin
     if spec is not None:
         if spec == "random" and input_shape is None:
             input_shape = infer_input_shape(module)
-        return probe_from_spec(spec, input_shape=input_shape, batch_size=settings.batch_size,
-                               max_samples=settings.max_samples, seed=settings.seed)
-    return probe_from_data(probe, labels, batch_size=settings.batch_size,
-                           max_samples=settings.max_samples)
+        return probe_from_spec(
+            spec,
+            input_shape=input_shape,
+            batch_size=settings.batch_size,
+            max_samples=settings.max_samples,
+            seed=settings.seed,
+        )
+    return probe_from_data(
+        probe, labels, batch_size=settings.batch_size, max_samples=settings.max_samples
+    )

@@ -17,8 +17,18 @@ import numpy as np
 from modelcheck.stats import Distribution, LayerStats, RunStats
 
 ACTIVATION_FAMILIES = frozenset(
-    {"relu", "relu6", "leaky_relu", "elu", "gelu", "silu", "softplus", "tanh", "sigmoid",
-     "hardtanh"}
+    {
+        "relu",
+        "relu6",
+        "leaky_relu",
+        "elu",
+        "gelu",
+        "silu",
+        "softplus",
+        "tanh",
+        "sigmoid",
+        "hardtanh",
+    }
 )
 # He gain for the ReLU family, LeCun (1) otherwise: std * sqrt(fan_in) a layer should start at.
 _HE_FAMILIES = frozenset({"relu", "relu6", "leaky_relu", "elu", "gelu", "silu"})
@@ -35,7 +45,9 @@ MODEL_METRICS: Mapping[str, str] = {
     "input_std": "median over input features of the feature std",
     "input_features": "number of input features (channels for images)",
     "input_nonfinite": "NaN or Inf values in the probe input",
+    "forward_nonfinite": "NaN or Inf values in any layer's output, parameters or buffers",
     "output_units": "size of the output's last dimension",
+    "output_nonfinite": "NaN or Inf values in the model output",
     "output_rel_std": "largest per-unit std of the output over samples, relative to its rms",
     "output_classes_predicted": "output units that are the argmax for at least one sample",
     "output_top_class_fraction": "share of samples whose argmax is the most common one",
@@ -115,8 +127,7 @@ class Metrics:
 def derive(run: RunStats, *, parameters: int, loss: str) -> Metrics:
     layers = [_layer_metrics(layer, i, len(run.layers)) for i, layer in enumerate(run.layers)]
     _add_relative(layers, "rms", "rms_ratio", "reference_layer", first=True)
-    _add_relative(layers, "param_grad_rms", "param_grad_ratio", "grad_reference_layer",
-                  first=False)
+    _add_relative(layers, "param_grad_rms", "param_grad_ratio", "grad_reference_layer", first=False)
     _add_context(layers)
     model = _model_metrics(run, layers, parameters=parameters, loss=loss)
     params = []
@@ -131,11 +142,28 @@ def _array(values: Sequence[float] | None) -> np.ndarray | None:
 
 def _distribution_metrics(d: Distribution | None) -> dict[str, object]:
     if d is None:
-        keys = ("count", "units", "mean", "std", "rms", "min", "max", "skewness", "kurtosis",
-                "zero_fraction", "nonfinite", "dead_fraction", "dead_units",
-                "saturated_fraction", "saturated_units",
-                "saturated_value_fraction", "unit_active_fraction", "unit_saturated_fraction",
-                "unit_std", "unit_mean")
+        keys = (
+            "count",
+            "units",
+            "mean",
+            "std",
+            "rms",
+            "min",
+            "max",
+            "skewness",
+            "kurtosis",
+            "zero_fraction",
+            "nonfinite",
+            "dead_fraction",
+            "dead_units",
+            "saturated_fraction",
+            "saturated_units",
+            "saturated_value_fraction",
+            "unit_active_fraction",
+            "unit_saturated_fraction",
+            "unit_std",
+            "unit_mean",
+        )
         return dict.fromkeys(keys)
     return {
         "count": d.count,
@@ -257,6 +285,9 @@ def _model_metrics(run: RunStats, layers: list[dict], *, parameters: int, loss: 
         "samples": None if run.output is None else run.output.count // max(run.output.units, 1),
         "layers": len(layers),
         "loss": loss,
+        "forward_nonfinite": sum(
+            (m["nonfinite"] or 0) + m["param_nonfinite"] + m["buffer_nonfinite"] for m in layers
+        ),
         **_input_metrics(run.input),
         **_output_metrics(run.output, run.output_argmax),
         "hidden_kurtosis": kurtosis,
@@ -281,8 +312,13 @@ def _depth_correlation(values: np.ndarray) -> float | None:
 
 def _input_metrics(d: Distribution | None) -> dict[str, object]:
     if d is None:
-        return {"input_float": False, "input_mean_abs": None, "input_std": None,
-                "input_features": None, "input_nonfinite": 0}
+        return {
+            "input_float": False,
+            "input_mean_abs": None,
+            "input_std": None,
+            "input_features": None,
+            "input_nonfinite": 0,
+        }
     return {
         "input_float": True,
         "input_mean_abs": float(np.median(np.abs(d.unit_mean))),
@@ -293,13 +329,20 @@ def _input_metrics(d: Distribution | None) -> dict[str, object]:
 
 
 def _output_metrics(d: Distribution | None, argmax: tuple[int, ...] | None) -> dict:
-    if d is None:
-        return {"output_units": None, "output_rel_std": None, "output_classes_predicted": None,
-                "output_top_class_fraction": None}
+    if d is None or d.nonfinite:
+        # NaN outputs are the nonfinite rule's business; their spread means nothing.
+        return {
+            "output_units": None if d is None else d.units,
+            "output_nonfinite": 0 if d is None else d.nonfinite,
+            "output_rel_std": None,
+            "output_classes_predicted": None,
+            "output_top_class_fraction": None,
+        }
     rel = max(d.unit_std) / d.rms if d.rms > 0 else 0.0
     wins = np.asarray(argmax) if argmax is not None else None
     return {
         "output_units": d.units,
+        "output_nonfinite": 0,
         "output_rel_std": rel if math.isfinite(rel) else None,
         "output_classes_predicted": None if wins is None else int((wins > 0).sum()),
         "output_top_class_fraction": (

@@ -44,11 +44,16 @@ def finding_line(f: Finding, width: int = 0) -> str:
 
 def summary_line(report: Report) -> str:
     counts = report.summary
-    parts = [_plural(counts["errors"], "error"), _plural(counts["warnings"], "warning"),
-             _plural(counts["infos"], "info")]
+    parts = [
+        _plural(counts["errors"], "error"),
+        _plural(counts["warnings"], "warning"),
+        _plural(counts["infos"], "info"),
+    ]
     model, probe = report.model, report.probe
-    scope = (f"{len(report.layers)} layers of {model.type} ({model.parameters:,} parameters) "
-             f"on {probe.source} ({probe.samples} samples, loss {probe.loss})")
+    scope = (
+        f"{len(report.layers)} layers of {model.type} ({model.parameters:,} parameters) "
+        f"on {probe.source} ({probe.samples} samples, loss {probe.loss})"
+    )
     verdict = "passed" if report.ok else f"failed at --fail-on {report.fail_on}"
     if not report.findings:
         return f"All checks passed: {scope}."

@@ -86,8 +86,11 @@ class Report:
     def to_dict(self) -> dict:
         return {
             "version": self.version,
-            "tool": {"modelcheck": self.version, "torch": self.torch_version,
-                     "created": self.created},
+            "tool": {
+                "modelcheck": self.version,
+                "torch": self.torch_version,
+                "created": self.created,
+            },
             "model": _plain(self.model),
             "probe": _plain(self.probe),
             "layers": [_layer_dict(layer, depth) for depth, layer in enumerate(self.layers)],
@@ -150,13 +153,21 @@ def _layer_dict(layer: LayerStats, depth: int) -> dict:
         "functional": layer.functional,
         "calls": layer.calls,
         "stats": layer_stats_dict(layer),
-        "histogram": None if d is None or d.histogram is None else {
-            "edges": list(d.histogram.edges), "counts": list(d.histogram.counts)},
+        "histogram": None
+        if d is None or d.histogram is None
+        else {"edges": list(d.histogram.edges), "counts": list(d.histogram.counts)},
         "quantiles": None if d is None or d.quantiles is None else list(d.quantiles),
         "parameters": [
-            {"name": p.name, "shape": list(p.shape), "mean": number(p.mean),
-             "std": number(p.std), "min": number(p.min), "max": number(p.max),
-             "fan_in": p.fan_in, "nonfinite": p.nonfinite}
+            {
+                "name": p.name,
+                "shape": list(p.shape),
+                "mean": number(p.mean),
+                "std": number(p.std),
+                "min": number(p.min),
+                "max": number(p.max),
+                "fan_in": p.fan_in,
+                "nonfinite": p.nonfinite,
+            }
             for p in layer.parameters
         ],
     }

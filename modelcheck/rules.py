@@ -13,12 +13,12 @@ from __future__ import annotations
 import difflib
 import math
 import string
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import tomllib
 
 from modelcheck import expr
 from modelcheck.errors import ConfigError, RuleError
@@ -29,12 +29,41 @@ SCOPES = ("model", "layer", "parameter")
 _RANK = {s: i for i, s in enumerate(reversed(SEVERITIES), start=1)}
 
 # Names every finding's message and fixes may use besides the metrics of its scope.
-_FINDING_NAMES = ("value", "threshold", "severity", "layer", "deeper", "worst_layer",
-                  "worst_value")
-_RULE_KEYS = {"code", "slug", "title", "status", "what", "why", "example", "fixes",
-              "references", "params", "checks"}
-_CHECK_KEYS = {"scope", "applies-to", "value", "condition", "thresholds", "severity",
-               "message", "report", "at"}
+_FINDING_NAMES = (
+    "value",
+    "threshold",
+    "severity",
+    "layer",
+    "deeper",
+    "also",
+    "worst_layer",
+    "worst_value",
+)
+_REPORTS = ("each", "first", "last")
+_RULE_KEYS = {
+    "code",
+    "slug",
+    "title",
+    "status",
+    "what",
+    "why",
+    "example",
+    "fixes",
+    "references",
+    "params",
+    "checks",
+}
+_CHECK_KEYS = {
+    "scope",
+    "applies-to",
+    "value",
+    "condition",
+    "thresholds",
+    "severity",
+    "message",
+    "report",
+    "at",
+}
 
 
 def severity_rank(severity: str) -> int:
@@ -51,7 +80,7 @@ class Check:
     thresholds: Mapping[str, float]
     severity: str | None
     message: str
-    report: str  # "each" layer, or only the "first" layer that crosses (depth-wise rules)
+    report: str  # "each" layer, or once at the "first" (or "last") layer that crosses
     at: expr.Expression | None  # the layer a model-scope finding points at
 
 
@@ -92,10 +121,12 @@ class Rule:
                 params[name] = _number(value, f"{where}.{key}")
             else:
                 known = ", ".join([*SEVERITIES, *params]) or "severities"
-                raise ConfigError(f"{where}: unknown key {key!r} for rule {self.slug} "
-                                  f"(known: {known})")
-        checks = tuple(replace(c, thresholds=thresholds) if c.thresholds else c
-                       for c in self.checks)
+                raise ConfigError(
+                    f"{where}: unknown key {key!r} for rule {self.slug} (known: {known})"
+                )
+        checks = tuple(
+            replace(c, thresholds=thresholds) if c.thresholds else c for c in self.checks
+        )
         if thresholds and not any(c.thresholds for c in self.checks):
             raise ConfigError(f"{where}: rule {self.slug} has no thresholds to override")
         return replace(self, checks=checks, params=params)
@@ -144,29 +175,39 @@ def parse_rule(data: Mapping[str, object], where: str) -> Rule:
     if checks_data is None:
         checks_data = [flat]
     elif flat:
-        raise RuleError(f"{where}: give either [[checks]] or a single flat check, not both "
-                        f"(found {', '.join(sorted(flat))})")
+        raise RuleError(
+            f"{where}: give either [[checks]] or a single flat check, not both "
+            f"(found {', '.join(sorted(flat))})"
+        )
     unknown = set(data) - _RULE_KEYS - _CHECK_KEYS
     if unknown:
-        raise RuleError(f"{where}: unknown key {sorted(unknown)[0]!r}; "
-                        f"rule keys are {', '.join(sorted(_RULE_KEYS | _CHECK_KEYS))}")
+        raise RuleError(
+            f"{where}: unknown key {sorted(unknown)[0]!r}; "
+            f"rule keys are {', '.join(sorted(_RULE_KEYS | _CHECK_KEYS))}"
+        )
     slug = _text(data, "slug", where)
     if not slug.replace("-", "").isalnum() or slug != slug.lower():
         raise RuleError(f"{where}: slug {slug!r} must be kebab-case (dead-units)")
     code = _text(data, "code", where)
     if not (code[:2].isalpha() and code[:2].isupper() and code[2:].isdigit()):
         raise RuleError(f"{where}: code {code!r} must look like MC101")
-    params = {k.replace("-", "_"): _number(v, f"{where}: params.{k}")
-              for k, v in _table(data, "params", where).items()}
+    params = {
+        k.replace("-", "_"): _number(v, f"{where}: params.{k}")
+        for k, v in _table(data, "params", where).items()
+    }
     if not isinstance(checks_data, list) or not checks_data:
         raise RuleError(f"{where}: 'checks' must be a non-empty array of tables")
-    checks = tuple(_parse_check(c, params, f"{where}: checks[{i}]" if "checks" in data else where)
-                   for i, c in enumerate(checks_data))
+    checks = tuple(
+        _parse_check(c, params, f"{where}: checks[{i}]" if "checks" in data else where)
+        for i, c in enumerate(checks_data)
+    )
     if sum(1 for c in checks if c.thresholds) > 1:
         raise RuleError(f"{where}: at most one check may have thresholds")
     names = _scope_names(max(checks, key=lambda c: SCOPES.index(c.scope)).scope, params)
-    fixes = tuple(_parse_fix(f, names, f"{where}: fixes[{i}]")
-                  for i, f in enumerate(_list(data, "fixes", where)))
+    fixes = tuple(
+        _parse_fix(f, names, f"{where}: fixes[{i}]")
+        for i, f in enumerate(_list(data, "fixes", where))
+    )
     return Rule(
         code=code,
         slug=slug,
@@ -202,10 +243,12 @@ def _parse_check(data: object, params: Mapping[str, float], where: str) -> Check
     if scope not in SCOPES:
         raise RuleError(f"{where}: scope {scope!r} must be one of {', '.join(SCOPES)}")
     report = str(data.get("report", "each"))
-    if report not in ("each", "first") or (report == "first" and scope != "layer"):
-        raise RuleError(f"{where}: report must be 'each', or 'first' for a layer check")
-    thresholds = {k: _number(v, f"{where}: thresholds.{k}")
-                  for k, v in _table(data, "thresholds", where).items()}
+    if report not in _REPORTS or (report != "each" and scope != "layer"):
+        raise RuleError(f"{where}: report must be 'each', or 'first'/'last' for a layer check")
+    thresholds = {
+        k: _number(v, f"{where}: thresholds.{k}")
+        for k, v in _table(data, "thresholds", where).items()
+    }
     if set(thresholds) - set(SEVERITIES):
         raise RuleError(f"{where}: thresholds may only name {', '.join(SEVERITIES)}")
     severity = data.get("severity")
@@ -223,8 +266,9 @@ def _parse_check(data: object, params: Mapping[str, float], where: str) -> Check
         raise RuleError(f"{where}: 'at' names the layer of a model-scope finding only")
     check = Check(
         scope=scope,
-        applies_to=None if applies is None else _expression(applies, value_names,
-                                                            f"{where}: applies-to"),
+        applies_to=None
+        if applies is None
+        else _expression(applies, value_names, f"{where}: applies-to"),
         value=_expression(_text(data, "value", where), value_names, f"{where}: value"),
         condition=_expression(_text(data, "condition", where), names, f"{where}: condition"),
         thresholds=thresholds,
@@ -324,8 +368,12 @@ def resolve(rules: Sequence[Rule], selector: str, where: str) -> list[Rule]:
     return chosen
 
 
-def select(rules: Sequence[Rule], select: Sequence[str] | None = None,
-           ignore: Sequence[str] = (), where: str = "select") -> tuple[Rule, ...]:
+def select(
+    rules: Sequence[Rule],
+    select: Sequence[str] | None = None,
+    ignore: Sequence[str] = (),
+    where: str = "select",
+) -> tuple[Rule, ...]:
     chosen = {r.code for s in (select or ["ALL"]) for r in resolve(rules, s, where)}
     dropped = {r.code for s in ignore for r in resolve(rules, s, "ignore")}
     return tuple(r for r in rules if r.code in chosen - dropped)
@@ -335,10 +383,16 @@ def select(rules: Sequence[Rule], select: Sequence[str] | None = None,
 
 
 def evaluate(rules: Sequence[Rule], metrics: Metrics) -> list[Finding]:
+    """Findings of every rule, worst first; a rule reports a layer at most once."""
     findings = []
     for rule in rules:
+        found: dict[str | None, Finding] = {}
         for check in rule.checks:
-            findings += _run_check(rule, check, metrics)
+            for finding in _run_check(rule, check, metrics):
+                kept = found.get(finding.layer)
+                if kept is None or severity_rank(finding.severity) > severity_rank(kept.severity):
+                    found[finding.layer] = finding
+        findings += found.values()
     return sort_findings(findings)
 
 
@@ -363,9 +417,10 @@ def _run_check(rule: Rule, check: Check, metrics: Metrics) -> list[Finding]:
     hits = [hit for env in items if (hit := _hit(rule, check, env)) is not None]
     if not hits:
         return []
-    if check.report == "first":
-        worst = max(hits, key=lambda h: severity_rank(h.severity))
-        return [_finding(rule, check, hits[0], worst, len(hits) - 1, hits)]
+    if check.report != "each":
+        if check.report == "last":
+            hits.reverse()
+        return [_finding(rule, check, hits[0], _worst(hits), len(hits) - 1, hits)]
     return [_finding(rule, check, h, h, 0, [h]) for h in hits]
 
 
@@ -388,8 +443,22 @@ def _hit(rule: Rule, check: Check, env: Mapping[str, object]) -> _Hit | None:
     return None
 
 
-def _finding(rule: Rule, check: Check, first: _Hit, worst: _Hit, deeper: int,
-             hits: Sequence[_Hit]) -> Finding:
+def _worst(hits: Sequence[_Hit]) -> _Hit:
+    """The most severe hit; among equals, the value furthest past its threshold (all hits
+    of one check cross it in the same direction, so that is the most extreme value)."""
+
+    def distance(hit: _Hit) -> float:
+        value = _plain_number(hit.value)
+        if value is None or hit.threshold is None or not math.isfinite(hit.threshold):
+            return 0.0
+        return abs(value - hit.threshold)
+
+    return max(hits, key=lambda h: (severity_rank(h.severity), distance(h)))
+
+
+def _finding(
+    rule: Rule, check: Check, first: _Hit, worst: _Hit, deeper: int, hits: Sequence[_Hit]
+) -> Finding:
     if check.scope == "model":
         layer = None if check.at is None else check.at.evaluate(first.env)
     else:
@@ -401,6 +470,7 @@ def _finding(rule: Rule, check: Check, first: _Hit, worst: _Hit, deeper: int,
         "severity": worst.severity,
         "layer": layer,
         "deeper": deeper,
+        "also": f" (and {deeper} more layer{'s' if deeper > 1 else ''})" if deeper else "",
         "worst_layer": worst.env.get("name"),
         "worst_value": worst.value,
     }

@@ -45,8 +45,10 @@ class Settings:
             name = key.replace("-", "_")
             option = OPTIONS.get(name)
             if option is None:
-                raise ConfigError(f"{where}: unknown setting {key!r}; "
-                                  f"known: {', '.join(sorted(k.replace('_', '-') for k in OPTIONS))}")
+                raise ConfigError(
+                    f"{where}: unknown setting {key!r}; "
+                    f"known: {', '.join(sorted(k.replace('_', '-') for k in OPTIONS))}"
+                )
             changes[name] = option.convert(value, f"{where}: {key}")
         return replace(self, **changes)
 
@@ -122,26 +124,28 @@ def _layer_ignores(value: object, where: str) -> dict[str, tuple[str, ...]]:
 
 
 OPTIONS: Mapping[str, Option] = {
-    "select": Option("rules to check: codes, code prefixes or slugs (default: all)",
-                     _optional_names),
+    "select": Option(
+        "rules to check: codes, code prefixes or slugs (default: all)", _optional_names
+    ),
     "ignore": Option("rules not to check", _names),
     "extend_select": Option("rules to check on top of select", _names),
-    "fail_on": Option("lowest severity that fails the check (error, warning, info, never)",
-                      _choice(SEVERITY_CHOICES)),
-    "loss": Option("loss used with labels (auto, cross_entropy, mse, bce)",
-                   _choice(LOSS_CHOICES)),
-    "train_mode": Option("run the model in train mode (dropout on, batch statistics)",
-                         _boolean),
+    "fail_on": Option(
+        "lowest severity that fails the check (error, warning, info, never)",
+        _choice(SEVERITY_CHOICES),
+    ),
+    "loss": Option("loss used with labels (auto, cross_entropy, mse, bce)", _choice(LOSS_CHOICES)),
+    "train_mode": Option("run the model in train mode (dropout on, batch statistics)", _boolean),
     "gradients": Option("run the backward pass and check gradients", _boolean),
     "batch_size": Option("probe samples per batch", _integer(1)),
     "max_samples": Option("use at most this many probe samples", _integer(1, optional=True)),
     "seed": Option("seed of the random probe, the surrogate loss and the sampling", _integer(0)),
-    "sample_size": Option("values per layer and batch behind moments and histograms",
-                          _integer(16)),
+    "sample_size": Option("values per layer and batch behind moments and histograms", _integer(16)),
     "probe": Option("default probe (file, dataset name or 'random')", _optional_text),
-    "rules": Option("per-rule thresholds and parameters, e.g. dead-units = { error = 0.6 }",
-                    _rule_overrides),
-    "per_layer_ignores": Option('rules ignored on matching layers, e.g. "head.*" = ["saturation"]',
-                                _layer_ignores),
+    "rules": Option(
+        "per-rule thresholds and parameters, e.g. dead-units = { error = 0.6 }", _rule_overrides
+    ),
+    "per_layer_ignores": Option(
+        'rules ignored on matching layers, e.g. "head.*" = ["saturation"]', _layer_ignores
+    ),
     "extend_rules": Option("extra rule files (globs) to load beside the built-in ones", _names),
 }

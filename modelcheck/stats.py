@@ -33,6 +33,8 @@ SATURATED_FROM = 0.95
 HISTOGRAM_BINS = 50
 QUANTILE_STEPS = 100
 DEFAULT_SAMPLE_SIZE = 16_384
+RESERVOIR_SIZE = 4_096
+"""Values per layer kept for histograms and quantiles: plenty for 50 bins and 101 quantiles."""
 
 # Families whose per-unit activity (> 0) decides dead units.
 ACTIVITY_FAMILIES = frozenset({"relu", "relu6"})
@@ -150,7 +152,11 @@ class MomentSample:
             return
         if self.n == 0:
             self.n, self.mean, self.m2, self.m3, self.m4 = (
-                other.n, other.mean, other.m2, other.m3, other.m4
+                other.n,
+                other.mean,
+                other.m2,
+                other.m3,
+                other.m4,
             )
             return
         na, nb = self.n, other.n
@@ -240,7 +246,8 @@ class Sampler:
             drawn = torch.randint(
                 flat.numel(), (self.sample_size,), generator=gen, device=flat.device
             )
-            positions = self._positions[key] = drawn.sort().values
+            # Unsorted, so any prefix of the sample is itself a uniform sample.
+            positions = self._positions[key] = drawn
         return flat[positions].to(torch.float64), flat.numel() / self.sample_size
 
     def keys(self, n: int, weight: float, device: torch.device) -> torch.Tensor:
@@ -302,7 +309,9 @@ class TensorSummary:
         sample, weight = self.sampler.take(x)
         self.moments.merge(MomentSample.of(sample))
         self.sample_zeros = self.sample_zeros + (sample == 0).sum()
-        self.reservoir.add(sample, self.sampler.keys(sample.numel(), weight, sample.device))
+        kept = sample[: self.reservoir.capacity]
+        weight *= sample.numel() / kept.numel()
+        self.reservoir.add(kept, self.sampler.keys(kept.numel(), weight, kept.device))
 
     def _batch_part(self, x3: torch.Tensor) -> dict[str, torch.Tensor | int]:
         squares = torch.mul(x3, x3, out=_workspace(self._scratch, x3))
@@ -343,7 +352,7 @@ class TensorSummary:
         self.unit_saturated = part.get("saturated")
         self.moments = MomentSample(device)
         self.sample_zeros = torch.zeros((), dtype=torch.int64, device=device)
-        self.reservoir = Reservoir(self.sampler.sample_size, device)
+        self.reservoir = Reservoir(min(RESERVOIR_SIZE, self.sampler.sample_size), device)
 
     def _absorb(self, part: dict) -> None:
         if part["units"] != self.units:
@@ -654,8 +663,15 @@ class RunStats:
 
 
 class _LayerState:
-    __slots__ = ("activation", "buffers_nonfinite", "calls", "info", "output_grad", "param_grad",
-                 "parameters")
+    __slots__ = (
+        "activation",
+        "buffers_nonfinite",
+        "calls",
+        "info",
+        "output_grad",
+        "param_grad",
+        "parameters",
+    )
 
     def __init__(self, info: LayerInfo, sampler: Sampler, parameters, buffers) -> None:
         self.info = info
@@ -683,8 +699,12 @@ class StatsCollector:
         self.output = TensorSummary(self.sampler)
         self.argmax: torch.Tensor | None = None
 
-    def on_layer(self, layer: LayerInfo, parameters: Mapping[str, torch.Tensor],
-                 buffers: Mapping[str, torch.Tensor]) -> None:
+    def on_layer(
+        self,
+        layer: LayerInfo,
+        parameters: Mapping[str, torch.Tensor],
+        buffers: Mapping[str, torch.Tensor],
+    ) -> None:
         self.layers[layer.name] = _LayerState(layer, self.sampler, parameters, buffers)
 
     def on_activation(self, layer: LayerInfo, output: torch.Tensor, unit_dim: int) -> None:
@@ -712,7 +732,7 @@ class StatsCollector:
 
     def saw_nonfinite(self) -> bool:
         """One host read: did any activation, gradient or input hold NaN or Inf?"""
-        flags = [self.input.finite_flag().cpu()]
+        flags = [self.input.finite_flag().cpu(), self.output.finite_flag().cpu()]
         for state in self.layers.values():
             flags += [
                 state.activation.finite_flag().cpu(),
@@ -723,6 +743,7 @@ class StatsCollector:
     def add_nonfinite_counts(self, counter: NonfiniteCounter) -> None:
         """Take exact counts from a second, counting-only run over the same batches."""
         self.input.add_nonfinite(counter.total("input"))
+        self.output.add_nonfinite(counter.total("output"))
         for name, state in self.layers.items():
             state.activation.add_nonfinite(counter.total(name))
             state.output_grad.nonfinite += counter.total(name + "\0grad")
@@ -806,4 +827,4 @@ class NonfiniteCounter:
             self._count("input", tensor)
 
     def on_output(self, output: torch.Tensor) -> None:
-        pass
+        self._count("output", output)

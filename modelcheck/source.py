@@ -1,0 +1,458 @@
+"""Source stage: turn a model file into an ``nn.Module``, or say in one line why it cannot.
+
+The format is read from the file's content, never from its extension. Pickle can run code, so
+nothing beyond tensors is unpickled unless the caller says the file is trusted: a state_dict is
+loaded with ``weights_only=True`` into a module built by a factory the user names (``--arch``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import pickle
+import pickletools
+import re
+import struct
+import sys
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from modelcheck.errors import SourceError
+
+__all__ = ["LoadedModel", "import_factory", "load_model"]
+
+# Keys under which training scripts commonly nest the state_dict of a checkpoint.
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+
+# The first pickle of a legacy (pre-zip) torch.save file is this number; a plain pickle has none.
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+# Leading bytes of files people mistake for model files.
+_FOREIGN_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file"),
+    (b"\x93NUMPY", "a NumPy array"),
+)
+
+_ARCH_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STATE_DICT_ROUTE = "save model.state_dict() instead and pass --arch package.module:factory"
+_TRUST_HINT = "if you trust this file, pass --trust (trust=True in Python)"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A module ready to be checked, and how it was obtained, for the report."""
+
+    module: torch.nn.Module
+    source: str  # the path as the user gave it
+    format: str  # "state_dict" | "pickled-module"
+    description: str  # one line for the report
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, object] | None = None,
+    trust: bool = False,
+) -> LoadedModel:
+    """Load the model in ``path``; raise ``SourceError`` with one line if that is impossible.
+
+    A state_dict needs ``arch`` ("package.module:factory") to build the module it fits, called
+    with ``arch_kwargs``. A whole pickled module is only unpickled when ``trust`` is true.
+    """
+    shown = os.fspath(path)
+    kind = _sniff(shown)
+    loaded = _load_pickle(shown, trust) if kind == "pickle" else _torch_load(shown, trust)
+    payload, wrapper = _unwrap(loaded)
+    if isinstance(payload, torch.nn.Module):
+        name = f"{type(payload).__module__}.{type(payload).__qualname__}"
+        notes = [" (trusted)" if trust else "", "; --arch ignored" if arch else ""]
+        return LoadedModel(
+            payload, shown, "pickled-module", f"pickled module {name}{''.join(notes)}"
+        )
+    if not _is_state_dict(payload):
+        raise SourceError(f"{shown} holds {_describe(loaded)}, not a model or a state_dict")
+    return _load_state_dict(shown, payload, wrapper, arch, arch_kwargs)
+
+
+def import_factory(spec: str) -> Callable[..., torch.nn.Module]:
+    """Import the callable named by "package.module:factory" (the factory may be dotted).
+
+    The current directory is importable, as it is for ``python -m``; ``sys.path`` is restored
+    afterwards so that loading a model leaves no trace on the interpreter beyond the import.
+    """
+    if not isinstance(spec, str) or not _ARCH_SPEC.fullmatch(spec):
+        raise SourceError(
+            f"--arch {spec!r} is not of the form package.module:factory "
+            "(e.g. mypackage.models:make_net)"
+        )
+    module_name, _, attribute = spec.partition(":")
+    module = _import_from_cwd(spec, module_name)
+    factory: object = module
+    for part in attribute.split("."):
+        if not hasattr(factory, part):
+            raise SourceError(
+                f"--arch {spec}: module '{module_name}' has no attribute '{attribute}'"
+            )
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise SourceError(
+            f"--arch {spec}: '{attribute}' is a {type(factory).__name__}, not callable"
+        )
+    return factory
+
+
+# --- recognising the file --------------------------------------------------------------------
+
+
+def _sniff(path: str) -> str:
+    """Classify the file as "torch" (torch.save output) or "pickle" (a plain pickle).
+
+    Everything else is refused here, before any unpickling, with the reason it was recognised.
+    """
+    try:
+        size = os.stat(path).st_size
+        if os.path.isdir(path):
+            raise SourceError(f"{path} is a directory, not a model file")
+        with open(path, "rb") as file:
+            head = file.read(1024)
+    except FileNotFoundError:
+        raise SourceError(f"{path} does not exist") from None
+    except OSError as error:
+        raise SourceError(f"{path} cannot be read ({error.strerror or error})") from None
+    if size == 0:
+        raise SourceError(f"{path} is empty")
+    for signature, what in _FOREIGN_SIGNATURES:
+        if head.startswith(signature):
+            raise SourceError(f"{path} is not a PyTorch file (looks like {what})")
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        _check_archive(path)
+        return "torch"
+    if _looks_like_safetensors(head, size):
+        raise SourceError(
+            f"{path}: safetensors files are not supported yet; load the tensors into your model "
+            f"and {_STATE_DICT_ROUTE}"
+        )
+    # torch.save always writes pickle protocol 2 or later, whose first byte is PROTO (0x80);
+    # protocol 0 text pickles are not worth mistaking every text file for a model.
+    if not head.startswith(pickle.PROTO):
+        if _looks_like_text(head):
+            raise SourceError(f"{path} is not a PyTorch file (looks like a text file)")
+        raise SourceError(f"{path} is not a PyTorch file (unrecognised content)")
+    return "torch" if _is_legacy_torch_file(path) else "pickle"
+
+
+def _check_archive(path: str) -> None:
+    """Refuse zip archives that torch.load cannot turn into a module: broken ones, TorchScript and
+    torch.export programs (whose loaders are not wired in yet) and zips torch.save did not write."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        raise SourceError(f"{path} is truncated or corrupted (incomplete zip archive)") from None
+    if any(n.endswith("/archive_format") or "serialized_exported_program" in n for n in names):
+        raise SourceError(
+            f"{path}: torch.export programs (.pt2) are not supported yet; {_STATE_DICT_ROUTE}"
+        )
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        raise SourceError(
+            f"{path}: TorchScript archives are not supported yet; {_STATE_DICT_ROUTE}"
+        )
+    if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        raise SourceError(f"{path} is a zip archive but not a PyTorch file (no data.pkl inside)")
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    # safetensors: an 8-byte little-endian header length, then the JSON header itself.
+    header_length = int.from_bytes(head[:8], "little")
+    return len(head) > 8 and head[8:9] == b"{" and 8 + header_length <= size
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error.start >= len(head) - 3  # a character cut off by the 1 KiB window
+    return True
+
+
+def _is_legacy_torch_file(path: str) -> bool:
+    """Tell a pre-zip torch.save file from a plain pickle by its first pickle, unexecuted."""
+    try:
+        with open(path, "rb") as file:
+            ops = itertools.islice(pickletools.genops(file), 4)  # stop early on a big pickle
+            values = [arg for op, arg, _ in ops if op.name != "PROTO"]
+    except Exception:  # unparseable: let torch.load report the damage
+        return True
+    return values == [_LEGACY_MAGIC, None]
+
+
+# --- unpickling ------------------------------------------------------------------------------
+
+
+def _torch_load(path: str, trust: bool) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as error:
+        if trust:
+            raise SourceError(f"{path} could not be unpickled ({_brief(error)})") from None
+        raise _refusal(path, error) from None
+    except (AttributeError, ImportError) as error:
+        raise SourceError(
+            f"{path} could not be unpickled ({_brief(error)}); the classes it holds must be "
+            f"importable here, or {_STATE_DICT_ROUTE}"
+        ) from None
+    except (EOFError, IndexError, KeyError, struct.error) as error:
+        # What the unpickler trips over when the bytes stop or are garbled mid-stream.
+        detail = _brief(error, empty="the data ends early")
+        raise SourceError(f"{path} is truncated or corrupted ({detail})") from None
+    except Exception as error:
+        detail = _brief(error)
+        if re.search(r"EOF|corrupt|central directory|failed read", detail, re.IGNORECASE):
+            raise SourceError(f"{path} is truncated or corrupted ({detail})") from None
+        raise SourceError(
+            f"{path} could not be loaded by torch.load ({type(error).__name__}: {detail})"
+        ) from None
+
+
+def _refusal(path: str, error: pickle.UnpicklingError) -> SourceError:
+    """Explain why the weights-only unpickler stopped, naming the global it was asked for."""
+    message = _ANSI.sub("", str(error))
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        wanted = found.group(1)
+        # torch prints builtins unqualified ("exec"); say where they come from.
+        return _unsafe(path, wanted if "." in wanted else f"builtins.{wanted}")
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", message)
+    reason = detail.group(1).strip() if detail else _brief(error)
+    return SourceError(
+        f"{path} could not be read as plain tensors ({reason}); the file may be corrupted, or "
+        f"hold objects whose unpickling could run code: {_TRUST_HINT}"
+    )
+
+
+def _unsafe(path: str, wanted: str | None) -> SourceError:
+    what = f"needs to unpickle {wanted}" if wanted else "is a plain pickle"
+    return SourceError(
+        f"{path} {what}, and unpickling can run arbitrary code; {_TRUST_HINT}, "
+        f"or {_STATE_DICT_ROUTE}"
+    )
+
+
+def _load_pickle(path: str, trust: bool) -> object:
+    """A plain pickle (pickle.dump, not torch.save) is code to run: refuse it unless trusted."""
+    if not trust:
+        raise _unsafe(path, _first_global(path))
+    try:
+        with open(path, "rb") as file:
+            return pickle.load(file)
+    except Exception as error:
+        raise SourceError(
+            f"{path} could not be unpickled ({type(error).__name__}: {_brief(error)})"
+        ) from None
+
+
+def _first_global(path: str) -> str | None:
+    """The first module-level name a pickle imports, read from its opcodes without running it."""
+    try:
+        with open(path, "rb") as file:
+            for name in _globals(pickletools.genops(file)):
+                return name
+    except Exception:  # a damaged pickle: we only wanted a better message
+        return None
+    return None
+
+
+def _globals(ops: Iterator[tuple[pickletools.OpcodeInfo, object, int | None]]) -> Iterator[str]:
+    # STACK_GLOBAL takes module and name from the stack; protocol 4 pickles memoise those
+    # strings and fetch them back, so follow the memo well enough to name what is imported.
+    strings: list[str] = []
+    memo: dict[object, object] = {}
+    top: object = None  # the value on top of the stack, when the last push was a string
+    for op, arg, _ in ops:
+        name = op.name
+        if name == "GLOBAL":
+            yield str(arg).replace(" ", ".")
+        elif name == "STACK_GLOBAL" and len(strings) >= 2:
+            yield f"{strings[-2]}.{strings[-1]}"
+        if "UNICODE" in name or name.endswith("STRING"):
+            top = arg
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            top = memo.get(arg)
+        elif name == "MEMOIZE":
+            memo[len(memo)] = top
+            continue
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = top
+            continue
+        else:
+            top = None
+        if isinstance(top, str):
+            strings.append(top)
+
+
+# --- from the unpickled object to a module ---------------------------------------------------
+
+
+def _unwrap(loaded: object) -> tuple[object, str | None]:
+    """Find the model inside the common checkpoint wrappings; also say which key held it."""
+    if isinstance(loaded, torch.nn.Module) or _is_state_dict(loaded):
+        return loaded, None
+    if isinstance(loaded, Mapping):
+        for key in _WRAPPER_KEYS:
+            inner = loaded.get(key)
+            if isinstance(inner, torch.nn.Module) or _is_state_dict(inner):
+                return inner, key
+    return loaded, None
+
+
+def _is_state_dict(value: object) -> bool:
+    """A non-empty mapping of names to tensors (modules' extra state may be any object)."""
+    return (
+        isinstance(value, Mapping)
+        and any(isinstance(v, torch.Tensor) for v in value.values())
+        and all(
+            isinstance(k, str) and (isinstance(v, torch.Tensor) or k.endswith("_extra_state"))
+            for k, v in value.items()
+        )
+    )
+
+
+def _load_state_dict(
+    path: str,
+    state: Mapping[str, torch.Tensor],
+    wrapper: str | None,
+    arch: str | None,
+    arch_kwargs: Mapping[str, object] | None,
+) -> LoadedModel:
+    held = f"state_dict ({len(state)} tensors)"
+    if wrapper:
+        held = f"state_dict ({len(state)} tensors, under the checkpoint key '{wrapper}')"
+    if arch is None:
+        raise SourceError(
+            f"{path} holds a {held}; pass --arch package.module:factory to build the model "
+            "it belongs to"
+        )
+    kwargs = dict(arch_kwargs or {})
+    call = f"{arch}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+    module = _build(import_factory(arch), call, kwargs)
+    mismatch = _first_mismatch(state, module.state_dict())
+    if mismatch:
+        raise SourceError(f"{path} does not fit --arch {arch}: {mismatch}")
+    try:
+        module.load_state_dict(state, strict=True)
+    except Exception as error:  # e.g. a custom _load_from_state_dict that refuses the values
+        raise SourceError(f"{path} does not fit --arch {arch}: {_brief(error)}") from None
+    return LoadedModel(module, path, "state_dict", f"{held} loaded into {call}")
+
+
+def _build(factory: Callable[..., object], call: str, kwargs: dict[str, object]) -> torch.nn.Module:
+    try:
+        module = factory(**kwargs)
+    except Exception as error:
+        raise SourceError(
+            f"--arch {call}: the factory raised {type(error).__name__}: {_brief(error)}"
+        ) from None
+    if not isinstance(module, torch.nn.Module):
+        raise SourceError(
+            f"--arch {call}: the factory returned a {type(module).__name__}, not a torch.nn.Module"
+        )
+    return module
+
+
+def _first_mismatch(
+    file_state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor]
+) -> str | None:
+    """Describe the first key that stops a strict load, in the model's order, then the file's.
+
+    Checked before load_state_dict because its own error lists every key over many lines.
+    """
+    problems = []
+    for key, wanted in model_state.items():
+        if key not in file_state:
+            problems.append(f"key '{key}' {_shape(wanted)} is in the model but not in the file")
+        elif _has_shape(wanted) and file_state[key].shape != wanted.shape:
+            problems.append(
+                f"key '{key}' has shape {tuple(file_state[key].shape)} in the file "
+                f"but {tuple(wanted.shape)} in the model"
+            )
+    problems += [
+        f"key '{key}' {_shape(value)} is in the file but not in the model"
+        for key, value in file_state.items()
+        if key not in model_state
+    ]
+    if not problems:
+        return None
+    more = len(problems) - 1
+    return problems[0] + (f" (and {more} more mismatched key{'s' * (more > 1)})" if more else "")
+
+
+# --- importing the factory -------------------------------------------------------------------
+
+
+def _import_from_cwd(spec: str, module_name: str) -> object:
+    saved = list(sys.path)
+    sys.path.insert(0, os.getcwd())
+    importlib.invalidate_caches()  # a module written since the last import must be seen
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and (module_name + ".").startswith(error.name + "."):
+            raise SourceError(
+                f"--arch {spec}: cannot import module '{module_name}' ({error}); it must be "
+                "importable from the current directory or an installed package"
+            ) from None
+        raise SourceError(f"--arch {spec}: importing '{module_name}' failed: {error}") from None
+    except Exception as error:
+        raise SourceError(
+            f"--arch {spec}: importing '{module_name}' raised {type(error).__name__}: "
+            f"{_brief(error)}"
+        ) from None
+    finally:
+        sys.path[:] = saved
+
+
+# --- wording ---------------------------------------------------------------------------------
+
+
+def _brief(error: BaseException, empty: str | None = None) -> str:
+    """The first line of an exception's message, cut at its first sentence when very long."""
+    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+    if not lines:
+        return empty or type(error).__name__
+    first = lines[0]
+    if len(first) > 160 and ". " in first:
+        first = first[: first.index(". ")]
+    return first
+
+
+def _has_shape(value: object) -> bool:
+    # Lazy parameters get their shape from the load; extra state (get_extra_state) has none.
+    return isinstance(value, torch.Tensor) and not torch.nn.parameter.is_lazy(value)
+
+
+def _shape(value: object) -> str:
+    return f"(shape {tuple(value.shape)})" if _has_shape(value) else "(not a tensor)"
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        keys = list(value)[:5]
+        if not keys:
+            return "an empty mapping"
+        return f"a {type(value).__name__} with keys {keys}{' ...' if len(value) > 5 else ''}"
+    return f"a {type(value).__name__}"

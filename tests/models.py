@@ -1,0 +1,268 @@
+"""Models the tests check: healthy ones, trained briefly, and ones built to have a fault."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelcheck.demo import IrisFFNN, iris_split, train_seed_network
+
+
+def seeded(seed: int):
+    """Build a model under a fixed seed without disturbing the caller's RNG."""
+
+    def wrap(build):
+        @functools.wraps(build)
+        def inner(*args, **kwargs):
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                return build(*args, **kwargs)
+
+        return inner
+
+    return wrap
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's 8x8 digits, standardised per pixel, as (N, 1, 8, 8) images and labels."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = data.data.astype(np.float32)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    return torch.from_numpy(x).reshape(-1, 1, 8, 8), torch.from_numpy(data.target)
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr=1e-2) -> nn.Module:
+    """A few epochs of Adam on cross-entropy, mini-batches of 128, single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        gen = torch.Generator().manual_seed(0)
+        model.train()
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x), generator=gen).split(128):
+                optimizer.zero_grad()
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+                optimizer.step()
+        model.eval()
+        for p in model.parameters():
+            p.grad = None
+    finally:
+        torch.set_num_threads(threads)
+    return model
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+# -- healthy models --------------------------------------------------------------------------
+
+
+@functools.cache
+def trained_seed_network() -> tuple[IrisFFNN, torch.Tensor, torch.Tensor]:
+    split = iris_split()
+    return train_seed_network(split), split.x_test, split.y_test
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.head = nn.Linear(32 * 2 * 2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+class RowLSTM(nn.Module):
+    """Reads a digit row by row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 32, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x.reshape(-1, 8, 8))
+        return self.head(out[:, -1])
+
+
+class RowTransformer(nn.Module):
+    """A small TransformerEncoder over the rows of a digit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x.reshape(-1, 8, 8))).mean(1))
+
+
+@functools.cache
+@seeded(0)
+def trained_digits_cnn() -> DigitsCNN:
+    x, y = digits()
+    return fit(DigitsCNN(), x, y, epochs=3)
+
+
+@functools.cache
+@seeded(0)
+def trained_lstm() -> RowLSTM:
+    x, y = digits()
+    return fit(RowLSTM(), x, y, epochs=4)
+
+
+@functools.cache
+@seeded(0)
+def trained_transformer() -> RowTransformer:
+    x, y = digits()
+    return fit(RowTransformer(), x, y, epochs=3, lr=3e-3)
+
+
+# -- faulty models ---------------------------------------------------------------------------
+
+
+def mlp(widths: list[int], activation: type[nn.Module] = nn.ReLU, last_activation=False):
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2 or last_activation:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+@seeded(1)
+def dead_relu_model(dead_share: float = 0.75) -> nn.Sequential:
+    """Layer 2's ReLU has most units pushed far negative by their bias."""
+    model = mlp([8, 32, 32, 4])
+    with torch.no_grad():
+        model[2].bias[: int(32 * dead_share)] = -100.0
+    return model
+
+
+@seeded(2)
+def saturated_tanh_model() -> nn.Sequential:
+    """The tanh after layer 1 sees pre-activations ~500x too large."""
+    model = mlp([8, 32, 16, 4], activation=nn.Tanh)
+    with torch.no_grad():
+        model[0].weight.mul_(500.0)
+    return model
+
+
+@seeded(3)
+def scaled_chain(scale: float, depth: int = 8, width: int = 32) -> nn.Sequential:
+    """Linear layers whose weights are ``scale`` times a variance-preserving init."""
+    model = nn.Sequential(*(nn.Linear(width, width, bias=False) for _ in range(depth)))
+    with torch.no_grad():
+        for layer in model:
+            nn.init.normal_(layer.weight, std=scale / width**0.5)
+    return model
+
+
+class SparsifyingNet(nn.Module):
+    """ReLU layers with ever more negative biases: activations sparser and heavier-tailed
+    with depth, so excess kurtosis rises steadily."""
+
+    def __init__(self, width: int = 64, depth: int = 5) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        with torch.no_grad():
+            for i, layer in enumerate(self.layers):
+                q, _ = torch.linalg.qr(torch.randn(width, width))
+                layer.weight.copy_(q * (1.0 + i))  # keeps scale as units drop out
+                layer.bias.fill_(-0.6 * i)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = F.relu(layer(x))
+        return x
+
+
+@seeded(4)
+def sigmoid_stack(depth: int = 10) -> nn.Sequential:
+    """A deep sigmoid MLP: each layer scales gradients by at most 1/4."""
+    return mlp([16] * (depth + 1) + [4], activation=nn.Sigmoid)
+
+
+class ScaleInvariantStack(nn.Module):
+    """Linear+LayerNorm blocks with tiny weights: LayerNorm undoes the forward scale,
+    and the backward pass divides by it, so early weights get huge gradients."""
+
+    def __init__(self, width: int = 32, depth: int = 4) -> None:
+        super().__init__()
+        blocks = []
+        for _ in range(depth):
+            linear = nn.Linear(width, width)
+            with torch.no_grad():
+                linear.weight.mul_(1e-4)
+                linear.bias.zero_()
+            blocks += [linear, nn.LayerNorm(width, eps=1e-12)]
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+@seeded(5)
+def nan_in_second_layer() -> nn.Sequential:
+    model = mlp([8, 16, 16, 4])
+    with torch.no_grad():
+        model[2].weight[3, 5] = float("nan")
+    return model
+
+
+@seeded(6)
+def badly_initialised(scale: float = 20.0) -> nn.Sequential:
+    model = mlp([8, 64, 64, 4])
+    with torch.no_grad():
+        model[2].weight.mul_(scale)
+    return model
+
+
+@seeded(7)
+def symmetric_model() -> nn.Sequential:
+    model = mlp([8, 16, 16, 4])
+    with torch.no_grad():
+        model[2].weight.fill_(0.05)
+    return model
+
+
+@seeded(8)
+def constant_output_model() -> nn.Sequential:
+    model = mlp([8, 16, 4])
+    with torch.no_grad():
+        model[2].weight.zero_()
+    return model
+
+
+@seeded(9)
+def majority_class_model() -> nn.Sequential:
+    """Outputs vary with the input, but class 0's bias always wins."""
+    model = mlp([8, 16, 4])
+    with torch.no_grad():
+        model[2].bias.copy_(torch.tensor([50.0, 0.0, 0.0, 0.0]))
+    return model
+
+
+def gaussian(n: int = 256, features: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, features, generator=torch.Generator().manual_seed(seed))

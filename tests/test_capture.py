@@ -1,0 +1,243 @@
+"""What the capture stage records, and that the model comes back exactly as it was given."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import torch.nn.functional as F
+from models import DigitsCNN, RowLSTM, RowTransformer, gaussian, trained_seed_network
+from torch import nn
+
+import modelcheck
+from modelcheck.demo import IrisFFNN
+
+
+def layer_names(report) -> list[str]:
+    return [layer.name for layer in report.layers]
+
+
+def test_seed_network_layers_are_seen_with_their_functional_relus():
+    model, x, y = trained_seed_network()
+    report = modelcheck.check(model, x, y, loss="mse")
+    assert layer_names(report) == [
+        "fc1", "fc1.relu", "fc2", "fc2.relu", "fc3", "fc3.relu", "fc4",
+    ]  # fmt: skip
+    assert report.layer("fc2.relu").type == "F.relu"
+    assert report.layer("fc2.relu").family == "relu"
+
+
+def test_seed_layer_two_is_exactly_relu_of_fc2_of_relu_of_fc1():
+    model, x, _ = trained_seed_network()
+    model = model.double()  # exact comparison in float64
+    report = modelcheck.check(model, x.double())
+    with torch.no_grad():
+        expected = F.relu(model.fc2(F.relu(model.fc1(x.double())))).numpy().ravel()
+    stats = report.layer("fc2.relu").activation
+    assert stats.count == expected.size
+    assert stats.mean == pytest.approx(expected.mean(), rel=1e-12)
+    assert stats.std == pytest.approx(expected.std(), rel=1e-12)
+    assert stats.kurtosis == pytest.approx(scipy.stats.kurtosis(expected), rel=1e-9)
+    assert stats.zero_fraction == pytest.approx(np.mean(expected == 0))
+    assert stats.max == pytest.approx(expected.max(), rel=1e-12)
+
+
+def test_relu_modules_are_recorded_once_not_again_through_the_function_mode():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    report = modelcheck.check(model, gaussian(features=4))
+    assert layer_names(report) == ["0", "1", "2"]
+    assert report.layer("1").family == "relu"
+
+
+def test_activation_applied_to_an_unrecorded_tensor_is_named_after_its_scope():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.tanh(x + self.fc(x)) + torch.tanh(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Residual()
+
+        def forward(self, x):
+            return self.block(x)
+
+    report = modelcheck.check(Net(), gaussian(features=4))
+    assert layer_names(report) == ["block.fc", "block.tanh", "block.tanh_1"]
+    assert report.layer("block.tanh").activation.saturated_fraction is not None
+
+
+def test_in_place_relu_sees_the_values_after_the_layer_before_it():
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(inplace=True), nn.Linear(16, 2))
+    x = gaussian(features=4).double()
+    model = model.double()
+    report = modelcheck.check(model, x)
+    with torch.no_grad():
+        pre = model[0](x)
+    assert report.layer("0").activation.min == pytest.approx(float(pre.min()))
+    assert report.layer("1").activation.min == 0.0
+
+
+def test_a_module_called_twice_is_recorded_once_with_both_calls_merged():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.shared(self.shared(x))
+
+    x = gaussian(n=32, features=4)
+    report = modelcheck.check(Twice(), x, batch_size=32)
+    shared = report.layer("shared")
+    assert shared.calls == 2
+    assert shared.activation.count == 2 * 32 * 4
+
+
+def test_output_and_parameter_gradients_match_autograd():
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = gaussian(n=20, features=3).double()
+    y = torch.randint(0, 2, (20,))
+    report = modelcheck.check(model, x, y, batch_size=20, loss="cross_entropy")
+    hidden = model[0](x)
+    hidden.retain_grad()
+    loss = F.cross_entropy(model[2](torch.tanh(hidden)), y)
+    grads = torch.autograd.grad(loss, [hidden, model[0].weight, model[0].bias])
+    out_grad = report.layer("0").output_grad
+    assert out_grad.rms == pytest.approx(float(grads[0].pow(2).mean().sqrt()), rel=1e-9)
+    params = torch.cat([grads[1].ravel(), grads[2].ravel()])
+    assert report.layer("0").param_grad.rms == pytest.approx(
+        float(params.pow(2).mean().sqrt()), rel=1e-9
+    )
+    assert report.probe.loss == "cross_entropy"
+
+
+def test_without_labels_a_seeded_surrogate_loss_drives_the_backward_pass():
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    first = modelcheck.check(model, gaussian(features=3), seed=3)
+    again = modelcheck.check(model, gaussian(features=3), seed=3)
+    other = modelcheck.check(model, gaussian(features=3), seed=4)
+    assert first.probe.loss == "surrogate"
+    assert first.layer("0").output_grad.rms == again.layer("0").output_grad.rms
+    assert first.layer("0").output_grad.rms != other.layer("0").output_grad.rms
+
+
+def test_forward_only_mode_records_no_gradients():
+    report = modelcheck.check(IrisFFNN(), gaussian(features=4), gradients=False)
+    assert all(layer.output_grad is None and layer.param_grad is None for layer in report.layers)
+    assert report.probe.loss == "none (forward only)"
+
+
+# -- the model comes back as it was given ------------------------------------------------------
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "grads": {
+            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        },
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "hooks": {
+            n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
+            for n, m in model.named_modules()
+        },
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": np.random.get_state()[1].copy(),
+        "python_rng": random.getstate(),
+    }
+
+
+def assert_unchanged(before: dict, after: dict) -> None:
+    assert before["state"].keys() == after["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(value, after["state"][key]), key  # bitwise
+    for name, grad in before["grads"].items():
+        if grad is None:
+            assert after["grads"][name] is None, name
+        else:
+            assert torch.equal(grad, after["grads"][name]), name
+    assert before["requires_grad"] == after["requires_grad"]
+    assert before["training"] == after["training"]
+    assert before["hooks"] == after["hooks"]
+    assert torch.equal(before["torch_rng"], after["torch_rng"])
+    assert np.array_equal(before["numpy_rng"], after["numpy_rng"])
+    assert before["python_rng"] == after["python_rng"]
+
+
+class Raises(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.bad = nn.Linear(5, 2)  # expects 5 features, gets 4
+
+    def forward(self, x):
+        return self.bad(self.bn(self.fc(x)))
+
+
+def with_user_state(model: nn.Module) -> nn.Module:
+    """Pre-existing .grad on some parameters, a frozen one, a user hook, train mode."""
+    params = list(model.parameters())
+    params[0].grad = torch.full_like(params[0], 0.25)
+    params[-1].requires_grad_(False)
+    model.register_forward_hook(lambda m, i, o: None)
+    model.train()
+    return model
+
+
+MODEL_KINDS = {
+    "mlp-with-dropout": (
+        lambda: nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10)),
+        (64,),
+    ),
+    "cnn-with-batchnorm": (DigitsCNN, (1, 8, 8)),
+    "lstm": (RowLSTM, (1, 8, 8)),
+    "transformer": (RowTransformer, (1, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_model_and_rng_state_are_unchanged_after_a_check(kind, train_mode):
+    build, shape = MODEL_KINDS[kind]
+    model = with_user_state(build())
+    x = torch.randn(48, *shape, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (48,), generator=torch.Generator().manual_seed(1))
+    random.random(), np.random.rand()
+    before = snapshot(model)
+    report = modelcheck.check(model, x, y, train_mode=train_mode, batch_size=16)
+    assert report.layers
+    assert_unchanged(before, snapshot(model))
+
+
+def test_model_is_unchanged_when_its_forward_raises():
+    model = with_user_state(Raises())
+    before = snapshot(model)
+    with pytest.raises(modelcheck.CaptureError, match=r"layer bad \[Linear\(in_features=5"):
+        modelcheck.check(model, gaussian(features=4), train_mode=True)
+    assert_unchanged(before, snapshot(model))
+
+
+def test_forward_failure_names_the_layer_and_the_shapes():
+    with pytest.raises(modelcheck.CaptureError) as caught:
+        modelcheck.check(IrisFFNN(), gaussian(features=5))
+    message = str(caught.value)
+    assert "layer fc1" in message and "(64, 5)" in message and "in_features=4" in message
+    assert "\n" not in message
+
+
+def test_batchnorm_running_statistics_do_not_move_in_train_mode():
+    model = DigitsCNN()
+    mean_before = model.features[1].running_mean.clone()
+    modelcheck.check(model, torch.randn(32, 1, 8, 8) * 3 + 2, train_mode=True)
+    assert torch.equal(model.features[1].running_mean, mean_before)
+    assert model.features[1].num_batches_tracked.item() == 0

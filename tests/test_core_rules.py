@@ -1,0 +1,203 @@
+"""Each core rule fires on a model built to have its fault, at the right layer and
+severity, and stays quiet (no errors) on healthy trained models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import (
+    ScaleInvariantStack,
+    SparsifyingNet,
+    badly_initialised,
+    constant_output_model,
+    dead_relu_model,
+    digits,
+    gaussian,
+    majority_class_model,
+    mlp,
+    nan_in_second_layer,
+    saturated_tanh_model,
+    scaled_chain,
+    sigmoid_stack,
+    symmetric_model,
+    trained_digits_cnn,
+    trained_lstm,
+    trained_seed_network,
+    trained_transformer,
+)
+from torch import nn
+
+import modelcheck
+
+
+def findings_of(report, rule: str):
+    return [f for f in report.findings if f.rule == rule]
+
+
+def only(report, rule: str):
+    found = findings_of(report, rule)
+    assert len(found) == 1, [f"{f.layer} {f.rule} {f.severity}" for f in report.findings]
+    return found[0]
+
+
+def test_dead_units_fire_at_the_relu_whose_units_died():
+    report = modelcheck.check(dead_relu_model(0.75), gaussian())
+    finding = only(report, "dead-units")
+    assert (finding.layer, finding.severity, finding.code) == ("3", "error", "MC101")
+    assert finding.value == pytest.approx(0.75)
+    assert finding.threshold == 0.5
+    assert "24 of 32 units" in finding.message
+    assert any("He" in fix for fix in finding.fixes)
+
+
+def test_dead_units_between_thresholds_are_a_warning():
+    report = modelcheck.check(dead_relu_model(0.375), gaussian())
+    assert only(report, "dead-units").severity == "warning"
+
+
+def test_saturated_tanh_units_fire_at_the_tanh():
+    report = modelcheck.check(saturated_tanh_model(), gaussian())
+    finding = only(report, "saturation")
+    assert (finding.layer, finding.severity) == ("1", "error")
+    assert finding.value > 0.5
+
+
+def test_exploding_activations_report_once_at_the_first_layer_that_crosses():
+    report = modelcheck.check(scaled_chain(4.0), gaussian(features=32))
+    finding = only(report, "exploding-activations")
+    rms = [layer.activation.rms / report.layers[0].activation.rms for layer in report.layers]
+    first = next(i for i, r in enumerate(rms) if r > 100)
+    assert finding.layer == str(first)
+    assert finding.severity == "error"
+    assert finding.deeper == sum(r > 100 for r in rms) - 1 > 0
+    assert finding.value == pytest.approx(max(rms))
+
+
+def test_vanishing_activations_report_once_at_the_first_layer_that_crosses():
+    report = modelcheck.check(scaled_chain(0.25), gaussian(features=32))
+    finding = only(report, "vanishing-activations")
+    rms = [layer.activation.rms / report.layers[0].activation.rms for layer in report.layers]
+    assert finding.layer == str(next(i for i, r in enumerate(rms) if r < 0.01))
+    assert finding.severity == "error"
+
+
+def test_kurtosis_growth_is_information_at_the_deepest_hidden_layer():
+    report = modelcheck.check(SparsifyingNet(), gaussian(features=64))
+    finding = only(report, "kurtosis-growth")
+    assert finding.severity == "info"
+    assert finding.layer == "layers.3.relu"  # the last relu feeds the output: not hidden
+
+
+def test_kurtosis_growth_beyond_fifty_is_a_warning():
+    report = modelcheck.check(
+        SparsifyingNet(), gaussian(features=64), rules={"kurtosis-growth": {"warning": 10}}
+    )
+    assert only(report, "kurtosis-growth").severity == "warning"
+
+
+def test_vanishing_gradients_in_a_deep_sigmoid_stack_fire_at_the_first_layer():
+    report = modelcheck.check(sigmoid_stack(), gaussian(features=16))
+    finding = only(report, "vanishing-gradients")
+    assert (finding.layer, finding.severity) == ("0", "error")
+    assert finding.value < 1e-3
+
+
+def test_exploding_gradients_fire_where_scale_invariant_weights_are_tiny():
+    report = modelcheck.check(ScaleInvariantStack(), gaussian(features=32))
+    finding = only(report, "exploding-gradients")
+    assert (finding.layer, finding.severity) == ("blocks.0", "error")
+
+
+def test_nonfinite_parameter_is_reported_where_nan_first_appears():
+    report = modelcheck.check(nan_in_second_layer(), gaussian())
+    finding = only(report, "nonfinite")
+    assert (finding.layer, finding.severity) == ("2", "error")
+    assert "1 parameter values" in finding.message
+    assert report.layer("2").activation.nonfinite == 256 * 16 // 16  # one row of weights
+
+
+def test_nan_in_the_probe_is_a_finding_without_a_layer():
+    x = gaussian()
+    x[5, 3] = float("nan")
+    report = modelcheck.check(mlp([8, 16, 4]), x)
+    finding = only(report, "nonfinite")
+    assert finding.layer is None and finding.value == 1
+    assert findings_of(report, "collapsed-output") == []
+
+
+def test_nan_gradients_from_a_finite_forward_are_found_at_the_deepest_layer():
+    class SqrtOfZero(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.head(torch.sqrt(torch.relu(self.fc(x)) * 0))  # d sqrt(0) = inf
+
+    report = modelcheck.check(SqrtOfZero(), gaussian())
+    finding = only(report, "nonfinite")
+    assert finding.severity == "error"
+    assert "gradients turn NaN/Inf" in finding.message
+
+
+def test_poorly_scaled_weights_warn_with_the_expected_gain():
+    report = modelcheck.check(badly_initialised(20.0), gaussian())
+    finding = only(report, "poor-initialization")
+    assert (finding.layer, finding.severity) == ("2", "warning")
+    assert "relu" in finding.message
+    assert any("kaiming_normal_" in fix for fix in finding.fixes)
+
+
+def test_all_equal_weights_are_an_error():
+    report = modelcheck.check(symmetric_model(), gaussian())
+    finding = only(report, "poor-initialization")
+    assert (finding.layer, finding.severity) == ("2", "error")
+
+
+def test_unstandardised_probe_features_warn():
+    report = modelcheck.check(mlp([8, 16, 4]), gaussian() * 100 + 50)
+    finding = only(report, "unscaled-input")
+    assert (finding.layer, finding.severity) == (None, "warning")
+
+
+def test_integer_inputs_are_not_checked_for_scaling():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))
+    report = modelcheck.check(model, torch.randint(0, 10, (64, 3)))
+    assert findings_of(report, "unscaled-input") == []
+
+
+def test_constant_output_is_an_error():
+    report = modelcheck.check(constant_output_model(), gaussian())
+    finding = only(report, "collapsed-output")
+    assert (finding.layer, finding.severity) == (None, "error")
+
+
+def test_one_class_for_every_sample_is_a_warning():
+    report = modelcheck.check(majority_class_model(), gaussian())
+    finding = only(report, "collapsed-output")
+    assert finding.severity == "warning"
+
+
+# -- healthy models stay clean --------------------------------------------------------------
+
+
+def errors(report) -> list[str]:
+    return [f"{f.layer} {f.rule}: {f.message}" for f in report.findings if f.severity == "error"]
+
+
+def test_trained_seed_network_has_no_errors():
+    model, x, y = trained_seed_network()
+    assert errors(modelcheck.check(model, x, y, loss="mse")) == []
+
+
+@pytest.mark.parametrize(
+    "build",
+    [trained_digits_cnn, trained_lstm, trained_transformer],
+    ids=["cnn", "lstm", "transformer"],
+)
+def test_trained_models_on_digits_have_no_errors(build):
+    x, y = digits()
+    report = modelcheck.check(build(), x[:512], y[:512])
+    assert errors(report) == []
+    assert report.ok

@@ -1,0 +1,222 @@
+"""Every statistic against numpy/scipy on the same values, and the merge property."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from modelcheck.stats import (
+    DEAD_BELOW,
+    GradientSummary,
+    ParameterSummary,
+    Sampler,
+    TensorSummary,
+)
+
+RTOL = 1e-6
+
+
+def summarise(batches, unit_dim=1, sample_size=1 << 16, **kwargs):
+    summary = TensorSummary(Sampler(sample_size, seed=0), **kwargs)
+    for batch in batches:
+        summary.update(batch, unit_dim)
+    return summary
+
+
+def reference(values: np.ndarray) -> dict[str, float]:
+    flat = values.astype(np.float64).ravel()
+    return {
+        "mean": flat.mean(),
+        "std": flat.std(),
+        "rms": math.sqrt(np.mean(flat**2)),
+        "min": flat.min(),
+        "max": flat.max(),
+        "skewness": scipy.stats.skew(flat),
+        "kurtosis": scipy.stats.kurtosis(flat),
+        "zero_fraction": np.mean(flat == 0),
+    }
+
+
+def assert_matches(dist, values, rtol=RTOL):
+    ref = reference(values)
+    for key, expected in ref.items():
+        assert getattr(dist, key) == pytest.approx(expected, rel=rtol, abs=1e-12), key
+    assert dist.count == values.size
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_moments_match_numpy_and_scipy_over_several_batches(dtype):
+    gen = torch.Generator().manual_seed(1)
+    data = (torch.randn(300, 24, generator=gen, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    dist = summarise(data.split(64)).finalize()
+    assert_matches(dist, data.double().numpy())
+
+
+def test_conv_activations_are_summarised_per_channel():
+    gen = torch.Generator().manual_seed(2)
+    data = torch.randn(10, 6, 5, 5, generator=gen, dtype=torch.float64)
+    data[:, 2] += 3.0
+    dist = summarise(data.split(4), unit_dim=1).finalize()
+    per_channel = data.transpose(0, 1).reshape(6, -1).numpy()
+    np.testing.assert_allclose(dist.unit_mean, per_channel.mean(axis=1), rtol=RTOL)
+    np.testing.assert_allclose(dist.unit_std, per_channel.std(axis=1), rtol=RTOL)
+    assert dist.units == 6
+    assert_matches(dist, data.numpy())
+
+
+def test_sequence_activations_use_the_last_dimension_as_units():
+    data = torch.randn(4, 7, 3, dtype=torch.float64)
+    dist = summarise([data], unit_dim=2).finalize()
+    np.testing.assert_allclose(dist.unit_mean, data.reshape(-1, 3).mean(0).numpy(), rtol=RTOL)
+
+
+def test_histogram_and_quantiles_match_numpy_when_every_value_is_kept():
+    data = torch.randn(500, 8, dtype=torch.float64)
+    dist = summarise(data.split(100)).finalize()
+    counts, edges = np.histogram(data.numpy().ravel(), bins=50)
+    np.testing.assert_allclose(dist.histogram.counts, counts)
+    np.testing.assert_allclose(dist.histogram.edges, edges, rtol=1e-12)
+    np.testing.assert_allclose(
+        dist.quantiles, np.quantile(data.numpy().ravel(), np.linspace(0, 1, 101)), rtol=1e-12
+    )
+    assert dist.sample_size == data.numel()
+
+
+def test_relu_unit_that_never_fires_counts_as_dead():
+    data = torch.relu(torch.randn(200, 10, dtype=torch.float64)) + 0.1
+    data[:, 3] = 0.0  # never active
+    data[1:, 4] = 0.0  # active on 1 of 200 positions: 0.5% < 1%
+    data[2:, 5] = 0.0  # active on 2 of 200 = 1%: alive
+    dist = summarise(data.split(50), activity=True).finalize()
+    active = (data > 0).double().mean(0).numpy()
+    np.testing.assert_allclose(dist.unit_active_fraction, active)
+    assert dist.dead_fraction == pytest.approx(np.mean(active < DEAD_BELOW))
+    assert dist.dead_fraction == pytest.approx(0.2)  # units 3 and 4
+    assert dist.zero_fraction == pytest.approx(np.mean(data.numpy() == 0))
+
+
+def test_saturated_units_of_tanh_are_counted_per_unit():
+    z = torch.randn(400, 6, dtype=torch.float64)
+    z[:, :2] *= 50  # pushed into the flat region
+    y = torch.tanh(z)
+    dist = summarise(y.split(128), saturation=(-0.99, 0.99)).finalize()
+    flat = (y.abs() >= 0.99).double().mean(0).numpy()
+    np.testing.assert_allclose(dist.unit_saturated_fraction, flat)
+    assert dist.saturated_fraction == pytest.approx(np.mean(flat >= 0.95))
+    assert dist.saturated_value_fraction == pytest.approx((y.abs() >= 0.99).double().mean())
+
+
+def test_one_sided_saturation_counts_values_at_the_upper_bound():
+    y = torch.clamp(torch.randn(100, 3, dtype=torch.float64) * 10, 0, 6)
+    dist = summarise([y], saturation=(-math.inf, 6.0), activity=True).finalize()
+    np.testing.assert_allclose(dist.unit_saturated_fraction, (y >= 6).double().mean(0).numpy())
+
+
+def test_constant_layer_has_undefined_shape_moments_not_nan():
+    dist = summarise([torch.full((50, 4), 3.0, dtype=torch.float64)]).finalize()
+    assert dist.std == 0.0
+    assert dist.skewness is None and dist.kurtosis is None
+    assert dist.mean == 3.0
+
+
+def test_single_value_is_summarised():
+    dist = summarise([torch.tensor([[2.5]], dtype=torch.float64)]).finalize()
+    assert (dist.count, dist.mean, dist.std, dist.min, dist.max) == (1, 2.5, 0.0, 2.5, 2.5)
+    assert dist.kurtosis is None
+
+
+def test_half_precision_values_are_accumulated_in_float64():
+    data = (torch.randn(256, 16, dtype=torch.float64) * 300).to(torch.float16)
+    dist = summarise(data.split(64)).finalize()
+    assert_matches(dist, data.double().numpy(), rtol=1e-6)
+
+
+def test_extreme_magnitudes_keep_exact_extremes_and_scale():
+    data = torch.tensor([[1e30, -1e30], [1e-30, 2e-30]], dtype=torch.float64)
+    dist = summarise([data]).finalize()
+    assert dist.max == 1e30 and dist.min == -1e30
+    assert dist.rms == pytest.approx(1e30 / math.sqrt(2), rel=1e-12)
+
+
+def test_large_batches_estimate_shape_moments_from_a_bounded_sample():
+    gen = torch.Generator().manual_seed(3)
+    data = torch.distributions.Gamma(2.0, 1.0).sample((200_000,)).double().reshape(-1, 100)
+    summary = summarise(data.split(200), sample_size=4096)  # 10 batches
+    dist = summary.finalize()
+    ref = reference(data.numpy())
+    # Exact where rules decide; estimated (skew 2/sqrt(2)=1.41, kurtosis 3) from 40,960 values.
+    assert dist.mean == pytest.approx(ref["mean"], rel=1e-9)
+    assert dist.std == pytest.approx(ref["std"], rel=1e-9)
+    assert dist.skewness == pytest.approx(ref["skewness"], abs=0.1)
+    assert dist.kurtosis == pytest.approx(ref["kurtosis"], abs=0.6)
+    assert dist.sample_size == 40_960
+    assert summary.reservoir.values.numel() <= 4096
+    del gen
+
+
+finite_floats = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=64)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    values=arrays(
+        np.float64, st.tuples(st.integers(2, 40), st.integers(1, 5)), elements=finite_floats
+    ),
+    cut=st.floats(0.1, 0.9),
+)
+def test_merging_two_halves_equals_summarising_the_whole(values, cut):
+    split = max(1, min(len(values) - 1, int(len(values) * cut)))
+    x = torch.from_numpy(values)
+    whole = summarise([x], activity=True).finalize()
+    left = summarise([x[:split]], activity=True)
+    left.merge(summarise([x[split:]], activity=True))
+    merged = left.finalize()
+    for key in ("count", "units", "min", "max", "zero_fraction", "dead_fraction"):
+        assert getattr(merged, key) == getattr(whole, key), key
+    for key in ("mean", "std", "rms"):
+        assert getattr(merged, key) == pytest.approx(getattr(whole, key), rel=1e-9, abs=1e-9)
+    for key in ("skewness", "kurtosis"):
+        a, b = getattr(merged, key), getattr(whole, key)
+        if b is None or abs(whole.std) < 1e-6 * max(1.0, abs(whole.mean)):
+            continue  # near-constant data: shape moments are rounding noise
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-6), key
+    np.testing.assert_allclose(merged.unit_mean, whole.unit_mean, rtol=1e-9, atol=1e-9)
+    assert sorted(merged.quantiles) == pytest.approx(sorted(whole.quantiles))
+
+
+def test_gradient_rms_and_mean_magnitude_match_numpy():
+    grads = [torch.randn(30, 7, dtype=torch.float64) * 1e-3 for _ in range(3)]
+    summary = GradientSummary()
+    for g in grads:
+        summary.update([g])
+    stats = summary.finalize()
+    flat = torch.cat([g.ravel() for g in grads]).numpy()
+    assert stats.rms == pytest.approx(np.sqrt(np.mean(flat**2)), rel=RTOL)
+    assert stats.mean_abs == pytest.approx(np.mean(np.abs(flat)), rel=RTOL)
+    assert stats.count == flat.size
+
+
+def test_parameter_summary_matches_numpy_and_counts_fan_in_like_torch():
+    conv = torch.nn.Conv2d(3, 8, kernel_size=(3, 5))
+    stats = ParameterSummary("weight", conv.weight).finalize()
+    w = conv.weight.detach().double().numpy()
+    assert stats.std == pytest.approx(w.std(), rel=1e-6)
+    assert stats.mean == pytest.approx(w.mean(), rel=1e-5, abs=1e-9)
+    expected_fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(conv.weight)
+    assert stats.fan_in == expected_fan_in == 45
+    assert ParameterSummary("bias", conv.bias).finalize().fan_in is None
+
+
+def test_nonfinite_values_raise_the_flag_without_a_count_pass():
+    data = torch.randn(20, 4, dtype=torch.float64)
+    data[3, 1] = math.nan
+    summary = summarise([data])
+    assert bool(summary.finite_flag())
+    assert not bool(summarise([torch.randn(20, 4)]).finite_flag())
