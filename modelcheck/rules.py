@@ -11,6 +11,7 @@ a typo fails at once, naming the file and key, never half-way through a check.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import string
 from collections.abc import Iterable, Mapping, Sequence
@@ -161,9 +162,18 @@ def builtin_rules_dir() -> Path:
 def load_rule_file(path: Path) -> Rule:
     where = str(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise RuleError(f"{where}: cannot read rule file ({error.strerror or error})") from None
+    return _parse_rule_text(where, text)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_rule_text(where: str, text: str) -> Rule:
+    # Parsing the rule pack costs more than checking a small model; a Rule is frozen,
+    # so a file read again with the same text gives the same Rule.
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise RuleError(f"{where}: invalid TOML: {error}") from None
     return parse_rule(data, where)

@@ -294,33 +294,34 @@ class Sampler:
         self._positions: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def take(self, x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(float64 sample of x written into ``out``, how many values each stands for).
+    def take(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(a copy of at most ``sample_size`` values of x, how many values each stands for).
 
-        ``out`` is a reused float64 buffer of at least ``sample_size`` values: a fresh
-        buffer per batch costs page faults worth more than the gather itself.
+        Always a copy, in x's dtype: the model may overwrite ``x`` in place later.
         """
         flat = x.reshape(-1)
-        n = min(flat.numel(), self.sample_size)
-        sample = out[:n]
         if flat.numel() <= self.sample_size:
-            return sample.copy_(flat), 1.0
+            return flat.clone(), 1.0
         key = (flat.numel(), flat.device)
         positions = self._positions.get(key)
         if positions is None:
             gen = torch.Generator(device=flat.device).manual_seed(self.seed + flat.numel())
-            drawn = torch.randint(
+            positions = self._positions[key] = torch.randint(
                 flat.numel(), (self.sample_size,), generator=gen, device=flat.device
             )
-            # Unsorted, so any prefix of the sample is itself a uniform sample.
-            positions = self._positions[key] = drawn
-        return sample.copy_(flat.index_select(0, positions)), flat.numel() / self.sample_size
+        return flat.index_select(0, positions), flat.numel() / self.sample_size
 
-    def keys(self, n: int, weight: float, device: torch.device) -> torch.Tensor:
+    def keys(self, n: int, device: torch.device) -> torch.Tensor:
+        """log(u) for n uniform u: divided by a value's weight, its reservoir key."""
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return torch.rand(n, dtype=torch.float64, generator=gen, device=device).log_().div_(weight)
+        return torch.rand(n, dtype=torch.float64, generator=gen, device=device).log_()
+
+
+_SAMPLE_FLUSH = 65_536
+"""Sampled values a summary collects before folding them into its moments and reservoir:
+a few batches share those dozen small operations (at most ~256 KiB waiting per layer)."""
 
 
 class TensorSummary:
@@ -331,14 +332,14 @@ class TensorSummary:
     positive (ReLU family); ``saturation`` = (low, high) counts values at or beyond the
     flat regions of a bounded activation.
 
-    Per unit it keeps sums of d = x - shift and of d², with the shift taken from the
+    Per unit it keeps the sum of x and of (x - shift)², with the shift taken from the
     first batch's unit means: a layer whose values sit far from zero (sigmoid outputs
     near 1, a collapsed output) keeps its spread exactly instead of losing it to the
-    cancellation of sum(x²) - sum(x)²/n. Passes over each batch: subtract the shift,
-    sum, square in place, sum, minimum, maximum, plus a flag-and-count for activity or
-    saturation. Each reduction covers every position axis in one call in the input's
-    dtype (pairwise summation: float32 partial sums are good to ~1e-7), and only the
-    per-unit results are accumulated in float64.
+    cancellation of sum(x²) - sum(x)²/n. Passes over each batch: sum; squared deviations
+    written into a shared workspace and summed; both extremes; plus a flag-and-count for
+    activity or saturation. Each reduction covers every position axis in one call in the
+    input's dtype (pairwise summation: float32 partial sums are good to ~1e-7), and only
+    the per-unit results are accumulated in float64.
     """
 
     def __init__(
@@ -355,7 +356,7 @@ class TensorSummary:
         self.count = 0
         self.units = 0
         self.unit_shift: torch.Tensor | None = None
-        self.unit_dsum: torch.Tensor | None = None
+        self.unit_sum: torch.Tensor | None = None
         self.unit_dsumsq: torch.Tensor | None = None
         self.unit_min: torch.Tensor | None = None  # the layer's minimum, shape (1,)
         self.unit_max: torch.Tensor | None = None
@@ -365,6 +366,8 @@ class TensorSummary:
         self.moments: MomentSample | None = None
         self.sample_nonzero: torch.Tensor | None = None
         self.reservoir: Reservoir | None = None
+        self._pending: list[tuple[torch.Tensor, float]] = []
+        self._pending_values = 0
         self._shift_like: dict[torch.dtype, torch.Tensor] = {}
         # Workspaces shared by every summary of a run: one activation-sized buffer in
         # all, not one per layer (which would hold a batch of every activation).
@@ -387,14 +390,40 @@ class TensorSummary:
             self._adopt(part, x3.device)
         else:
             self._absorb(part)
-        buffer = _buffer(self._scratch, self.sampler.sample_size, torch.float64, x.device, "sample")
-        sample, weight = self.sampler.take(x, buffer)
-        self.moments.add(sample, self._scratch)
+        sample = self.sampler.take(x)
+        self._pending.append(sample)
+        self._pending_values += sample[0].numel()
+        if self._pending_values >= _SAMPLE_FLUSH:
+            self._flush_samples()
+
+    def _flush_samples(self) -> None:
+        """Fold the waiting samples into the moments, zero count and reservoir.
+
+        The reservoir is offered a prefix of each batch's sample (itself a uniform
+        sample, as positions are drawn unsorted) standing for the whole batch: selecting
+        among all sampled values would cost a top-k over every one of them.
+        """
+        if not self._pending:
+            return
+        values = torch.cat([sample for sample, _ in self._pending]).to(torch.float64)
+        self.moments.add(values, self._scratch)
         if not self.activity:  # ReLU layers count their zeros exactly
-            self.sample_nonzero.add_(torch.count_nonzero(sample))
-        kept = sample[: self.reservoir.capacity].clone()  # the buffer is reused
-        weight *= sample.numel() / kept.numel()
-        self.reservoir.add(kept, self.sampler.keys(kept.numel(), weight, kept.device))
+            self.sample_nonzero.add_(torch.count_nonzero(values))
+        capacity, offered, weights, start = self.reservoir.capacity, [], [], 0
+        for sample, weight in self._pending:
+            kept = min(sample.numel(), capacity)
+            offered.append(values[start : start + kept])
+            weights.append((kept, weight * sample.numel() / kept))
+            start += sample.numel()
+        candidates = torch.cat(offered) if len(offered) > 1 else offered[0]
+        keys = self.sampler.keys(candidates.numel(), candidates.device)
+        if len({w for _, w in weights}) == 1:
+            keys.div_(weights[0][1])
+        else:  # a short batch: each of its values stands for fewer values
+            per_value = [torch.full((n,), w, dtype=torch.float64) for n, w in weights]
+            keys.div_(torch.cat(per_value).to(keys.device))
+        self.reservoir.add(candidates, keys)
+        self._pending, self._pending_values = [], 0
 
     def _batch_part(self, x3: torch.Tensor) -> dict[str, torch.Tensor | int]:
         units = x3.shape[1]
@@ -403,13 +432,16 @@ class TensorSummary:
         else:  # the first batch (or a differently shaped call) centres itself
             shift = x3.mean(_POSITIONS, keepdim=True)
             own = shift.reshape(units)
-        d = torch.sub(x3, shift, out=_workspace(self._scratch, x3))
+        # (x - shift)² in one fused pass into the workspace (sub then square is two).
+        squares = torch._C._nn.mse_loss(
+            x3, shift.expand_as(x3), 0, out=_workspace(self._scratch, x3)
+        )
         part: dict[str, torch.Tensor | int] = {
             "count": x3.numel(),
             "units": units,
             "shift": own,
-            "dsum": d.sum(_POSITIONS),
-            "dsumsq": d.mul_(d).sum(_POSITIONS),
+            "sum": x3.sum(_POSITIONS),
+            "dsumsq": squares.sum(_POSITIONS),
         }
         # The layer's extremes in one pass (per-unit extremes cost two slower ones).
         part["min"], part["max"] = (t.reshape(1) for t in torch.aminmax(x3))
@@ -460,7 +492,7 @@ class TensorSummary:
         if part["shift"] is not self.unit_shift:
             part = _reshifted_part(part, self.unit_shift)
         self.count += part["count"]
-        self.unit_dsum.add_(part["dsum"])
+        self.unit_sum.add_(part["sum"])
         self.unit_dsumsq.add_(part["dsumsq"])
         torch.minimum(self.unit_min, part["min"], out=self.unit_min)
         torch.maximum(self.unit_max, part["max"], out=self.unit_max)
@@ -488,6 +520,8 @@ class TensorSummary:
         """Fold another summary of the same stream in (another batch range or rank)."""
         if other.count == 0:
             return
+        self._flush_samples()
+        other._flush_samples()
         if self.count == 0:
             self._adopt(other._state(), other.unit_shift.device)
             self.nonfinite = other.nonfinite
@@ -507,18 +541,19 @@ class TensorSummary:
         A non-finite value poisons its unit's sum; reading the flag once at the end
         avoids counting non-finite values on every batch.
         """
-        if self.unit_dsum is None:
+        if self.unit_sum is None:
             return torch.zeros((), dtype=torch.bool)
-        return ~torch.isfinite(self.unit_dsum).all()
+        return ~torch.isfinite(self.unit_sum).all()
 
     # -- result -----------------------------------------------------------------------
 
     def finalize(self) -> Distribution | None:
         if self.count == 0:
             return None
+        self._flush_samples()
         host = _to_host(self)
         positions = self.count / self.units
-        d_mean = host["dsum"] / positions
+        d_mean = host["sum"] / positions - host["shift"]
         unit_mean = host["shift"] + d_mean
         unit_var = np.maximum(host["dsumsq"] / positions - d_mean**2, 0.0)
         mean = float(unit_mean.mean())
@@ -565,7 +600,7 @@ class TensorSummary:
         )
 
 
-_UNIT_FIELDS = ("shift", "dsum", "dsumsq", "min", "max", "active", "saturated")
+_UNIT_FIELDS = ("shift", "sum", "dsumsq", "min", "max", "active", "saturated")
 """Per-unit state, each a float64 vector (``active``/``saturated`` only where tracked;
 ``min``/``max`` hold the layer's extremes, one value each)."""
 
@@ -575,14 +610,14 @@ def _float64_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def _reshifted_part(part: dict, shift: torch.Tensor) -> dict:
-    """Per-unit deviation sums of ``part`` re-expressed around ``shift`` (binomial)."""
+    """Per-unit squared deviations of ``part`` re-expressed around ``shift`` (binomial)."""
     positions = part["count"] / part["units"]
-    delta = part["shift"].to(torch.float64) - shift
-    dsum = part["dsum"].to(torch.float64)
+    old = part["shift"].to(torch.float64)
+    delta = old - shift
+    dsum = part["sum"].to(torch.float64) - positions * old
     return dict(
         part,
         shift=shift,
-        dsum=dsum + positions * delta,
         dsumsq=part["dsumsq"] + 2 * delta * dsum + positions * delta * delta,
     )
 
@@ -598,7 +633,7 @@ def _collapse_units(part: dict) -> dict:
     common = part["shift"].to(torch.float64).mean().reshape(1)
     part = _reshifted_part(part, common)
     collapsed = dict(part, units=1, shift=common)
-    for key in ("dsum", "dsumsq", "active", "saturated"):
+    for key in ("sum", "dsumsq", "active", "saturated"):
         if part.get(key) is not None:
             collapsed[key] = part[key].sum().reshape(1)
     collapsed["min"] = part["min"].min().reshape(1)
