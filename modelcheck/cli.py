@@ -15,7 +15,10 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from modelcheck import rules as rules_module
+from modelcheck.distributed import current_group
 from modelcheck.engine import __version__, check, load_rule_set
 from modelcheck.errors import ConfigError, ModelcheckError
 from modelcheck.probe import infer_input_shape, probe_from_spec
@@ -115,6 +118,12 @@ def _check_parser() -> argparse.ArgumentParser:
     run.add_argument("--loss", choices=LOSS_CHOICES, help="loss with labels (default: auto)")
     run.add_argument("--train-mode", action="store_true", help="run in train mode")
     run.add_argument("--no-gradients", action="store_true", help="forward pass only")
+    run.add_argument(
+        "--device",
+        metavar="DEVICE",
+        help="run the check on this device (cpu, cuda, cuda:1); default: where the model is",
+    )
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar on stderr")
     _rule_options(parser)
     _output_options(parser)
     return parser
@@ -132,6 +141,8 @@ def _settings_from(args: argparse.Namespace) -> Settings:
         values["train_mode"] = True
     if getattr(args, "no_gradients", False):
         values["gradients"] = False
+    if getattr(args, "quiet", False):
+        values["progress"] = False
     return Settings().updated(values, "command line")
 
 
@@ -139,9 +150,14 @@ def _check_command(argv: list[str]) -> int:
     args = _check_parser().parse_args(argv)
     settings = _settings_from(args)
     _refuse_to_overwrite(args.output, [args.model])
+    device = _device(args.device)
     loaded = load_model(
         args.model, arch=args.arch, arch_kwargs=_json_kwargs(args.arch_kwargs), trust=args.trust
     )
+    if device is not None:
+        loaded.module.to(
+            device
+        )  # the CLI loaded this model: moving it touches nothing of the user's
     spec = args.probe or settings.probe or "random"
     shape = _shape(args.input_shape)
     if spec == "random" and shape is None:
@@ -160,6 +176,9 @@ def _check_command(argv: list[str]) -> int:
 
 
 def _emit(report: Report, args: argparse.Namespace, preface: str = "") -> int:
+    group = current_group()
+    if group is not None and group.rank != 0:  # under torchrun, rank 0 alone writes
+        return 0 if report.ok or args.exit_zero else 1
     text = render(report, args.format, show_fixes=args.show_fixes)
     if args.output:
         write_atomic(args.output, text)
@@ -174,6 +193,31 @@ def _refuse_to_overwrite(output: str | None, inputs: Sequence[str]) -> None:
     for path in inputs:
         if os.path.exists(path) and os.path.exists(output) and os.path.samefile(output, path):
             raise ConfigError(f"--output {output} would overwrite the input file {path}")
+
+
+def _device(text: str | None) -> torch.device | None:
+    """The --device to run on, refused early when it cannot be used here."""
+    if text is None:
+        return None
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {text}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type != "cpu" and not _available(device):
+        raise ConfigError(f"--device {text}: no {device.type} device is available")
+    return device
+
+
+def _available(device: torch.device) -> bool:
+    backend = getattr(torch, device.type, None)
+    return bool(backend is not None and getattr(backend, "is_available", lambda: False)())
 
 
 def _json_kwargs(text: str | None) -> dict | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modelcheck import capture, rules
+from modelcheck import capture, distributed, progress, rules
 from modelcheck.errors import ConfigError
 from modelcheck.metrics import derive
 from modelcheck.probe import Probe, infer_input_shape, probe_from_data, probe_from_spec
@@ -52,8 +52,13 @@ def check(
     if not isinstance(module, nn.Module):
         raise ConfigError(f"check(): model must be a torch.nn.Module, not {type(module).__name__}")
     chosen = select_rules(settings)
+    probe_data = probe
     probe = _as_probe(probe, labels, module, settings, input_shape)
 
+    group = distributed.current_group()
+    batches = probe.batches
+    if group is not None:
+        batches = distributed.shard(batches, group, presharded=_presharded(probe_data))
     collector = StatsCollector(settings.sample_size, settings.seed)
     run_options = {
         "loss": settings.loss,
@@ -61,16 +66,32 @@ def check(
         "gradients": settings.gradients,
         "seed": settings.seed,
     }
-    run = capture.run(module, probe.batches, collector, **run_options)
-    if collector.saw_nonfinite():
+    show = settings.progress and (group is None or group.rank == 0)
+    total = _batch_count(probe_data, probe, batches, settings)
+    with progress.bar(batches, show, total) as shown:
+        run = capture.run(module, shown, collector, **run_options)
+    layers, samples, batch_count = run.layers, run.samples, run.batches
+    if group is not None:
+        distributed.check_shards(run.batches, group)
+    nonfinite = collector.saw_nonfinite()
+    if group is not None:
+        nonfinite = distributed.any_rank(nonfinite, group)
+    if nonfinite:
         counter = NonfiniteCounter()
-        capture.run(module, probe.batches, counter, **run_options)
+        capture.run(module, batches, counter, **run_options)
         collector.add_nonfinite_counts(counter)
-    stats = collector.finalize(run.layers)
+    if group is not None:
+        layers = distributed.merge(collector, run.layers, group)
+        samples, batch_count = distributed.sum_ints([run.samples, run.batches], group)
+    stats = collector.finalize(layers)
 
     parameters = sum(p.numel() for p in module.parameters())
-    metrics = derive(stats, parameters=parameters, loss=run.loss)
-    findings = _without_layer_ignores(rules.evaluate(chosen, metrics), settings)
+    findings = None
+    if group is None or group.rank == 0:
+        metrics = derive(stats, parameters=parameters, loss=run.loss)
+        findings = _without_layer_ignores(rules.evaluate(chosen, metrics), settings)
+    if group is not None:  # rank 0 evaluates the rules; every rank returns the same report
+        findings = distributed.broadcast(findings, group)
     return Report(
         version=__version__,
         torch_version=torch.__version__,
@@ -87,8 +108,8 @@ def check(
         ),
         probe=ProbeInfo(
             source=probe.source,
-            samples=run.samples,
-            batches=run.batches,
+            samples=samples,
+            batches=batch_count,
             labels=probe.has_labels,
             loss=run.loss,
             train_mode=run.train_mode,
@@ -102,6 +123,26 @@ def check(
         rules=chosen,
         fail_on=settings.fail_on,
     )
+
+
+def _presharded(data: object) -> bool:
+    """A DataLoader over a DistributedSampler already gives each rank its own share."""
+    sampler = getattr(data, "sampler", None)
+    return isinstance(data, torch.utils.data.DataLoader) and isinstance(
+        sampler, torch.utils.data.distributed.DistributedSampler
+    )
+
+
+def _batch_count(data: object, probe: Probe, batches: object, settings: Settings) -> int | None:
+    """How many batches this process will run, when that is known (for the progress bar)."""
+    for sized in (batches, data if isinstance(data, torch.utils.data.DataLoader) else None):
+        try:
+            return len(sized)  # type: ignore[arg-type]
+        except TypeError:
+            continue
+    if probe.samples is None:
+        return None
+    return -(-probe.samples // settings.batch_size)
 
 
 def load_rule_set(settings: Settings) -> tuple[Rule, ...]:

@@ -37,6 +37,7 @@ class Settings:
     rules: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     per_layer_ignores: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     extend_rules: tuple[str, ...] = ()
+    progress: bool = True
 
     def updated(self, values: Mapping[str, object], where: str) -> Settings:
         """A copy with ``values`` (snake_case or kebab-case keys) validated and applied."""
@@ -148,4 +149,8 @@ OPTIONS: Mapping[str, Option] = {
         'rules ignored on matching layers, e.g. "head.*" = ["saturation"]', _layer_ignores
     ),
     "extend_rules": Option("extra rule files (globs) to load beside the built-in ones", _names),
+    "progress": Option(
+        "progress bar on stderr for checks over a second (never off a terminal or in pytest)",
+        _boolean,
+    ),
 }
