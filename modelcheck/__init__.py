@@ -4,6 +4,7 @@
 and gradients, evaluates the declarative rules in ``rules/`` and returns a Report.
 """
 
+from modelcheck.assertions import assert_healthy
 from modelcheck.engine import __version__, check
 from modelcheck.errors import (
     CaptureError,
@@ -26,5 +27,6 @@ __all__ = [
     "RuleError",
     "SourceError",
     "__version__",
+    "assert_healthy",
     "check",
 ]
