@@ -77,7 +77,7 @@ class Difference:
         if self.expected is not None and self.obtained is not None:
             delta = self.obtained - self.expected
             moved = f"{'+' if delta >= 0 else ''}{format_number(delta)}"
-            if self.expected:
+            if self.expected and self.tolerance and not self.tolerance.atol:  # a relative one
                 moved += f", {'+' if delta >= 0 else ''}{delta / abs(self.expected):.0%}"
             line += f"  ({moved}; tolerance {self.tolerance})"
         return line

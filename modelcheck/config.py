@@ -206,10 +206,7 @@ def key_line(text: str, keys: Sequence[str]) -> int | None:
     """
     keys = tuple(keys)
     anchors = list(_anchors(text))
-    for path, line in anchors:
-        if path == keys:
-            return line
-    for path, line in anchors:  # [a.b.c] defines a.b implicitly
+    for path, line in anchors:  # the first definition; [a.b.c] or a.b.c = 1 defines a.b
         if path[: len(keys)] == keys:
             return line
     parents = [(path, line) for path, line in anchors if keys[: len(path)] == path]

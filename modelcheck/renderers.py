@@ -250,7 +250,10 @@ def _sarif_rule(rule: Rule) -> dict:
         "properties": {"tags": ["model-health"]},
     }
     if rule.thresholds:
-        entry["properties"]["thresholds"] = dict(rule.thresholds)
+        entry["properties"]["thresholds"] = {
+            severity: value if math.isfinite(value) else str(value)
+            for severity, value in rule.thresholds.items()
+        }
     return entry
 
 
