@@ -75,7 +75,7 @@ def load(
     settings, origins = base, {}
     for key, value in table.items():
         where = _where(file, text, (*prefix, key))
-        value = _relative_to(file.parent, key.replace("-", "_"), value, where)
+        value = _relative_to(file.parent.resolve(), key.replace("-", "_"), value, where)
         settings = settings.updated({key: value}, where)
         origins[key.replace("-", "_")] = where
     _check_rule_names(settings, table, file, text, prefix)

@@ -40,7 +40,10 @@ def x():
 
 
 @pytest.fixture
-def inner(pytester):
+def inner(pytester, monkeypatch):
+    """A pytest session to run; hypothesis's plugin is left out of it, since setting it up
+    costs a second per session and these tests do not use it."""
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:hypothesispytest")
     pytester.makepyfile(nets=NETS)
     pytester.syspathinsert()
     return pytester
