@@ -158,8 +158,9 @@ def assert_matches(
     update: bool = False,
     update_hint: str = "pass update=True",
 ) -> str:
-    """Compare ``report`` with the baseline at ``path``; return "matched", "created" or
-    "updated", or raise AssertionError naming what moved. ``update`` rewrites the file."""
+    """Compare ``report`` with the baseline at ``path`` and return "matched"; or rewrite
+    it under ``update`` and return "updated". A missing baseline is written and raises
+    AssertionError saying so; a mismatch raises one naming what moved."""
     __tracebackhide__ = True
     path = Path(path)
     limits = tolerances_from(tolerances)

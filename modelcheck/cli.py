@@ -203,7 +203,7 @@ def _check_output_flags(args: argparse.Namespace) -> None:
 
 
 def _emit(report: Report, args: argparse.Namespace, preface: str = "") -> int:
-    if getattr(args, "statistics", False):
+    if args.statistics:
         text = render_statistics(report, args.format)
     else:
         text = render(report, args.format, show_fixes=args.show_fixes)

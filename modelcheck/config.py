@@ -15,7 +15,7 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import tomllib
@@ -45,8 +45,10 @@ def find_config(start: Path) -> Path | None:
     settings apply in its subdirectories."""
     for directory in (start, *start.parents):
         candidate = _shown(directory / PYPROJECT)
-        if candidate.is_file() and "modelcheck" in _read(candidate)[1].get("tool", {}):
-            return candidate
+        if candidate.is_file():
+            tool = _read(candidate)[1].get("tool")
+            if isinstance(tool, Mapping) and "modelcheck" in tool:
+                return candidate
     return None
 
 
@@ -54,38 +56,34 @@ def load(
     path: str | os.PathLike[str] | None = None,
     *,
     start: str | os.PathLike[str] | None = None,
-    base: Settings | None = None,
 ) -> Configured:
-    """``base`` (built-in defaults) with the configuration file applied over it.
+    """The built-in defaults with the configuration file applied over them.
 
     ``path`` is an explicit file (``--config``): a pyproject.toml is read at its
     ``[tool.modelcheck]`` table, any other TOML file at its top level (or its
     ``[tool.modelcheck]`` table if it has one). Without it the file is found from
     ``start`` (the working directory) upwards; no file means the defaults.
     """
-    base = base or Settings()
     explicit = path is not None
     file = Path(path) if explicit else find_config(Path(start or os.getcwd()).resolve())
     if file is None:
-        return Configured(base, None)
+        return Configured(Settings(), None)
     if explicit and not file.is_file():
         raise ConfigError(f"--config {file}: no such file")
     text, data = _read(file)
-    table, prefix = _modelcheck_table(data, file, explicit)
-    settings, origins = base, {}
+    table, prefix = _modelcheck_table(data, file)
+    settings, origins = Settings(), {}
     for key, value in table.items():
         where = _where(file, text, (*prefix, key))
-        value = _relative_to(file.parent.resolve(), key.replace("-", "_"), value, where)
         settings = settings.updated({key: value}, where)
         origins[key.replace("-", "_")] = where
+    settings = _relative_to(file.parent.resolve(), settings, origins)
     _check_rule_names(settings, table, file, text, prefix)
     return Configured(settings, file.resolve(), origins)
 
 
-def _shown(file: Path | None) -> Path | None:
+def _shown(file: Path) -> Path:
     """A found file as the user would write it: relative to the working directory."""
-    if file is None:
-        return None
     try:
         return file.relative_to(Path.cwd())
     except ValueError:
@@ -107,9 +105,7 @@ def _read(file: Path) -> tuple[str, dict]:
         raise ConfigError(f"{file}:{line}: invalid TOML: {message}") from None
 
 
-def _modelcheck_table(
-    data: dict, file: Path, explicit: bool
-) -> tuple[Mapping[str, object], tuple[str, ...]]:
+def _modelcheck_table(data: dict, file: Path) -> tuple[Mapping[str, object], tuple[str, ...]]:
     tool = data.get("tool", {})
     if isinstance(tool, Mapping) and "modelcheck" in tool:
         table = tool["modelcheck"]
@@ -126,31 +122,25 @@ def _where(file: Path, text: str, keys: Sequence[str]) -> str:
     return f"{file}:{line}" if line else str(file)
 
 
-def _relative_to(directory: Path, name: str, value: object, where: str) -> object:
-    """Paths written in a configuration file are relative to that file."""
-    if name == "probe" and isinstance(value, str):
-        if value.strip().lower() in (*DATASETS, "random") or os.path.isabs(value):
-            return value
-        return str(directory / value)
-    if (
-        name == "extend_rules"
-        and isinstance(value, list)
-        and all(isinstance(p, str) for p in value)
-    ):
-        resolved = []
-        for pattern in value:
-            full = (
-                pattern
-                if os.path.isabs(pattern)
-                else os.path.join(glob.escape(str(directory)), pattern)
-            )
+def _relative_to(directory: Path, settings: Settings, origins: Mapping[str, str]) -> Settings:
+    """Paths written in a configuration file are relative to that file; a rule-file
+    pattern that matches nothing is an error here, where its line is known."""
+    changes: dict[str, object] = {}
+    probe = settings.probe
+    if "probe" in origins and probe and probe.strip().lower() not in (*DATASETS, "random"):
+        changes["probe"] = str(directory / probe)  # an absolute probe path stays as it is
+    if "extend_rules" in origins:
+        patterns = []
+        for pattern in settings.extend_rules:
+            full = os.path.join(glob.escape(str(directory)), pattern)
             if not glob.glob(full):
                 raise ConfigError(
-                    f"{where}: extend-rules: {pattern!r} matches no rule file in {directory}"
+                    f"{origins['extend_rules']}: extend-rules: {pattern!r} matches no rule "
+                    f"file in {directory}"
                 )
-            resolved.append(full)
-        return resolved
-    return value
+            patterns.append(full)
+        changes["extend_rules"] = tuple(patterns)
+    return replace(settings, **changes)
 
 
 def _check_rule_names(

@@ -271,7 +271,12 @@ def _sarif_result(report: Report, f: Finding, rule_index: int) -> dict:
     location: dict = {}
     path = _repository_path(report.model.source)
     if path is not None:
-        location["physicalLocation"] = {"artifactLocation": {"uri": _uri(path)}}
+        # GitHub code scanning shows a result only with region.startLine; a model file has
+        # no lines, so results point at its start and the layer is the logical location.
+        location["physicalLocation"] = {
+            "artifactLocation": {"uri": _uri(path)},
+            "region": {"startLine": 1},
+        }
     layer = f.layer or "<model>"
     location["logicalLocations"] = [
         {"name": layer, "fullyQualifiedName": layer, "kind": "module" if f.layer else "object"}
