@@ -2,12 +2,14 @@
 and a terminal summary. Registered through the ``pytest11`` entry point (``-p
 no:modelcheck`` turns it off).
 
-A thin layer over ``modelcheck.check()``. The fixture returns a ``Checker`` bound to the
-session's settings — built-in defaults, then ``[tool.modelcheck]`` (found from the
-directory pytest was started in, upwards), then ``--modelcheck-fail-on`` or its ini
-twin, then the test's ``@pytest.mark.modelcheck(...)``, then the call's own keywords.
-Its reports know the test's ``__modelcheck__`` directory, where
-``report.assert_matches_baseline(name)`` keeps health baselines.
+A thin layer over ``modelcheck.check()``: the fixture returns a
+``modelcheck.assertions.Checker`` bound to the session's settings — built-in defaults,
+then ``[tool.modelcheck]`` (found from the directory pytest was started in, upwards),
+then ``--modelcheck-fail-on`` or its ini twin, then the test's
+``@pytest.mark.modelcheck(...)``, then the call's own keywords — and to the test's
+``__modelcheck__`` directory for baselines. Every pytest run in an environment with
+modelcheck installed loads this module, so it imports torch and the engine only once a
+test asks for the fixture.
 """
 
 from __future__ import annotations
@@ -16,95 +18,18 @@ import hashlib
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from torch import nn
 
-from modelcheck import baseline, config
-from modelcheck.assertions import unhealthy_message
-from modelcheck.engine import check
-from modelcheck.errors import ConfigError, ModelcheckError
-from modelcheck.renderers import counts_text
-from modelcheck.report import Report
-from modelcheck.settings import SEVERITY_CHOICES, Settings
-from modelcheck.source import LoadedModel
+if TYPE_CHECKING:
+    from modelcheck.assertions import Checker
+    from modelcheck.report import Report
+    from modelcheck.settings import Settings
 
 BASELINE_DIR = "__modelcheck__"
 MARKER = "modelcheck"
-
-
-@dataclass(frozen=True, slots=True)
-class PytestReport(Report):
-    """A Report that knows which test made it, for baselines kept beside the test."""
-
-    baseline_dir: Path | None = None
-    session: _Session | None = field(default=None, repr=False, compare=False)
-
-    def assert_matches_baseline(self, name: str, *, tolerances: dict | None = None) -> None:
-        """Compare this run's per-layer health metrics with ``__modelcheck__/NAME.json``
-        beside the test: created (and failing) the first time, rewritten under
-        ``--modelcheck-update``, otherwise failing on any metric past its tolerance."""
-        __tracebackhide__ = True
-        if not name or os.sep in name or "/" in name or name.startswith("."):
-            raise ConfigError(f"baseline name {name!r} must be a plain file name, like 'iris'")
-        path = self.baseline_dir / f"{name}.json"
-        update = self.session.update if self.session else False
-        existed = path.exists()
-        try:
-            outcome = baseline.assert_matches(
-                self,
-                path,
-                tolerances=tolerances,
-                update=update,
-                update_hint="run pytest with --modelcheck-update",
-            )
-        except AssertionError:
-            if self.session:
-                self.session.baselines["changed" if existed else "created"] += 1
-            raise
-        if self.session:
-            self.session.baselines[outcome] += 1
-
-
-class Checker:
-    """What the ``modelcheck`` fixture returns: ``check`` and ``assert_healthy`` with the
-    session's settings and this test's marker applied, and a per-test HTML report."""
-
-    def __init__(self, session: _Session, item: pytest.Item, settings: Settings) -> None:
-        self._session, self._item, self.settings = session, item, settings
-
-    def check(
-        self,
-        model: nn.Module | LoadedModel,
-        probe: object = None,
-        labels: object = None,
-        **options: object,
-    ) -> PytestReport:
-        report = check(model, probe, labels, settings=self.settings, **options)
-        plain = {f.name: getattr(report, f.name) for f in fields(Report)}
-        report = PytestReport(
-            **plain, baseline_dir=self._item.path.parent / BASELINE_DIR, session=self._session
-        )
-        self._session.record(self._item, report)
-        return report
-
-    def assert_healthy(
-        self,
-        model: nn.Module | LoadedModel,
-        probe: object = None,
-        labels: object = None,
-        **options: object,
-    ) -> PytestReport:
-        """``check``, failing the test with every finding and its first fix when one
-        reaches fail-on."""
-        __tracebackhide__ = True
-        report = self.check(model, probe, labels, **options)
-        if not report.ok:
-            html = self._item.stash.get(_HTML, [])
-            raise AssertionError(unhealthy_message(report, html[-1] if html else None))
-        return report
 
 
 class _Session:
@@ -125,33 +50,61 @@ class _Session:
     def settings(self) -> Settings:
         """Defaults, then the configuration file, then the fail-on option (read once)."""
         if self._settings is None:
-            start = self.config.invocation_params.dir
-            settings = config.load(start=start).settings
-            option = self.config.getoption("modelcheck_fail_on")
-            ini = self.config.getini("modelcheck_fail_on")
-            if option:
-                settings = settings.updated({"fail_on": option}, "--modelcheck-fail-on")
-            elif ini:
-                settings = settings.updated({"fail_on": ini.strip()}, "ini modelcheck_fail_on")
+            from modelcheck import config
+
+            settings = config.load(start=self.config.invocation_params.dir).settings
+            fail_on = _fail_on(self.config)
+            if fail_on is not None:  # checked in pytest_configure
+                settings = settings.updated({"fail_on": fail_on[0]}, fail_on[1])
             self._settings = settings
         return self._settings
 
-    def record(self, item: pytest.Item, report: Report) -> None:
+    def checker(self, item: pytest.Item) -> Checker:
+        from modelcheck.assertions import Checker
+
+        def on_check(report: Report) -> Path | None:
+            return self.record(item, report)
+
+        def on_baseline(outcome: str) -> None:
+            self.baselines[outcome] += 1
+
+        return Checker(
+            _marker_settings(item, self.settings()),
+            baseline_dir=item.path.parent / BASELINE_DIR,
+            update=self.update,
+            update_hint="run pytest with --modelcheck-update",
+            on_check=on_check,
+            on_baseline=on_baseline,
+        )
+
+    def record(self, item: pytest.Item, report: Report) -> Path | None:
+        """Count the check; write its HTML report when asked to, and return its path."""
         self.checks += 1
         self.failed += not report.ok
         self.tests.add(item.nodeid)
         self.severities.update(f.severity for f in report.findings)
-        if self.report_dir is not None:
-            paths = item.stash.setdefault(_HTML, [])
-            path = self.report_dir / _file_name(item.nodeid, len(paths))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            report.write_html(path)
-            paths.append(path)
-            self.html.append(path)
+        if self.report_dir is None:
+            return None
+        paths = item.stash.setdefault(_HTML, [])
+        path = self.report_dir / _file_name(item.nodeid, len(paths))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report.write_html(path)
+        paths.append(path)
+        self.html.append(path)
+        return path
 
 
 _SESSION = pytest.StashKey[_Session]()
 _HTML = pytest.StashKey[list]()
+
+
+def _fail_on(pytest_config: pytest.Config) -> tuple[str, str] | None:
+    """(value, where it came from) of the fail-on option, or its ini twin."""
+    option = pytest_config.getoption("modelcheck_fail_on")
+    if option:
+        return option, "--modelcheck-fail-on"
+    ini = pytest_config.getini("modelcheck_fail_on").strip()
+    return (ini, "modelcheck_fail_on (ini)") if ini else None
 
 
 def _report_dir(pytest_config: pytest.Config) -> Path | None:
@@ -176,6 +129,8 @@ def _file_name(nodeid: str, index: int) -> str:
 def _marker_settings(item: pytest.Item, settings: Settings) -> Settings:
     """Apply ``@pytest.mark.modelcheck(...)`` from the module level down to the test, so
     the closest marker wins; ``thresholds`` is the ``rules`` setting."""
+    from modelcheck.errors import ConfigError
+
     for marker in reversed(list(item.iter_markers(name=MARKER))):
         if marker.args:
             raise ConfigError("@pytest.mark.modelcheck takes keyword arguments only")
@@ -192,12 +147,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--modelcheck-report",
         metavar="DIR",
-        help="write one HTML health report per checking test into DIR",
+        help="write one HTML health report per check into DIR, named after the test",
     )
     group.addoption(
         "--modelcheck-fail-on",
-        choices=SEVERITY_CHOICES,
-        help="lowest severity that fails a check (default: [tool.modelcheck] fail-on, or error)",
+        metavar="SEVERITY",
+        help="lowest severity that fails a check: error, warning, info or never "
+        "(default: [tool.modelcheck] fail-on, or error)",
     )
     group.addoption(
         "--modelcheck-update",
@@ -215,18 +171,28 @@ def pytest_configure(config: pytest.Config) -> None:
         "settings of the modelcheck fixture for this test, e.g. ignore=['saturation'] or "
         "thresholds={'dead-units': {'error': 0.6}}",
     )
+    fail_on = _fail_on(config)
+    if fail_on is not None:  # a bad value fails the run at once, in one line
+        from modelcheck.settings import SEVERITY_CHOICES
+
+        value, where = fail_on
+        if value not in SEVERITY_CHOICES:
+            raise pytest.UsageError(
+                f"modelcheck: {where}: {value!r} is not one of {', '.join(SEVERITY_CHOICES)}"
+            )
     config.stash[_SESSION] = _Session(config)
 
 
 @pytest.fixture
 def modelcheck(request: pytest.FixtureRequest) -> Checker:
-    """A checker with the session's settings and this test's marker applied."""
-    session = request.config.stash[_SESSION]
+    """``check`` and ``assert_healthy`` with the session's settings and this test's
+    marker applied; reports keep baselines in ``__modelcheck__`` beside the test."""
+    from modelcheck.errors import ModelcheckError
+
     try:
-        settings = _marker_settings(request.node, session.settings())
+        return request.config.stash[_SESSION].checker(request.node)
     except ModelcheckError as error:
         pytest.fail(f"modelcheck: {error}", pytrace=False)
-    return Checker(session, request.node, settings)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -234,8 +200,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """Link each test's HTML reports from pytest-html's report, when that plugin runs."""
     report = yield
     paths = item.stash.get(_HTML, [])
-    html_plugin = item.config.pluginmanager.getplugin("html")
-    if paths and call.when == "call" and html_plugin is not None:
+    if paths and call.when == "call" and item.config.pluginmanager.getplugin("html"):
         from pytest_html import extras
 
         target = item.config.getoption("htmlpath", None)
@@ -252,6 +217,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     session = config.stash.get(_SESSION, None)
     if session is None or not session.checks:
         return
+    from modelcheck.renderers import counts_text
+
     write = terminalreporter.write_line
     terminalreporter.section("modelcheck")
     counts = {

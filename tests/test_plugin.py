@@ -4,6 +4,8 @@ the marker, options and ini, per-test HTML reports, health baselines and the sum
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from models import dead_relu_model, gaussian, mlp, seeded
@@ -119,6 +121,22 @@ def test_fail_on_comes_from_the_option_then_the_ini_then_pyproject(inner):
     inner.makeini("[pytest]\nmodelcheck_fail_on = error\n")
     inner.runpytest().assert_outcomes(passed=1)  # ini beats pyproject
     inner.runpytest("--modelcheck-fail-on=warning").assert_outcomes(failed=1)  # option beats ini
+
+
+def test_bad_fail_on_option_stops_the_run_with_one_line(inner):
+    inner.makepyfile("def test_it():\n    pass\n")
+    result = inner.runpytest("--modelcheck-fail-on=fatal")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["ERROR: modelcheck: --modelcheck-fail-on: 'fatal' is not one of error, warning, *"]
+    )
+
+
+def test_loading_the_plugin_does_not_import_torch():
+    """Every pytest run in an environment with modelcheck loads the plugin."""
+    code = "import sys, modelcheck.pytest_plugin; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
 
 
 def test_bad_configuration_fails_the_test_with_one_line(inner):
