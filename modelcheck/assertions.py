@@ -67,15 +67,16 @@ class BaselineReport(Report):
         if not name or os.sep in name or "/" in name or name.startswith("."):
             raise ConfigError(f"baseline name {name!r} must be a plain file name, like 'iris'")
         path = self.baseline_dir / f"{name}.json"
+        tell = self.on_baseline or (lambda outcome: None)
         existed = path.exists()
-        outcome = "changed" if existed else "created"
         try:
             outcome = baseline.assert_matches(
                 self, path, tolerances=tolerances, update=self.update, update_hint=self.update_hint
             )
-        finally:
-            if self.on_baseline is not None:
-                self.on_baseline(outcome)
+        except AssertionError:
+            tell("changed" if existed else "created")
+            raise
+        tell(outcome)
 
 
 class Checker:
