@@ -31,6 +31,9 @@ COLLAPSE_FROM = 16
 MAX_STRIP_CELLS = 128
 """Per-unit strips show at most this many cells; wider layers share cells between units."""
 
+MAX_ALSO = 40
+"""A finding links at most this many of the deeper layers that also cross its threshold."""
+
 OVERVIEW_NAMES_UP_TO = 40
 """The depth overview labels its axis with layer names up to this many layers, else depths."""
 
@@ -146,7 +149,8 @@ class FindingView:
     full: bool  # the first finding of its rule shows why and fixes open; repeats fold them
     fixes: tuple[str, ...]
     fixes_label: str
-    also: tuple[Link, ...]
+    also: tuple[Link, ...]  # the deeper layers that cross too
+    also_more: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,15 +201,16 @@ class LayerCard:
     depth: str
     name: str
     type: str
-    units: str
     css: str
     flagged: bool
     open: bool
     badges: tuple[Badge, ...]
     summary: str
+    thumbnail: Svg | None  # shown in the header while the card is collapsed
     histogram: Svg | None
-    histogram_note: str
+    note: str
     stats: tuple[Fact, ...]
+    gradients: str
     units_strip: UnitStrip | None
     parameters_head: tuple[str, ...]
     parameters: tuple[Row, ...]
@@ -485,7 +490,12 @@ def _findings(
                 full=f.code not in seen,
                 fixes=f.fixes,
                 fixes_label=f"What to try ({len(f.fixes)})",
-                also=tuple(Link(name, f"#L{index[name]}") for name in f.related if name in index),
+                also=tuple(
+                    Link(name, f"#L{index[name]}") for name in f.related[:MAX_ALSO] if name in index
+                ),
+                also_more=(
+                    f"and {len(f.related) - MAX_ALSO} more" if len(f.related) > MAX_ALSO else ""
+                ),
             )
         )
         seen.add(f.code)
@@ -835,48 +845,89 @@ def _overview_axis(layers: Sequence[LayerStats]) -> Svg | None:
 
 # -- histograms ------------------------------------------------------------------------------
 
-_HW, _HH = 320, 156
-_HX0, _HX1, _HY0, _HY1 = 36, _HW - 34, 14, _HH - 26
+
+@dataclass(frozen=True, slots=True)
+class _Box:
+    """Where a histogram's plot area sits inside its SVG."""
+
+    width: int
+    height: int
+    x0: float
+    x1: float
+    y0: float
+    y1: float
+
+
+_CARD = _Box(320, 156, 36, 320 - 34, 14, 156 - 26)
+_THUMB = _Box(132, 30, 1, 131, 2, 29)
+
+
+@dataclass(frozen=True, slots=True)
+class _Bins:
+    """A layer's histogram with the values exactly 0 taken out of their bin."""
+
+    edges: np.ndarray
+    counts: np.ndarray
+    zeros: float
+    density: np.ndarray
+
+    @property
+    def lo(self) -> float:
+        return float(self.edges[0])
+
+    @property
+    def hi(self) -> float:
+        return float(self.edges[-1])
+
+    def x(self, v: float, box: _Box) -> float:
+        return box.x0 + (v - self.lo) / (self.hi - self.lo) * (box.x1 - box.x0)
+
+
+def _bins(d: Distribution) -> _Bins | None:
+    h = d.histogram
+    if h is None or not h.counts:
+        return None
+    edges = np.asarray(h.edges, dtype=np.float64)
+    counts = np.asarray(h.counts, dtype=np.float64)
+    zeros = d.zero_fraction * (d.count - d.nonfinite)
+    if zeros > 0 and edges[0] <= 0 <= edges[-1]:
+        # The zero count is exact; the bins are scaled from a sample, hence the clamp.
+        spike_bin = min(int(np.searchsorted(edges, 0.0, side="right")) - 1, len(counts) - 1)
+        counts[spike_bin] = max(counts[spike_bin] - zeros, 0.0)
+    else:
+        zeros = 0.0
+    return _Bins(edges, counts, zeros, _smoothed(counts))
 
 
 def _histogram_svg(name: str, d: Distribution) -> tuple[Svg | None, str]:
     """Bars (50 bins, the zero spike apart), smoothed density and CDF; a linear and a log
     group, one shown at a time."""
-    h = d.histogram
-    if h is None or not h.counts:
+    bins = _bins(d)
+    if bins is None:
         if d.nonfinite:
             return None, f"no histogram: {d.nonfinite:,} of {d.count:,} values are NaN or Inf"
         return None, "no finite values to plot"
-    edges = np.asarray(h.edges, dtype=np.float64)
-    counts = np.asarray(h.counts, dtype=np.float64)
-    lo, hi = float(edges[0]), float(edges[-1])
-    zeros = d.zero_fraction * (d.count - d.nonfinite)
-    spike_bin = None
-    if zeros > 0 and lo <= 0 <= hi:
-        spike_bin = min(int(np.searchsorted(edges, 0.0, side="right")) - 1, len(counts) - 1)
-        counts[spike_bin] = max(counts[spike_bin] - zeros, 0.0)
-    else:
-        zeros = 0.0
-
-    def x(v: float) -> float:
-        return _HX0 + (v - lo) / (hi - lo) * (_HX1 - _HX0)
-
-    density = _smoothed(counts)
-    linear = _bars_group("lin", edges, counts, density, zeros, x, log=False)
-    logarithmic = _bars_group("log", edges, counts, density, zeros, x, log=True)
-    frame = _histogram_frame(lo, hi, x, d)
-    svg = Svg(
-        _HW,
-        _HH,
-        f"histogram of {name}",
-        "hist",
-        (linear, logarithmic, frame, _cdf_group(d.quantiles, x)),
+    groups = (
+        _bars_group("lin", bins, _CARD, log=False),
+        _bars_group("log", bins, _CARD, log=True),
+        _histogram_frame(bins, d),
+        _cdf_group(d.quantiles, bins),
     )
+    svg = Svg(_CARD.width, _CARD.height, f"histogram of {name}", "hist", groups)
     total = d.count - d.nonfinite
     note = f"{total:,} values" + (
-        f", histogram from a sample of {d.sample_size:,}" if d.sample_size < total else ""
+        f" (histogram of {d.sample_size:,} sampled)" if d.sample_size < total else ""
     )
     return svg, note
+
+
+def _thumbnail(name: str, d: Distribution | None) -> Svg | None:
+    """The histogram's shape in a few pixels, for a collapsed card's header."""
+    bins = None if d is None else _bins(d)
+    if bins is None:
+        return None
+    bars = _bars_group("", bins, _THUMB, log=False, labelled=False)
+    return Svg(_THUMB.width, _THUMB.height, f"histogram of {name}", "thumb", (bars,))
 
 
 def _smoothed(counts: np.ndarray) -> np.ndarray:
@@ -900,78 +951,76 @@ def _smoothed(counts: np.ndarray) -> np.ndarray:
     return np.convolve(padded, kernel, mode="valid")
 
 
-def _bars_group(
-    css: str,
-    edges: np.ndarray,
-    counts: np.ndarray,
-    density: np.ndarray,
-    zeros: float,
-    x: Callable[[float], float],
-    *,
-    log: bool,
-) -> Group:
+def _bars_group(css: str, bins: _Bins, box: _Box, *, log: bool, labelled: bool = True) -> Group:
+    counts, zeros = bins.counts, bins.zeros
     top_bar = float(counts.max()) if counts.size else 0.0
     ceiling = max(top_bar, zeros) if log else top_bar
-    broken = not log and zeros > top_bar * 1.05
+    broken = not log and zeros > top_bar * 1.05  # the spike runs off the top, marked
     if ceiling <= 0:
         ceiling = max(zeros, 1.0)
 
     def y(c: float) -> float:
         share = math.log10(1 + c) / math.log10(1 + ceiling) if log else min(c / ceiling, 1.0)
-        return _HY1 - share * (_HY1 - _HY0)
+        return box.y1 - share * (box.y1 - box.y0)
 
-    d = [f"M{_f(x(edges[0]))} {_HY1}"]
+    def x(v: float) -> float:
+        return bins.x(v, box)
+
+    d = [f"M{_f(x(bins.edges[0]))} {_f(box.y1)}"]
     for i, c in enumerate(counts):
-        d.append(f"V{_f(y(c))}H{_f(x(edges[i + 1]))}")
-    d.append(f"V{_HY1}Z")
+        d.append(f"V{_f(y(c))}H{_f(x(bins.edges[i + 1]))}")
+    d.append(f"V{_f(box.y1)}Z")
     paths = [Path("".join(d), "bars")]
-    centres = (edges[:-1] + edges[1:]) / 2
-    curve = "".join(
-        f"{'M' if i == 0 else 'L'}{_f(x(c))} {_f(y(v))}"
-        for i, (c, v) in enumerate(zip(centres, density))
-    )
-    paths.append(Path(curve, "density"))
+    if labelled:
+        centres = (bins.edges[:-1] + bins.edges[1:]) / 2
+        curve = "".join(
+            f"{'M' if i == 0 else 'L'}{_f(x(c))} {_f(y(v))}"
+            for i, (c, v) in enumerate(zip(centres, bins.density))
+        )
+        paths.append(Path(curve, "density"))
     rects, texts = [], []
     if zeros > 0:
-        left = min(max(x(0.0) - 1.5, _HX0), _HX1 - 3)
-        spike_top = _HY0 if broken else y(zeros)
-        rects.append(Rect(_f(left), _f(spike_top), "3", _f(_HY1 - spike_top), "spike"))
-        if broken:
-            paths.append(
-                Path(f"M{_f(left - 2)} {_HY0 + 9}l7 -3M{_f(left - 2)} {_HY0 + 13}l7 -3", "break")
-            )
-    peak = ceiling if log else top_bar
-    texts.append(Text(_f(_HX0 - 4), _f(_HY0 + 4), _count(peak) if peak > 0 else "", "tick", "end"))
-    texts.append(Text(_f(_HX0 - 4), _f(_HY1), "0", "tick", "end"))
+        width = 3 if labelled else 2
+        left = min(max(x(0.0) - width / 2, box.x0), box.x1 - width)
+        spike_top = box.y0 if broken else y(zeros)
+        rects.append(Rect(_f(left), _f(spike_top), str(width), _f(box.y1 - spike_top), "spike"))
+        if broken and labelled:
+            marks = f"M{_f(left - 2)} {box.y0 + 9}l7 -3M{_f(left - 2)} {box.y0 + 13}l7 -3"
+            paths.append(Path(marks, "break"))
+    if labelled:
+        peak = ceiling if log else top_bar
+        top_label = _count(peak) if peak > 0 else ""
+        texts.append(Text(_f(box.x0 - 4), _f(box.y0 + 4), top_label, "tick", "end"))
+        texts.append(Text(_f(box.x0 - 4), _f(box.y1), "0", "tick", "end"))
     return Group(css, rects=tuple(rects), paths=tuple(paths), texts=tuple(texts))
 
 
-def _histogram_frame(lo: float, hi: float, x: Callable[[float], float], d: Distribution) -> Group:
+def _histogram_frame(bins: _Bins, d: Distribution) -> Group:
+    box, lo, hi = _CARD, bins.lo, bins.hi
     texts = [
-        Text(_f(_HX0), _f(_HY1 + 13), _short(lo), "tick", "start"),
-        Text(_f(_HX1), _f(_HY1 + 13), _short(hi), "tick", "end"),
-        Text(_f(_HX1 + 4), _f(_HY0 + 4), "100%", "tick cdf-tick"),
-        Text(_f(_HX1 + 4), _f(_HY1), "0%", "tick cdf-tick"),
+        Text(_f(box.x0), _f(box.y1 + 13), _short(lo), "tick", "start"),
+        Text(_f(box.x1), _f(box.y1 + 13), _short(hi), "tick", "end"),
+        Text(_f(box.x1 + 4), _f(box.y0 + 4), "100%", "tick cdf-tick"),
+        Text(_f(box.x1 + 4), _f(box.y1), "0%", "tick cdf-tick"),
     ]
-    zero_x = x(0.0)
-    if lo < 0 < hi and min(zero_x - _HX0, _HX1 - zero_x) > 18:
-        texts.append(Text(_f(zero_x), _f(_HY1 + 13), "0", "tick", "middle"))
-    if d.zero_fraction > 0 and lo <= 0 <= hi:
-        label_x = min(max(zero_x + 6, _HX0 + 4), _HX1 - 60)
-        texts.append(
-            Text(_f(label_x), _f(_HY0 - 3), f"{_percent(d.zero_fraction)} exactly 0", "spike-label")
-        )
-    paths = (Path(f"M{_HX0} {_HY1}H{_HX1}", "axis"),)
+    zero_x = bins.x(0.0, box)
+    if lo < 0 < hi and min(zero_x - box.x0, box.x1 - zero_x) > 18:
+        texts.append(Text(_f(zero_x), _f(box.y1 + 13), "0", "tick", "middle"))
+    if bins.zeros > 0:
+        label_x = min(max(zero_x + 6, box.x0 + 4), box.x1 - 60)
+        label = f"{_percent(d.zero_fraction)} exactly 0"
+        texts.append(Text(_f(label_x), _f(box.y0 - 3), label, "spike-label"))
+    paths = (Path(f"M{_f(box.x0)} {_f(box.y1)}H{_f(box.x1)}", "axis"),)
     return Group("frame", paths=paths, texts=tuple(texts))
 
 
-def _cdf_group(quantiles: Sequence[float] | None, x: Callable[[float], float]) -> Group:
+def _cdf_group(quantiles: Sequence[float] | None, bins: _Bins) -> Group:
     if not quantiles:
         return Group()
-    steps = len(quantiles) - 1
+    box, steps = _CARD, len(quantiles) - 1
     points = []
     for k, q in enumerate(quantiles):
-        point = (_f(x(q)), _f(_HY1 - k / steps * (_HY1 - _HY0)))
+        point = (_f(bins.x(q, box)), _f(box.y1 - k / steps * (box.y1 - box.y0)))
         if not points or point != points[-1]:
             points.append(point)
     d = "".join(f"{'M' if i == 0 else 'L'}{px} {py}" for i, (px, py) in enumerate(points))
@@ -1051,19 +1100,21 @@ def _strip_of(
     )
     bad_idx = np.flatnonzero(bad)
     caption = (
-        f"{units} units"
+        ""
         if per_cell == 1
-        else f"{units} units, {per_cell} per cell ({bad_word} when most of its units are)"
+        else f"{per_cell} units per cell ({bad_word} when most of its units are)."
     )
     listed = ""
-    if bad_idx.size == units:
+    if bad_idx.size == 0 and bad_word != "constant":
+        listed = f"No {bad_word} units."
+    elif bad_idx.size == units:
         listed = f"All {units} units are {bad_word}."
     elif bad_idx.size:
         shown = ", ".join(str(i) for i in bad_idx[:24])
         more = f" … and {bad_idx.size - 24} more" if bad_idx.size > 24 else ""
         listed = f"{bad_word.capitalize()} units ({bad_idx.size} of {units}): {shown}{more}"
     svg = Svg(cells, 1, f"per-unit {good_word}", "units", (Group(paths=paths),), stretch=True)
-    legend = (Fact("u3", shade_legend), Fact(bad_css, bad_legend))
+    legend = (Fact("u3", shade_legend),) + ((Fact(bad_css, bad_legend),) if bad_idx.size else ())
     return UnitStrip(svg, caption, legend, listed)
 
 
@@ -1089,15 +1140,16 @@ def _layer_card(report: Report, i: int, flags: Sequence[_Flag], collapse: bool) 
         depth=str(i),
         name=layer.name,
         type=layer.type,
-        units=_plural(d.units, "unit") if d is not None else "",
+        thumbnail=_thumbnail(layer.name, d),
         css=_flag_css(flag),
         flagged=bool(flag),
         open=bool(flag) or not collapse,
         badges=badges,
         summary=_card_summary(d),
         histogram=histogram,
-        histogram_note=note,
+        note=_layer_note(report, layer, note),
         stats=_card_stats(layer),
+        gradients=_gradient_note(layer),
         units_strip=_units_strip(layer, flag),
         parameters_head=head,
         parameters=rows,
@@ -1111,7 +1163,7 @@ def _layer_card(report: Report, i: int, flags: Sequence[_Flag], collapse: bool) 
 def _parameter_table(layer: LayerStats) -> tuple[tuple[str, ...], tuple[Row, ...]]:
     """The layer's weights as read before the run; a NaN/Inf column only when one has some."""
     bad = any(p.nonfinite for p in layer.parameters)
-    head = ("parameter", "shape", "mean", "std", "min", "max", "fan-in")
+    head = ("parameter", "shape", "mean", "std", "min", "max")
     rows = []
     for p in layer.parameters:
         cells = (
@@ -1121,7 +1173,6 @@ def _parameter_table(layer: LayerStats) -> tuple[tuple[str, ...], tuple[Row, ...
             format_number(p.std),
             format_number(p.min),
             format_number(p.max),
-            "" if p.fan_in is None else str(p.fan_in),
         )
         if bad:
             cells += (f"{p.nonfinite:,}" if p.nonfinite else "",)
@@ -1175,13 +1226,28 @@ def _card_stats(layer: LayerStats) -> tuple[Fact, ...]:
             facts.append(Fact("saturated", _unit_count(d.saturated_fraction, d.units)))
         if d.nonfinite:
             facts.append(Fact("NaN/Inf", f"{d.nonfinite:,}", "bad"))
-    if layer.output_grad is not None:
-        facts.append(Fact("∇ out", format_number(layer.output_grad.rms)))
-    if layer.param_grad is not None:
-        facts.append(Fact("∇ params", format_number(layer.param_grad.rms)))
-    if layer.calls > 1:
-        facts.append(Fact("calls", str(layer.calls)))
     return tuple(facts)
+
+
+def _gradient_note(layer: LayerStats) -> str:
+    parts = []
+    if layer.output_grad is not None:
+        parts.append(f"at the output {format_number(layer.output_grad.rms)}")
+    if layer.param_grad is not None:
+        parts.append(f"of the parameters {format_number(layer.param_grad.rms)}")
+    return f"Gradient rms {' and '.join(parts)}." if parts else ""
+
+
+def _layer_note(report: Report, layer: LayerStats, histogram_note: str) -> str:
+    """How many values the card rests on, and how often the layer ran if that is unusual."""
+    parts = [histogram_note]
+    if layer.activation is not None:
+        parts.append(_plural(layer.activation.units, "unit"))
+    if layer.calls != report.probe.batches:
+        parts.append(
+            f"ran {layer.calls} times in {_plural(report.probe.batches, 'batch', 'batches')}"
+        )
+    return " · ".join(parts)
 
 
 def _table_row(report: Report, i: int, flags: Sequence[_Flag]) -> LayerRow:
