@@ -122,7 +122,6 @@ class Svg:
 
 @dataclass(frozen=True, slots=True)
 class Banner:
-    passed: bool
     verdict: str
     detail: str
     css: str
@@ -282,11 +281,14 @@ def _environment() -> jinja2.Environment:
 
 
 def build_page(report: Report) -> Page:
-    flags = _layer_flags(report)
+    """The view model of the whole report: what the templates show, decided here."""
+    # A layer name that occurs twice links to its first occurrence.
     index = {layer.name: i for i, layer in reversed(list(enumerate(report.layers)))}
+    flags = _layer_flags(report, index)
     rules = {r.code: r for r in report.rules}
     collapse = len(report.layers) >= COLLAPSE_FROM
     hidden = _hidden_indices(report.layers)
+    hidden_set = set(hidden)
     cards = [_layer_card(report, i, flags, collapse) for i in range(len(report.layers))]
     name = report.model.type
     verdict = "passed" if report.ok else "failed"
@@ -302,7 +304,7 @@ def build_page(report: Report) -> Page:
         hidden_note=_hidden_note(report.layers, hidden),
         table_head=TABLE_HEAD,
         table=tuple(_table_row(report, i, flags) for i in range(len(report.layers))),
-        others=tuple(c for i, c in enumerate(cards) if i not in set(hidden)),
+        others=tuple(c for i, c in enumerate(cards) if i not in hidden_set),
         collapsed_note=(
             f"{sum(not c.open for c in cards)} healthy layers are collapsed; click one to open it."
             if collapse and any(not c.open for c in cards)
@@ -346,9 +348,8 @@ class _Flag:
         return bool(self.severity)
 
 
-def _layer_flags(report: Report) -> list[_Flag]:
+def _layer_flags(report: Report, index: Mapping[str, int]) -> list[_Flag]:
     flags = [_Flag() for _ in report.layers]
-    index = {layer.name: i for i, layer in reversed(list(enumerate(report.layers)))}
     for position, f in enumerate(report.findings):
         for name in (f.layer, *f.related):
             if name in index:
@@ -369,10 +370,9 @@ def _hidden_indices(layers: Sequence[LayerStats]) -> list[int]:
 def _hidden_note(layers: Sequence[LayerStats], hidden: Sequence[int]) -> str:
     if any(layers[i].family in ACTIVATION_FAMILIES for i in hidden):
         return (
-            "The outputs of the hidden activation layers, side by side in depth order, as the "
-            "seed article plots them: 50 bins, counts on a linear axis (log with the switch "
-            "above). The dark spike is the share of values exactly 0; the line is a smoothed "
-            "density, the thin curve the cumulative share (right axis)."
+            "Hidden activations side by side in depth order, as the seed article plots them: "
+            "50 bins, linear counts (log with the switch above), the share of values exactly 0 "
+            "as a dark spike, a smoothed density and the cumulative share (right axis)."
         )
     return (
         "This model has no hidden activation layers, so every layer's output is shown: "
@@ -397,12 +397,12 @@ def _banner(report: Report, index: Mapping[str, int]) -> Banner:
     else:
         verdict = "Failed"
         detail = f"{_plural(failing, 'finding')} at or above --fail-on {report.fail_on}"
-    headline = None
+    headline, where = None, ""
     if worst is not None:
         href = f"#L{index[worst.layer]}" if worst.layer in index else "#F0"
         headline = Link(worst.message, href)
+        where = f"{worst.code} {worst.rule}" + (f" at {worst.layer}" if worst.layer else "")
     return Banner(
-        passed=report.ok,
         verdict=verdict,
         detail=detail,
         css=f"verdict-{worst.severity}" if worst else "verdict-clean",
@@ -415,9 +415,7 @@ def _banner(report: Report, index: Mapping[str, int]) -> Banner:
             for severity, key in (("error", "errors"), ("warning", "warnings"), ("info", "infos"))
         ),
         headline=headline,
-        headline_where=f"{worst.code} {worst.rule} at {worst.layer}"
-        if worst and worst.layer
-        else (f"{worst.code} {worst.rule}" if worst else ""),
+        headline_where=where,
         headline_css=f"sev-{worst.severity}" if worst else "",
         facts=_facts(report),
     )
@@ -521,7 +519,8 @@ _STRIP_H, _PAD_T, _PAD_B = 86, 8, 8
 class _Series:
     values: list[float | None]
     css: str
-    label: str
+    label: str  # in the legend
+    tip: str  # in a point's tooltip
     marks: bool = True
 
 
@@ -552,7 +551,7 @@ def _overview(report: Report, flags: Sequence[_Flag]) -> tuple[Strip, ...]:
         (
             "Activation rms",
             "log scale; lines: rule thresholds relative to the first layer",
-            [_Series(rms, "s-main", "output rms")],
+            [_Series(rms, "s-main", "output rms", "output rms")],
             True,
             _ratio_lines(rules, rms_ref, "exploding-activations", "vanishing-activations"),
             ("exploding-activations", "vanishing-activations"),
@@ -561,7 +560,7 @@ def _overview(report: Report, flags: Sequence[_Flag]) -> tuple[Strip, ...]:
         (
             "Excess kurtosis",
             "hidden activation layers; 0 for a Gaussian",
-            [_Series(kurt, "s-main", "excess kurtosis")],
+            [_Series(kurt, "s-main", "excess kurtosis", "excess kurtosis")],
             False,
             _fixed_lines(rules, "kurtosis-growth", finite_only=True),
             ("kurtosis-growth",),
@@ -572,8 +571,8 @@ def _overview(report: Report, flags: Sequence[_Flag]) -> tuple[Strip, ...]:
             "share of units active on < 1% of positions (ReLU layers); "
             "line: share of values exactly 0 (hidden layers)",
             [
-                _Series(zeros, "s-soft", "zeros", marks=False),
-                _Series(dead, "s-main", "dead units"),
+                _Series(zeros, "s-soft", "zeros", "share of zeros", marks=False),
+                _Series(dead, "s-main", "dead units", "dead-unit share"),
             ],
             False,
             _fixed_lines(rules, "dead-units"),
@@ -583,7 +582,7 @@ def _overview(report: Report, flags: Sequence[_Flag]) -> tuple[Strip, ...]:
         (
             "Saturated units",
             "share of units in the flat region on ≥ 95% of positions (tanh, sigmoid, …)",
-            [_Series(sat, "s-main", "saturated-unit share")],
+            [_Series(sat, "s-main", "saturated units", "saturated-unit share")],
             False,
             _fixed_lines(rules, "saturation"),
             ("saturation",),
@@ -594,8 +593,8 @@ def _overview(report: Report, flags: Sequence[_Flag]) -> tuple[Strip, ...]:
             "log scale; rms of each layer's parameter gradients and of the gradient at its "
             "output; thresholds relative to the last layer's",
             [
-                _Series(out_grads, "s-soft", "at the output", marks=False),
-                _Series(grads, "s-main", "parameters"),
+                _Series(out_grads, "s-soft", "at the output", "output-gradient rms", marks=False),
+                _Series(grads, "s-main", "parameters", "parameter-gradient rms"),
             ],
             True,
             _ratio_lines(rules, grad_ref, "exploding-gradients", "vanishing-gradients"),
@@ -669,12 +668,18 @@ def _strip_svg(
     ]
     tick_texts = [Text(_f(_X0 - 6), _f(scale(t) + 3.5), _short(t), "tick", "end") for t in ticks]
     guide_paths, guide_texts = [], []
-    ys = [scale(line.value) for line in shown]
-    for line, y, label_y in zip(shown, ys, _spread(ys, 11.0)):
-        guide_paths.append(Path(f"M{_X0} {_f(y)}H{_X1}", f"limit limit-{line.severity}"))
-        guide_texts.append(
-            Text(_f(_X1 + 6), _f(label_y + 3.5), line.label, f"limit-text {line.severity}")
-        )
+    labels, ys = [], []
+    for line in lines:
+        if line in shown:
+            y = scale(line.value)
+            guide_paths.append(Path(f"M{_X0} {_f(y)}H{_X1}", f"limit limit-{line.severity}"))
+            labels.append((line.label, line.severity))
+        else:  # off the scale: named at the edge it lies beyond
+            y = top if line.value > max(data, default=0.0) else bottom
+            labels.append((f"{line.label} {'↑' if y == top else '↓'}", line.severity))
+        ys.append(y)
+    for (label, severity), label_y in zip(labels, _spread(ys, 11.0, bottom + 2)):
+        guide_texts.append(Text(_f(_X1 + 6), _f(label_y + 3.5), label, f"limit-text {severity}"))
     step = (_X1 - _X0) / n
     bands = [
         Rect(
@@ -722,7 +727,7 @@ def _strip_svg(
                     _f(y),
                     _f(radius + 1.5 if hit else radius),
                     f"pt pt-{hit}" if hit else "pt",
-                    f"{layers[i].name} — {s.label} {format_number(value)}",
+                    f"{layers[i].name} — {s.tip} {format_number(value)}",
                     f"#L{i}",
                 )
             )
@@ -740,13 +745,17 @@ def _strip_svg(
     )
 
 
-def _spread(ys: Sequence[float], gap: float) -> list[float]:
-    """Label positions near ``ys`` that are at least ``gap`` apart, in the same order."""
+def _spread(ys: Sequence[float], gap: float, lowest: float) -> list[float]:
+    """Label positions near ``ys``, at least ``gap`` apart and none below ``lowest``,
+    in the same order."""
     order = sorted(range(len(ys)), key=lambda k: ys[k])
     placed = [0.0] * len(ys)
     last = -math.inf
-    for k in order:
+    for k in order:  # downwards, pushing each label clear of the one above
         placed[k] = last = max(ys[k], last + gap)
+    last = math.inf
+    for k in reversed(order):  # then upwards, lifting any that fell off the bottom
+        placed[k] = last = min(placed[k], lowest, last - gap)
     return placed
 
 
@@ -1305,7 +1314,7 @@ def _rule_views(report: Report) -> tuple[RuleView, ...]:
                 code=rule.code,
                 slug=rule.slug,
                 title=rule.title,
-                fired=f"fired {_plural(fired[rule.code], 'time')} in this report",
+                fired="fired once" if fired[rule.code] == 1 else f"fired {fired[rule.code]} times",
                 what=_prose(rule.what),
                 why=_prose(rule.why),
                 fixes=tuple(_segments(fix.text) for fix in rule.fixes),
