@@ -190,7 +190,11 @@ def _check_html_path(path: str | None, inputs: Sequence[str | None]) -> None:
     if not target.parent.is_dir():
         raise ConfigError(f"--html {path}: directory {target.parent} does not exist")
     for other in inputs:
-        if other and os.path.exists(other) and target.exists() and target.samefile(other):
+        same = other and (
+            Path(other).resolve() == target.resolve()
+            or (target.exists() and os.path.exists(other) and target.samefile(other))
+        )
+        if same:
             raise ConfigError(f"--html {path} would overwrite {other}")
 
 
@@ -241,10 +245,10 @@ def _demo_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from modelcheck.demo import run_demo
 
-    if args.html is None and not args.no_html:
-        args.html = DEMO_HTML
-    elif args.no_html:
+    if args.no_html:
         args.html = None
+    elif args.html is None:
+        args.html = DEMO_HTML
     _check_html_path(args.html, [args.output])
     settings = _settings_from(args)
     _, report = run_demo(settings=settings)

@@ -54,6 +54,14 @@ class Fact:
 
 
 @dataclass(frozen=True, slots=True)
+class Key:
+    """A legend entry: a swatch styled by ``css``, then its text."""
+
+    css: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class Count:
     label: str
     value: int
@@ -158,7 +166,7 @@ class Strip:
 
     title: str
     note: str
-    legend: tuple[Fact, ...]  # (css of the swatch, text)
+    legend: tuple[Key, ...]
     svg: Svg | None
     empty: str
 
@@ -167,7 +175,7 @@ class Strip:
 class UnitStrip:
     svg: Svg
     caption: str
-    legend: tuple[Fact, ...]
+    legend: tuple[Key, ...]
     listed: str  # "Dead units: 2, 5, 9" or ""
 
 
@@ -607,7 +615,7 @@ def _overview(report: Report, flags: Sequence[_Flag]) -> tuple[Strip, ...]:
     strips = []
     for title, note, series, log, lines, slugs, empty in specs:
         has_data = any(_plottable(v, log) for v in series[-1].values)
-        legend = tuple(Fact(s.css, s.label) for s in series) if has_data else ()
+        legend = tuple(Key(s.css, s.label) for s in series) if has_data else ()
         svg = _strip_svg(layers, series, log, lines, slugs, flags, title) if has_data else None
         strips.append(Strip(title, note, legend, svg, empty))
     return tuple(strips)
@@ -1123,7 +1131,7 @@ def _strip_of(
         more = f" … and {bad_idx.size - 24} more" if bad_idx.size > 24 else ""
         listed = f"{bad_word.capitalize()} units ({bad_idx.size} of {units}): {shown}{more}"
     svg = Svg(cells, 1, f"per-unit {good_word}", "units", (Group(paths=paths),), stretch=True)
-    legend = (Fact("u3", shade_legend),) + ((Fact(bad_css, bad_legend),) if bad_idx.size else ())
+    legend = (Key("u3", shade_legend),) + ((Key(bad_css, bad_legend),) if bad_idx.size else ())
     return UnitStrip(svg, caption, legend, listed)
 
 

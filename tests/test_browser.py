@@ -98,7 +98,8 @@ def test_demo_report_loads_without_console_errors_and_draws_its_charts(browser, 
 
 def _demo_figure_height(tab) -> int:
     """From the top of the page to the end of the hidden-layer histograms."""
-    return int(tab.evaluate("document.getElementById('histograms').getBoundingClientRect().bottom"))
+    bottom = tab.evaluate("document.getElementById('histograms').getBoundingClientRect().bottom")
+    return int(bottom) + 16
 
 
 def test_failing_report_shows_red_where_the_error_is(browser, reports):
@@ -166,3 +167,20 @@ def test_report_prints_without_the_toolbar(browser, reports):
         tab.close()
     assert overflow <= 0  # nothing wider than the paper
     assert (pixels[..., :3] < 200).any(axis=-1).mean() > 0.02
+
+
+def test_the_checks_above_catch_a_blocked_load_and_a_blank_page(browser, tmp_path):
+    """Controls: the console and pixel checks can fail."""
+    page = tmp_path / "bad.html"
+    page.write_text(
+        '<!doctype html><meta http-equiv="Content-Security-Policy" content="default-src \'none\'">'
+        '<body><img src="https://example.invalid/x.png" alt=""></body>'
+    )
+    tab = browser.open(page)
+    try:
+        found = problems(tab.console)
+        pixels = png_pixels(tab.screenshot(height=600))
+    finally:
+        tab.close()
+    assert any("Content Security Policy" in text for text in found), found
+    assert (pixels[..., :3] < 200).any(axis=-1).mean() < 0.001

@@ -302,7 +302,12 @@ def test_cli_with_json_keeps_stdout_for_json_and_names_the_report_on_stderr(
 
 
 def test_cli_refuses_an_html_path_it_cannot_write_before_running(dead_model_file, capsys):
-    for bad, needle in (("missing/out.html", "does not exist"), (".", "is a directory")):
+    refused = (
+        ("missing/out.html", "does not exist"),
+        (".", "is a directory"),
+        ("dead.pt", "would overwrite"),
+    )
+    for bad, needle in refused:
         code = main([str(dead_model_file), "--trust", "--html", bad])
         _, err = capsys.readouterr()
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
