@@ -26,7 +26,6 @@ from modelcheck.rules import render as fill_template
 
 FORMATS = ("text", "concise", "json", "sarif", "junit", "github")
 STATISTICS_FORMATS = ("text", "concise", "json")
-IN_MEMORY = "<in-memory module>"
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 
 
@@ -178,7 +177,7 @@ def _escape_property(text: str) -> str:
 def _repository_path(source: str) -> str | None:
     """The model file as a forward-slash path relative to the working directory (the
     repository root in CI), or None for an in-memory module."""
-    if source == IN_MEMORY or source.startswith("<"):
+    if source.startswith("<"):  # "<in-memory module>"
         return None
     path = Path(source)
     if path.is_absolute():
