@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import scipy.stats
 import torch
@@ -74,10 +76,8 @@ def seed_prefix(model: nn.Module, batches: list[torch.Tensor]) -> list[dict[str,
         try:
             with torch.no_grad():
                 for x in batches:
-                    try:
+                    with contextlib.suppress(_Stop):
                         model(x)
-                    except _Stop:
-                        pass
         finally:
             handle.remove()
         if outputs:  # a module whose forward the model never calls has no output

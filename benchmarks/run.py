@@ -94,21 +94,20 @@ def time_case(case: Case, repeat: int) -> dict[str, float]:
 
 
 def depth_scaling(depths: list[int], samples: int, repeat: int) -> list[dict[str, float]]:
-    rows = []
-    for depth in depths:
-        model, x = models.mlp(depth=depth, samples=samples)
-        batches = list(x.split(64))
-        rows.append(
-            {
-                "depth": depth,
-                "plain_forward": median_time(lambda: baselines.plain(model, batches, False), repeat),
-                "check_forward": median_time(
-                    lambda: modelcheck.check(model, x, batch_size=64, gradients=False), repeat
-                ),
-                "seed_prefix": median_time(lambda: baselines.seed_prefix(model, batches), 1),
-            }
-        )
-    return rows
+    return [_depth_row(depth, samples, repeat) for depth in depths]
+
+
+def _depth_row(depth: int, samples: int, repeat: int) -> dict[str, float]:
+    model, x = models.mlp(depth=depth, samples=samples)
+    batches = list(x.split(64))
+    return {
+        "depth": depth,
+        "plain_forward": median_time(lambda: baselines.plain(model, batches, False), repeat),
+        "check_forward": median_time(
+            lambda: modelcheck.check(model, x, batch_size=64, gradients=False), repeat
+        ),
+        "seed_prefix": median_time(lambda: baselines.seed_prefix(model, batches), 1),
+    }
 
 
 # -- memory, each measurement in a fresh process -----------------------------------------------
@@ -313,7 +312,7 @@ def main() -> None:
     if args.mmap_worker:
         return mmap_worker(args.mmap_worker)
     repeat = 1 if args.quick else args.repeat
-    results: dict = {"load": {"start": "%.1f" % os.getloadavg()[0]}}
+    results: dict = {"load": {"start": f"{os.getloadavg()[0]:.1f}"}}
     results["cases"] = {}
     for case in cases(args.quick):
         print(f"timing {case.name} ...", file=sys.stderr, flush=True)
@@ -328,7 +327,7 @@ def main() -> None:
     results["memory"] = memory_scaling(sizes, results["memory_width"])
     rows = [20_000] if args.quick else [200_000, 2_000_000]
     results["mmap"] = mmap_probe(rows, 256)
-    results["load"]["end"] = "%.1f" % os.getloadavg()[0]
+    results["load"]["end"] = f"{os.getloadavg()[0]:.1f}"
     text = report(results, repeat)
     print(text)
     if not args.no_write:

@@ -17,17 +17,25 @@ from pathlib import Path
 
 import torch
 
+from modelcheck import config
 from modelcheck import rules as rules_module
 from modelcheck.distributed import current_group
 from modelcheck.engine import __version__, check, load_rule_set
 from modelcheck.errors import ConfigError, ModelcheckError
 from modelcheck.probe import infer_input_shape, probe_from_spec
-from modelcheck.renderers import FORMATS, format_number, render
+from modelcheck.renderers import (
+    FORMATS,
+    STATISTICS_FORMATS,
+    format_number,
+    render,
+    render_statistics,
+)
 from modelcheck.report import Report, write_atomic
 from modelcheck.settings import LOSS_CHOICES, SEVERITY_CHOICES, Settings
 from modelcheck.source import load_model
 
 COMMANDS = ("demo", "rules", "rule")
+DEMO_HTML = "modelcheck-demo.html"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,7 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _output_options(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--format", choices=FORMATS, default="text", help="output format")
+    out.add_argument(
+        "--statistics", action="store_true", help="count findings per rule instead of listing"
+    )
     out.add_argument("-o", "--output", metavar="FILE", help="write the output to FILE")
+    out.add_argument("--html", metavar="PATH", help="also write the HTML report to PATH")
     out.add_argument("--show-fixes", action="store_true", help="list fixes under each finding")
     out.add_argument("--exit-zero", action="store_true", help="exit 0 even with findings")
     out.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -85,8 +97,19 @@ def _check_parser() -> argparse.ArgumentParser:
         "vanishing signals. Other commands: `modelcheck demo`, `modelcheck rules`, "
         "`modelcheck rule CODE`.",
     )
-    parser.add_argument("model", help="model file: a state_dict (with --arch) or a pickled module")
+    parser.add_argument(
+        "model", nargs="?", help="model file: a state_dict (with --arch) or a pickled module"
+    )
     parser.add_argument("--version", action="version", version=f"modelcheck {__version__}")
+    settings = parser.add_argument_group("settings")
+    settings.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read settings from FILE (default: [tool.modelcheck] of the nearest pyproject.toml)",
+    )
+    settings.add_argument(
+        "--show-settings", action="store_true", help="print the resolved settings and exit"
+    )
     source = parser.add_argument_group("model")
     source.add_argument(
         "--arch",
@@ -129,7 +152,8 @@ def _check_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings_from(args: argparse.Namespace) -> Settings:
+def _cli_values(args: argparse.Namespace) -> dict[str, object]:
+    """The settings given as flags: these override the configuration file."""
     values: dict[str, object] = {}
     for name in ("select", "ignore", "extend_select"):
         if getattr(args, name, None):
@@ -143,13 +167,28 @@ def _settings_from(args: argparse.Namespace) -> Settings:
         values["gradients"] = False
     if getattr(args, "quiet", False):
         values["progress"] = False
-    return Settings().updated(values, "command line")
+    return values
+
+
+def _settings_from(args: argparse.Namespace, base: Settings | None = None) -> Settings:
+    return (base or Settings()).updated(_cli_values(args), "command line")
 
 
 def _check_command(argv: list[str]) -> int:
-    args = _check_parser().parse_args(argv)
-    settings = _settings_from(args)
+    parser = _check_parser()
+    args = parser.parse_args(argv)
+    configured = config.load(args.config)
+    settings = _settings_from(args, configured.settings)
+    if args.show_settings:
+        cli = _cli_values(args)
+        shown = config.Configured(settings, configured.path, configured.origins)
+        sys.stdout.write(config.describe(shown, cli))
+        return 0
+    if args.model is None:
+        parser.error("the following arguments are required: model")
+    _check_output_flags(args)
     _refuse_to_overwrite(args.output, [args.model])
+    _check_html_path(args.html, [args.model, args.output])
     device = _device(args.device)
     loaded = load_model(
         args.model, arch=args.arch, arch_kwargs=_json_kwargs(args.arch_kwargs), trust=args.trust
@@ -175,16 +214,53 @@ def _check_command(argv: list[str]) -> int:
     return _emit(report, args)
 
 
+def _check_output_flags(args: argparse.Namespace) -> None:
+    if args.statistics and args.format not in STATISTICS_FORMATS:
+        raise ConfigError(
+            f"--statistics works with --format {', '.join(STATISTICS_FORMATS)}, not {args.format}"
+        )
+
+
 def _emit(report: Report, args: argparse.Namespace, preface: str = "") -> int:
     group = current_group()
     if group is not None and group.rank != 0:  # under torchrun, rank 0 alone writes
         return 0 if report.ok or args.exit_zero else 1
-    text = render(report, args.format, show_fixes=args.show_fixes)
+    if args.statistics:
+        text = render_statistics(report, args.format)
+    else:
+        text = render(report, args.format, show_fixes=args.show_fixes)
+    if args.html:
+        try:
+            report.write_html(args.html)
+        except OSError as error:
+            raise ConfigError(f"--html {args.html}: cannot write it ({error.strerror})") from None
     if args.output:
         write_atomic(args.output, text)
     else:
         sys.stdout.write(preface + text)
+    if args.html:
+        # Beside the text on a terminal; on stderr when stdout carries JSON or a file does.
+        stream = sys.stdout if args.format == "text" and not args.output else sys.stderr
+        stream.write(f"HTML report: {Path(args.html).resolve()}\n")
     return 0 if report.ok or args.exit_zero else 1
+
+
+def _check_html_path(path: str | None, inputs: Sequence[str | None]) -> None:
+    """Fail before the run, not after it, when the report could not be written there."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--html {path} is a directory; give a file name like report.html")
+    if not target.parent.is_dir():
+        raise ConfigError(f"--html {path}: directory {target.parent} does not exist")
+    for other in inputs:
+        same = other and (
+            Path(other).resolve() == target.resolve()
+            or (target.exists() and os.path.exists(other) and target.samefile(other))
+        )
+        if same:
+            raise ConfigError(f"--html {path} would overwrite {other}")
 
 
 def _refuse_to_overwrite(output: str | None, inputs: Sequence[str]) -> None:
@@ -253,9 +329,18 @@ def _demo_command(argv: list[str]) -> int:
     )
     _rule_options(parser)
     _output_options(parser)
+    parser.add_argument(
+        "--no-html", action="store_true", help=f"do not write the HTML report ({DEMO_HTML})"
+    )
     args = parser.parse_args(argv)
+    _check_output_flags(args)
     from modelcheck.demo import run_demo
 
+    if args.no_html:
+        args.html = None
+    elif args.html is None:
+        args.html = DEMO_HTML
+    _check_html_path(args.html, [args.output])
     settings = _settings_from(args)
     _, report = run_demo(settings=settings)
     preface = (
@@ -263,7 +348,7 @@ def _demo_command(argv: list[str]) -> int:
         "labels, Adam lr 1e-3, 500 epochs)\nand checked it on the 30 test samples:\n\n"
     )
     args.show_fixes = args.show_fixes or args.format == "text"
-    return _emit(report, args, preface if args.format == "text" else "")
+    return _emit(report, args, preface if args.format == "text" and not args.statistics else "")
 
 
 # -- modelcheck rules / rule CODE -----------------------------------------------------------------

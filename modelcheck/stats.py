@@ -207,11 +207,12 @@ class MomentSample:
         if self.n < 2:
             return None, None
         mean, m2, m3, m4 = self.central()
-        # A variance below the rounding of the values themselves is noise, not spread.
-        floor = (4 * np.finfo(np.float64).eps * (abs(mean) + abs(float(self.shift)))) ** 2
-        if not m2 > floor or not math.isfinite(m2) or m2 * m2 == 0:
+        # Values equal up to rounding have no shape: their spread is float noise.
+        if not math.isfinite(m2) or m2 <= (1e-12 * mean) ** 2 or m2 <= 0:
             return None, None
-        return _finite_or_none(m3 / m2**1.5), _finite_or_none(m4 / (m2 * m2) - 3.0)
+        # Divide step by step: m2**1.5 and m2**2 underflow for tiny values.
+        root = math.sqrt(m2)
+        return _finite_or_none(m3 / root / root / root), _finite_or_none(m4 / m2 / m2 - 3.0)
 
 
 def _reshifted(sums: torch.Tensor, n: int, delta: torch.Tensor) -> torch.Tensor:
