@@ -19,7 +19,7 @@ import torch
 
 from modelcheck import config
 from modelcheck import rules as rules_module
-from modelcheck.distributed import current_group
+from modelcheck.distributed import current_group, launched
 from modelcheck.engine import __version__, check, load_rule_set
 from modelcheck.errors import ConfigError, ModelcheckError
 from modelcheck.probe import infer_input_shape, probe_from_spec
@@ -189,14 +189,19 @@ def _check_command(argv: list[str]) -> int:
     _check_output_flags(args)
     _refuse_to_overwrite(args.output, [args.model])
     _check_html_path(args.html, [args.model, args.output])
-    device = _device(args.device)
+    with launched(_device(args.device)) as device:  # under torchrun: one rank each
+        report = _check_file(args, settings, device)
+        return _emit(report, args)
+
+
+def _check_file(
+    args: argparse.Namespace, settings: Settings, device: torch.device | None
+) -> Report:
     loaded = load_model(
         args.model, arch=args.arch, arch_kwargs=_json_kwargs(args.arch_kwargs), trust=args.trust
     )
     if device is not None:
-        loaded.module.to(
-            device
-        )  # the CLI loaded this model: moving it touches nothing of the user's
+        loaded.module.to(device)  # the CLI loaded this model: moving it is ours to do
     spec = args.probe or settings.probe or "random"
     shape = _shape(args.input_shape)
     if spec == "random" and shape is None:
@@ -210,8 +215,7 @@ def _check_command(argv: list[str]) -> int:
         seed=settings.seed,
         standardize=not args.no_standardize,
     )
-    report = check(loaded, probe, settings=settings)
-    return _emit(report, args)
+    return check(loaded, probe, settings=settings)
 
 
 def _check_output_flags(args: argparse.Namespace) -> None:

@@ -18,7 +18,9 @@ distribution, not bit for bit).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,29 @@ class Group:
     rank: int
     size: int
     handle: object = None  # the torch ProcessGroup (None: the default group)
+
+
+@contextmanager
+def launched(device: torch.device | None) -> Iterator[torch.device | None]:
+    """For the command line under ``torchrun``: join the group the launcher describes.
+
+    torchrun sets RANK, WORLD_SIZE and MASTER_ADDR/PORT; with more than one rank and no
+    group yet, this initialises one (NCCL for CUDA, gloo otherwise), gives each rank its
+    own GPU (LOCAL_RANK) and tears the group down afterwards. Yields the device to use.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist is None or world < 2 or "RANK" not in os.environ or dist.is_initialized():
+        yield device
+        return
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
 
 
 def current_group() -> Group | None:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from models import dead_relu_model, saturated_tanh_model
+from models import dead_relu_model, mlp, saturated_tanh_model, seeded
 
 import modelcheck
 from modelcheck import distributed
@@ -119,3 +122,22 @@ def test_shard_takes_every_other_batch_starting_at_the_rank():
     assert list(shard) == [1, 3, 5]
     assert len(shard) == 3
     assert distributed.shard([0, 1], group, presharded=True) == [0, 1]
+
+
+def test_command_line_under_torchrun_writes_one_report_for_the_whole_probe(tmp_path):
+    (tmp_path / "nets.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))\n"
+    )
+    torch.save(seeded(0)(lambda: mlp([8, 16, 4]))().state_dict(), tmp_path / "net.pt")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", str(WORLD), "-m", "modelcheck.cli", "net.pt"]
+    command += ["--arch", "nets:make", "--format", "json", "--batch-size", "32"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)  # one document: rank 1 wrote nothing
+    assert report["probe"]["samples"] == 256 and report["probe"]["batches"] == 8
