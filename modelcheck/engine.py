@@ -10,6 +10,7 @@ import datetime as _dt
 import fnmatch
 import glob
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from modelcheck.report import ModelInfo, ProbeInfo, Report
 from modelcheck.rules import Finding, Rule
 from modelcheck.settings import Settings
 from modelcheck.source import LoadedModel
-from modelcheck.stats import NonfiniteCounter, StatsCollector
+from modelcheck.stats import NonfiniteCounter, RunStats, StatsCollector
 
 __version__ = "0.1.0"
 
@@ -54,50 +55,16 @@ def check(
     chosen = select_rules(settings)
     probe_data = probe
     probe = _as_probe(probe, labels, module, settings, input_shape)
-
     group = distributed.current_group()
-    batches = probe.batches
-    if group is not None:
-        batches = distributed.shard(batches, group, presharded=_presharded(probe_data))
-    collector = StatsCollector(settings.sample_size, settings.seed)
-    run_options = {
-        "loss": settings.loss,
-        "train_mode": settings.train_mode,
-        "gradients": settings.gradients,
-        "seed": settings.seed,
-    }
-    show = settings.progress and (group is None or group.rank == 0)
-    total = _batch_count(probe_data, probe, batches, settings)
-    with progress.bar(batches, show, total) as shown:
-        run = capture.run(module, shown, collector, **run_options)
-    layers, samples, batch_count = run.layers, run.samples, run.batches
-    if group is not None:
-        distributed.check_shards(run.batches, group)
-    nonfinite = collector.saw_nonfinite()
-    if group is not None:
-        nonfinite = distributed.any_rank(nonfinite, group)
-    if nonfinite:
-        counter = NonfiniteCounter()
-        capture.run(module, batches, counter, **run_options)
-        collector.add_nonfinite_counts(counter)
-    if group is not None:
-        layers = distributed.merge(collector, run.layers, group)
-        samples, batch_count = distributed.sum_ints([run.samples, run.batches], group)
-    stats = collector.finalize(layers)
+    measured = _measure(module, probe, probe_data, settings, group)
+    run, stats = measured.run, measured.stats
 
     parameters = sum(p.numel() for p in module.parameters())
-    findings = checked = None
-    if group is None or group.rank == 0:
-        metrics = derive(stats, parameters=parameters, loss=run.loss)
-        findings = _without_layer_ignores(rules.evaluate(chosen, metrics), settings)
-        slugs = {r.code: r.slug for r in chosen}
-        checked = tuple(
-            (code, layer)
-            for code, layer in rules.applicable(chosen, metrics)
-            if not _ignored_here(code, slugs[code], layer, settings.per_layer_ignores)
-        )
-    if group is not None:  # rank 0 evaluates the rules; every rank returns the same report
-        findings, checked = distributed.broadcast((findings, checked), group)
+    if group is None:
+        findings, checked = _evaluate(chosen, stats, parameters, run.loss, settings)
+    else:  # rank 0 evaluates the rules; every rank returns the same report
+        mine = _evaluate(chosen, stats, parameters, run.loss, settings) if group.rank == 0 else None
+        findings, checked = distributed.broadcast(mine, group)
     return Report(
         version=__version__,
         torch_version=torch.__version__,
@@ -114,8 +81,8 @@ def check(
         ),
         probe=ProbeInfo(
             source=probe.source,
-            samples=samples,
-            batches=batch_count,
+            samples=measured.samples,
+            batches=measured.batches,
             labels=probe.has_labels,
             loss=run.loss,
             train_mode=run.train_mode,
@@ -130,6 +97,70 @@ def check(
         fail_on=settings.fail_on,
         checked=checked,
     )
+
+
+def _evaluate(
+    chosen: tuple[Rule, ...], stats: RunStats, parameters: int, loss: str, settings: Settings
+) -> tuple[list[Finding], tuple[tuple[str, str | None], ...]]:
+    """The findings, and which (rule, layer) pairs were checked at all."""
+    metrics = derive(stats, parameters=parameters, loss=loss)
+    findings = _without_layer_ignores(rules.evaluate(chosen, metrics), settings)
+    slugs = {r.code: r.slug for r in chosen}
+    checked = tuple(
+        (code, layer)
+        for code, layer in rules.applicable(chosen, metrics)
+        if not _ignored_here(code, slugs[code], layer, settings.per_layer_ignores)
+    )
+    return findings, checked
+
+
+@dataclass(frozen=True, slots=True)
+class _Measured:
+    """What running the probe gave: the capture run, the stats, and the probe's totals
+    over every rank."""
+
+    run: capture.CaptureRun
+    stats: RunStats
+    samples: int
+    batches: int
+
+
+def _measure(
+    module: nn.Module,
+    probe: Probe,
+    probe_data: object,
+    settings: Settings,
+    group: distributed.Group | None,
+) -> _Measured:
+    """Run this process's batches (its shard, under torch.distributed) and summarise them;
+    with a group, the summaries come back merged over every rank."""
+    batches = probe.batches
+    if group is not None:
+        batches = distributed.shard(batches, group, presharded=_presharded(probe_data))
+    collector = StatsCollector(settings.sample_size, settings.seed)
+    run_options = {
+        "loss": settings.loss,
+        "train_mode": settings.train_mode,
+        "gradients": settings.gradients,
+        "seed": settings.seed,
+    }
+    show = settings.progress and (group is None or group.rank == 0)
+    with progress.bar(batches, show, _batch_count(probe_data, probe, batches, settings)) as shown:
+        run = capture.run(module, shown, collector, **run_options)
+    if group is not None:
+        distributed.check_shards(run.batches, group)
+    nonfinite = collector.saw_nonfinite()
+    if group is not None:
+        nonfinite = distributed.any_rank(nonfinite, group)
+    if nonfinite:
+        counter = NonfiniteCounter()
+        capture.run(module, batches, counter, **run_options)
+        collector.add_nonfinite_counts(counter)
+    if group is None:
+        return _Measured(run, collector.finalize(run.layers), run.samples, run.batches)
+    layers = distributed.merge(collector, run.layers, group)
+    samples, batch_count = distributed.sum_ints([run.samples, run.batches], group)
+    return _Measured(run, collector.finalize(layers), samples, batch_count)
 
 
 def _presharded(data: object) -> bool:
