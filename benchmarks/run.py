@@ -16,7 +16,6 @@ import dataclasses
 import datetime
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -66,12 +65,19 @@ def cases(quick: bool) -> list[Case]:
 
 
 def median_time(run: Callable[[], object], repeat: int) -> float:
-    times = []
+    return medians({"t": run}, repeat)["t"]
+
+
+def medians(runs: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median wall time of each run, taken in turns (plain, check, plain, check, ...) so a
+    change in the machine's load between rounds falls on every run alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def time_case(case: Case, repeat: int) -> dict[str, float]:
@@ -81,12 +87,15 @@ def time_case(case: Case, repeat: int) -> dict[str, float]:
     # Warm up allocator, kernels and rule loading on one batch.
     baselines.plain(model, batches[:1])
     modelcheck.check(model, batches[0], batch_size=case.batch_size)
-    row = {
-        "plain": median_time(lambda: baselines.plain(model, batches), repeat),
-        "check": median_time(check, repeat),
-        "plain_forward": median_time(lambda: baselines.plain(model, batches, False), repeat),
-        "check_forward": median_time(lambda: check(gradients=False), repeat),
-    }
+    row = medians(
+        {
+            "plain": lambda: baselines.plain(model, batches),
+            "check": check,
+            "plain_forward": lambda: baselines.plain(model, batches, False),
+            "check_forward": lambda: check(gradients=False),
+        },
+        repeat,
+    )
     if case.naive:
         row["seed_prefix"] = median_time(lambda: baselines.seed_prefix(model, batches), 1)
         row["collect_all"] = median_time(lambda: baselines.collect_all(model, batches), 1)
@@ -100,21 +109,23 @@ def depth_scaling(depths: list[int], samples: int, repeat: int) -> list[dict[str
 def _depth_row(depth: int, samples: int, repeat: int) -> dict[str, float]:
     model, x = models.mlp(depth=depth, samples=samples)
     batches = list(x.split(64))
-    return {
-        "depth": depth,
-        "plain_forward": median_time(lambda: baselines.plain(model, batches, False), repeat),
-        "check_forward": median_time(
-            lambda: modelcheck.check(model, x, batch_size=64, gradients=False), repeat
-        ),
-        "seed_prefix": median_time(lambda: baselines.seed_prefix(model, batches), 1),
-    }
+    row = medians(
+        {
+            "plain_forward": lambda: baselines.plain(model, batches, False),
+            "check_forward": lambda: modelcheck.check(model, x, batch_size=64, gradients=False),
+        },
+        repeat,
+    )
+    row["depth"] = depth
+    row["seed_prefix"] = median_time(lambda: baselines.seed_prefix(model, batches), 1)
+    return row
 
 
 # -- memory, each measurement in a fresh process -----------------------------------------------
 
 
 def memory_worker(mode: str, samples: int, width: int) -> None:
-    """Run one plain pass or one check over a streamed random probe; print peak RSS (MiB)."""
+    """Run one plain pass or one check over a streamed random probe; print the peak RSS."""
     from modelcheck.probe import probe_from_spec
 
     model, _ = models.mlp(depth=20, width=width, samples=1)
@@ -123,15 +134,24 @@ def memory_worker(mode: str, samples: int, width: int) -> None:
         baselines.plain(model, [b.inputs for b in probe.batches])
     else:
         modelcheck.check(model, probe)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(_status_mib("VmHWM:"))
+
+
+def _status_mib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status, in MiB.
+
+    VmHWM is the peak resident set of this process image (getrusage's ru_maxrss would carry
+    the parent's peak over into a child on Linux).
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _anon_rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mib("RssAnon:")
 
 
 def mmap_worker(path: str) -> None:

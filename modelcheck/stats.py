@@ -322,7 +322,7 @@ class Sampler:
 
 _SAMPLE_FLUSH = 65_536
 """Sampled values a summary collects before folding them into its moments and reservoir:
-a few batches share those dozen small operations (at most ~256 KiB waiting per layer)."""
+a few batches share those dozen small operations (a few hundred KiB at most per layer)."""
 
 
 class TensorSummary:
@@ -402,7 +402,7 @@ class TensorSummary:
 
         The reservoir is offered a prefix of each batch's sample (itself a uniform
         sample, as positions are drawn unsorted) standing for the whole batch: selecting
-        among all sampled values would cost a top-k over every one of them.
+        among all sampled values would cost random keys and a top-k for every one.
         """
         if not self._pending:
             return
@@ -410,9 +410,13 @@ class TensorSummary:
         self.moments.add(values, self._scratch)
         if not self.activity:  # ReLU layers count their zeros exactly
             self.sample_nonzero.add_(torch.count_nonzero(values))
-        capacity, offered, weights, start = self.reservoir.capacity, [], [], 0
+        # At most a reservoir's worth of candidates per flush, shared by the waiting batches
+        # in proportion to their samples (all of them when they fit).
+        total = values.numel()
+        share = min(1.0, self.reservoir.capacity / total)
+        offered, weights, start = [], [], 0
         for sample, weight in self._pending:
-            kept = min(sample.numel(), capacity)
+            kept = max(1, int(sample.numel() * share))
             offered.append(values[start : start + kept])
             weights.append((kept, weight * sample.numel() / kept))
             start += sample.numel()
