@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import datetime as _dt
 import fnmatch
+import gc
 import glob
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from modelcheck import capture, rules
-from modelcheck.errors import ConfigError
+from modelcheck.errors import BatchOutOfMemory, CaptureError, ConfigError
 from modelcheck.metrics import derive
-from modelcheck.probe import Probe, infer_input_shape, probe_from_data, probe_from_spec
+from modelcheck.probe import (
+    Batch,
+    Probe,
+    infer_input_shape,
+    probe_from_data,
+    probe_from_spec,
+    split_batches,
+)
 from modelcheck.report import ModelInfo, ProbeInfo, Report
 from modelcheck.rules import Finding, Rule
 from modelcheck.settings import Settings
@@ -54,18 +62,7 @@ def check(
     chosen = select_rules(settings)
     probe = _as_probe(probe, labels, module, settings, input_shape)
 
-    collector = StatsCollector(settings.sample_size, settings.seed)
-    run_options = {
-        "loss": settings.loss,
-        "train_mode": settings.train_mode,
-        "gradients": settings.gradients,
-        "seed": settings.seed,
-    }
-    run = capture.run(module, probe.batches, collector, **run_options)
-    if collector.saw_nonfinite():
-        counter = NonfiniteCounter()
-        capture.run(module, probe.batches, counter, **run_options)
-        collector.add_nonfinite_counts(counter)
+    run, collector, notes = _observe(module, probe, settings)
     stats = collector.finalize(run.layers)
 
     parameters = sum(p.numel() for p in module.parameters())
@@ -101,7 +98,67 @@ def check(
         findings=tuple(findings),
         rules=chosen,
         fail_on=settings.fail_on,
+        notes=notes,
     )
+
+
+def _observe(
+    module: nn.Module, probe: Probe, settings: Settings
+) -> tuple[capture.CaptureRun, StatsCollector, tuple[str, ...]]:
+    """Run the probe through the model, in smaller batches if a batch runs out of memory.
+
+    Each attempt starts afresh, so no half-observed batch reaches the statistics, and a
+    smaller batch gives the same numbers as asking for that batch size in the first place.
+    """
+    batches, tried = probe.batches, []
+    while True:
+        try:
+            run, collector = _observe_batches(module, batches, settings)
+        except BatchOutOfMemory as error:
+            tried.append(error.rows)
+            if error.rows <= 1:
+                raise CaptureError(
+                    f"{error} (after retrying in batches of {', '.join(map(str, tried))}); "
+                    "free memory, or check a smaller model or on a larger device"
+                ) from None
+            batches = split_batches(probe.batches, error.rows // 2)
+            del error
+            _release_memory()
+            continue
+        notes = ()
+        if tried:
+            notes = (
+                f"ran out of memory on a batch of {tried[0]} samples, so the probe ran in "
+                f"batches of at most {tried[-1] // 2} (as with --batch-size {tried[-1] // 2})",
+            )
+        return run, collector, notes
+
+
+def _observe_batches(
+    module: nn.Module, batches: Iterable[Batch], settings: Settings
+) -> tuple[capture.CaptureRun, StatsCollector]:
+    options = {
+        "loss": settings.loss,
+        "train_mode": settings.train_mode,
+        "gradients": settings.gradients,
+        "seed": settings.seed,
+    }
+    collector = StatsCollector(settings.sample_size, settings.seed)
+    run = capture.run(module, batches, collector, **options)
+    if collector.out_of_square_range():
+        collector = StatsCollector(settings.sample_size, settings.seed, precise=True)
+        run = capture.run(module, batches, collector, **options)
+    if collector.saw_nonfinite():
+        counter = NonfiniteCounter()
+        capture.run(module, batches, counter, **options)
+        collector.add_nonfinite_counts(counter)
+    return run, collector
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def load_rule_set(settings: Settings) -> tuple[Rule, ...]:

@@ -30,6 +30,7 @@ __all__ = [
     "infer_input_shape",
     "probe_from_data",
     "probe_from_spec",
+    "split_batches",
 ]
 
 DATASETS = ("iris", "digits", "wine", "breast_cancer")
@@ -144,6 +145,15 @@ def probe_from_data(
     return Probe(stream, source, _loader_samples(data, max_samples), first.target is not None)
 
 
+def split_batches(batches: Iterable[Batch], max_rows: int) -> Iterable[Batch]:
+    """The same samples in the same order, in batches of at most ``max_rows`` rows.
+
+    The engine falls back on this when a batch does not fit in memory.
+    """
+    _check_positive(max_rows=max_rows)
+    return _SplitBatches(batches, max_rows)
+
+
 def infer_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
     """The shape of one sample, as told by the model's first layer (in registration order).
 
@@ -223,6 +233,22 @@ class _RandomBatches:
 
     def __len__(self) -> int:
         return -(-self.samples // self.batch_size)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _SplitBatches:
+    """Each batch of another iterable, cut into pieces of at most ``max_rows`` rows."""
+
+    batches: Iterable[Batch]
+    max_rows: int
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.batches:
+            rows = _rows_of(batch.inputs)
+            for start in range(0, rows, self.max_rows):
+                piece = slice(start, min(start + self.max_rows, rows))
+                target = None if batch.target is None else batch.target[piece]
+                yield Batch(_take(batch.inputs, piece), target)
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -59,6 +59,7 @@ class Report:
     findings: tuple[Finding, ...]
     rules: tuple[Rule, ...]
     fail_on: str
+    notes: tuple[str, ...] = ()  # how the run departed from what was asked, and why
 
     @property
     def ok(self) -> bool:
@@ -96,6 +97,7 @@ class Report:
             "layers": [_layer_dict(layer, depth) for depth, layer in enumerate(self.layers)],
             "findings": [_finding_dict(f) for f in self.findings],
             "summary": {**self.summary, "ok": self.ok, "fail_on": self.fail_on},
+            "notes": list(self.notes),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
