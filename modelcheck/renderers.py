@@ -20,6 +20,21 @@ def render(report: Report, fmt: str, *, show_fixes: bool = False) -> str:
     return render_text(report, show_fixes=show_fixes)
 
 
+def printable(text: str) -> str:
+    """``text`` with control and invisible characters written as escapes (``\\n``,
+    ``\\x1b``, ``\\u202e``).
+
+    Module names, keys and class names come from the model file. Shown raw, a newline
+    could forge a second line (a ``::error::`` command to a CI log reader) and an escape
+    sequence could rewrite the terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
 def format_number(value: float | None) -> str:
     """Three significant digits, scientific outside [1e-3, 1e4)."""
     if value is None:
@@ -73,4 +88,4 @@ def render_text(report: Report, *, show_fixes: bool = False) -> str:
             lines += [f"{'':{width}}    fix: {fix}" for fix in f.fixes]
     lines += [f"note: {note}" for note in report.notes]
     lines.append(summary_line(report))
-    return "\n".join(lines) + "\n"
+    return "".join(printable(line) + "\n" for line in lines)

@@ -137,6 +137,7 @@ def _sniff(path: str) -> str:
             raise SourceError(f"{path} is not a PyTorch file (looks like {what})")
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         _check_archive(path)
+        _verify_archive(path, size)
         return "torch"
     if _looks_like_safetensors(head, size):
         raise SourceError(
@@ -170,6 +171,35 @@ def _check_archive(path: str) -> None:
         )
     if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         raise SourceError(f"{path} is a zip archive but not a PyTorch file (no data.pkl inside)")
+
+
+# torch.save stores its records uncompressed; a re-zipped file may deflate them, but a
+# ratio beyond this is a decompression bomb, not a model.
+_MAX_EXPANSION = 100
+
+
+def _verify_archive(path: str, size: int) -> None:
+    """Check every record of a zip archive against its CRC-32 before anything unpickles it.
+
+    torch.load reads records without checking their checksums, so a flipped byte in the
+    weights would be checked as if it were the model. Reading the file once more costs
+    about as much as loading it.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+            if declared > _MAX_EXPANSION * size + 2**20:
+                raise SourceError(
+                    f"{path} declares {declared / 2**30:.1f} GiB of records in a "
+                    f"{size / 2**20:.1f} MiB file; refusing to decompress it"
+                )
+            damaged = archive.testzip()
+    except SourceError:
+        raise
+    except Exception as error:  # zipfile raises several types for broken records
+        raise SourceError(f"{path} is truncated or corrupted ({_brief(error)})") from None
+    if damaged is not None:
+        raise SourceError(f"{path} is corrupted: its record {damaged} fails its checksum")
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
