@@ -499,7 +499,8 @@ def _raise_if_out_of_memory(error: BaseException, inputs: Any, stage: str) -> No
     leaf = first_tensor(inputs)
     rows = leaf.shape[0] if leaf is not None and leaf.dim() else 1
     raise BatchOutOfMemory(
-        f"the {stage} pass ran out of memory on a batch of {rows} samples: {_first_line(error)}",
+        f"the {stage} pass ran out of memory on a batch of {rows} sample{'s' * (rows != 1)}: "
+        f"{_first_line(error)}",
         rows,
     ) from error
 

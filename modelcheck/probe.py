@@ -543,13 +543,26 @@ def _read_torch(path: str) -> tuple[_Rows, object]:
 
 
 def _read_npy(path: str) -> np.ndarray:
+    _expect_header(path, (b"\x93NUMPY",), "a NumPy .npy file")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as error:
         raise _numpy_error(path, error) from None
 
 
+def _expect_header(path: str, magics: tuple[bytes, ...], kind: str) -> None:
+    # numpy reads any file without its header as a pickle, and then says it holds objects.
+    try:
+        with open(path, "rb") as file:
+            head = file.read(8)
+    except OSError as error:
+        raise ProbeError(f"{path} cannot be read ({error.strerror or error})") from None
+    if not head.startswith(magics):
+        raise ProbeError(f"{path} is not {kind} (it does not start with the format's header)")
+
+
 def _read_npz(path: str) -> tuple[_Rows, object]:
+    _expect_header(path, (b"PK\x03\x04", b"PK\x05\x06"), "a NumPy .npz archive")
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = list(archive.files)

@@ -85,6 +85,9 @@ class Report:
         raise KeyError(f"no layer named {name!r}; layers: {', '.join(layer_names(self))}")
 
     def to_dict(self) -> dict:
+        return _finite_or_null(self._as_dict())
+
+    def _as_dict(self) -> dict:
         return {
             "version": self.version,
             "tool": {
@@ -112,6 +115,18 @@ def number(value: float | None) -> float | None:
     """A JSON-safe number: NaN and infinities become None."""
     if value is None or not math.isfinite(value):
         return None
+    return value
+
+
+def _finite_or_null(value: object) -> object:
+    """``value`` with every NaN and infinity, however deeply nested, replaced by None:
+    NaN in the probe reaches quantiles and extremes, and must not break the JSON."""
+    if isinstance(value, float):
+        return number(value)
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
     return value
 
 

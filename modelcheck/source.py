@@ -8,6 +8,7 @@ loaded with ``weights_only=True`` into a module built by a factory the user name
 from __future__ import annotations
 
 import importlib
+import io
 import itertools
 import os
 import pickle
@@ -15,6 +16,7 @@ import pickletools
 import re
 import struct
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -234,7 +236,10 @@ def _is_legacy_torch_file(path: str) -> bool:
 
 def _torch_load(path: str, trust: bool) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
+        with warnings.catch_warnings():
+            # torch warns about odd files before failing on them; the error says it all.
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as error:
         if trust:
             raise SourceError(f"{path} could not be unpickled ({_brief(error)})") from None
@@ -264,7 +269,7 @@ def _refusal(path: str, error: pickle.UnpicklingError) -> SourceError:
     if found:
         wanted = found.group(1)
         # torch prints builtins unqualified ("exec"); say where they come from.
-        return _unsafe(path, wanted if "." in wanted else f"builtins.{wanted}")
+        return _unsafe(path, wanted if "." in wanted else f"builtins.{wanted}", _globals_in(path))
     detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", message)
     reason = detail.group(1).strip() if detail else _brief(error)
     return SourceError(
@@ -273,8 +278,10 @@ def _refusal(path: str, error: pickle.UnpicklingError) -> SourceError:
     )
 
 
-def _unsafe(path: str, wanted: str | None) -> SourceError:
-    what = f"needs to unpickle {wanted}" if wanted else "is a plain pickle"
+def _unsafe(path: str, wanted: str | None, found: list[str] | None = None) -> SourceError:
+    what = (
+        f"needs to unpickle {_worst_first(wanted, found or [])}" if wanted else "is a plain pickle"
+    )
     return SourceError(
         f"{path} {what}, and unpickling can run arbitrary code; {_TRUST_HINT}, "
         f"or {_STATE_DICT_ROUTE}"
@@ -284,7 +291,8 @@ def _unsafe(path: str, wanted: str | None) -> SourceError:
 def _load_pickle(path: str, trust: bool) -> object:
     """A plain pickle (pickle.dump, not torch.save) is code to run: refuse it unless trusted."""
     if not trust:
-        raise _unsafe(path, _first_global(path))
+        found = _globals_in(path)
+        raise _unsafe(path, found[0] if found else None, found)
     try:
         with open(path, "rb") as file:
             return pickle.load(file)
@@ -294,15 +302,39 @@ def _load_pickle(path: str, trust: bool) -> object:
         ) from None
 
 
-def _first_global(path: str) -> str | None:
-    """The first module-level name a pickle imports, read from its opcodes without running it."""
+# Globals a weights-only load of a torch file may need anyway; anything else is named first.
+_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "__builtin__.set")
+_SHOWN_GLOBALS = 4
+
+
+def _worst_first(wanted: str, found: list[str]) -> str:
+    """The globals a file imports, the ones that have nothing to do with tensors first:
+    deciding whether to pass --trust, ``posix.system`` says more than the model class."""
+    names = list(dict.fromkeys([*found, wanted]))
+    names.sort(key=lambda name: name.startswith(_TENSOR_GLOBALS))
+    shown = ", ".join(names[:_SHOWN_GLOBALS])
+    more = len(names) - _SHOWN_GLOBALS
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def _globals_in(path: str) -> list[str]:
+    """Every module-level name the pickles of a file import, read from their opcodes
+    without running them: a zip's ``data.pkl``, or the leading pickles of a plain file."""
+    found: list[str] = []
     try:
-        with open(path, "rb") as file:
-            for name in _globals(pickletools.genops(file)):
-                return name
-    except Exception:  # a damaged pickle: we only wanted a better message
-        return None
-    return None
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                streams = [io.BytesIO(archive.read(name))]
+        else:
+            streams = [open(path, "rb")]  # noqa: SIM115 - closed below
+        for stream in streams:
+            with stream:
+                for _ in range(4):  # a legacy torch file holds 4 pickles before raw data
+                    found += _globals(pickletools.genops(stream))
+    except Exception:  # damaged or ended: the names read so far are all we wanted
+        pass
+    return list(dict.fromkeys(found))
 
 
 def _globals(ops: Iterator[tuple[pickletools.OpcodeInfo, object, int | None]]) -> Iterator[str]:

@@ -212,7 +212,9 @@ class MomentSample:
     def shape_moments(self) -> tuple[float | None, float | None]:
         """(skewness, excess kurtosis) as scipy.stats computes them with bias=True."""
         n, m2 = self.n, float(self.m2)
-        if n < 2 or not m2 > 0 or not math.isfinite(m2):
+        # The powers of m2 underflow to 0 for values near float64's smallest (~1e-100):
+        # there the shape is as undefined as for a constant.
+        if n < 2 or not m2 * m2 > 0 or not math.isfinite(m2 * m2):
             return None, None
         skew = float(self.m3) * math.sqrt(n) / m2**1.5
         kurt = n * float(self.m4) / (m2 * m2) - 3.0
