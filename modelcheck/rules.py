@@ -11,6 +11,7 @@ a typo fails at once, naming the file and key, never half-way through a check.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 import string
@@ -160,7 +161,18 @@ def builtin_rules_dir() -> Path:
 
 
 def load_rule_file(path: Path) -> Rule:
-    where = str(path)
+    """The rule in ``path``, parsed once per version of the file (rules are immutable data,
+    and a test session checks many models against the same files)."""
+    try:
+        stat = Path(path).stat()
+    except OSError as error:
+        raise RuleError(f"{path}: cannot read rule file ({error.strerror or error})") from None
+    return _load_rule_file(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=512)
+def _load_rule_file(where: str, mtime_ns: int, size: int) -> Rule:
+    path = Path(where)
     try:
         text = path.read_text(encoding="utf-8")
         data = tomllib.loads(text)
