@@ -25,6 +25,14 @@ import torch
 
 from modelcheck.cli import main
 
+
+@pytest.fixture(autouse=True)
+def _global_rng_left_alone():
+    """Models built here draw from torch's global generator; later tests must not notice."""
+    with torch.random.fork_rng():
+        yield
+
+
 ARCH = "bad_input_arch"
 ARCH_MODULE = '''
 import os

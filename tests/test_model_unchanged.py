@@ -313,6 +313,16 @@ def assert_same(before: dict, after: dict) -> None:
 def test_check_leaves_the_model_and_the_process_as_they_were(
     spec, user, samples, batch_size, labels, train_mode, gradients, seed
 ):
+    outer = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    try:
+        check_one_example(spec, user, samples, batch_size, labels, train_mode, gradients, seed)
+    finally:  # the seeds set below must not leak into the tests that run after this one
+        torch.set_rng_state(outer[0])
+        np.random.set_state(outer[1])
+        random.setstate(outer[2])
+
+
+def check_one_example(spec, user, samples, batch_size, labels, train_mode, gradients, seed):
     rng = random.Random(seed)  # all randomness of the setup comes from the example
     torch.manual_seed(rng.randrange(2**31))
     random.seed(rng.randrange(2**31))

@@ -15,6 +15,13 @@ from torch import nn
 import modelcheck
 
 
+@pytest.fixture(autouse=True)
+def _global_rng_left_alone():
+    """Models built here draw from torch's global generator; later tests must not notice."""
+    with torch.random.fork_rng():
+        yield
+
+
 def scaled_mlp(scale: float, dtype: torch.dtype = torch.float32) -> nn.Sequential:
     """Linear-Tanh-Linear whose last layer's weights (and so outputs) are ``scale`` large."""
     torch.manual_seed(0)

@@ -29,6 +29,14 @@ from modelcheck.errors import RuleError
 from modelcheck.probe import probe_from_spec
 from modelcheck.source import load_model
 
+
+@pytest.fixture(autouse=True)
+def _global_rng_left_alone():
+    """Models built here draw from torch's global generator; later tests must not notice."""
+    with torch.random.fork_rng():
+        yield
+
+
 ARCH = "security_arch"
 ARCH_MODULE = """
 from torch import nn
