@@ -7,10 +7,12 @@ why), so any JSON parser can read it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +107,16 @@ class Report:
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def to_html(self) -> str:
+        """The self-contained HTML report (inline CSS and SVG, nothing fetched)."""
+        from modelcheck.html import render_html  # a renderer: only the HTML path pays for it
+
+        return render_html(self)
+
+    def write_html(self, path: str | os.PathLike[str]) -> None:
+        """Write the HTML report to ``path`` atomically: all of it, or nothing."""
+        write_atomic(path, self.to_html())
 
 
 def layer_names(report: Report) -> list[str]:
@@ -210,12 +222,14 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> None:
     so a reader never sees half a report and a failure (or Ctrl-C) leaves nothing behind.
 
     The rename replaces a symlink at ``path`` rather than writing through it, and the
-    file gets the permissions the umask gives any new file (mkstemp's are owner-only).
+    file keeps the mode of the report it replaces, or gets the umask's like any new file
+    (mkstemp's would be owner-only).
     """
     target = Path(path)
     fd, tmp = _create_beside(target)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            _keep_mode(handle.fileno(), target)
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())  # the data is on disk before the name points at it
@@ -233,3 +247,10 @@ def _create_beside(target: Path) -> tuple[int, Path]:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:
             continue
+
+
+def _keep_mode(fd: int, target: Path) -> None:
+    """Give a replacement report the mode of the one it replaces (a new one has the
+    umask's, from os.open)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.fchmod(fd, stat.S_IMODE(target.stat().st_mode))

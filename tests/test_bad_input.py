@@ -1,9 +1,9 @@
 """The bad-input matrix: everything a user can hand the command line that stops a check.
 
-Each row runs ``modelcheck`` with ``-o report.json`` and asserts exit code 2, one line on
-stderr that names the problem, no traceback, nothing on stdout and no file written or
-left behind. Rows that are findings rather than errors (NaN in the probe) and the runs
-that recover (out of memory on a big batch) are tested after the matrix.
+Each row runs ``modelcheck`` with ``-o report.json --html report.html`` and asserts exit
+code 2, one line on stderr that names the problem, no traceback, nothing on stdout and no
+file written or left behind. Rows that are findings rather than errors (NaN in the probe)
+and the runs that recover (out of memory on a big batch) are tested after the matrix.
 """
 
 from __future__ import annotations
@@ -381,7 +381,7 @@ def test_bad_input_is_one_line_exit_two_and_writes_nothing(workdir, capsys, make
     name = make(workdir)
     before = listing(workdir)
     args = [a.replace("{f}", name) for a in argv]
-    code, out, err = run([*args, "-o", "report.json"], capsys)
+    code, out, err = run([*args, "-o", "report.json", "--html", "report.html"], capsys)
     assert_refused(code, out, err, *needles)
     assert listing(workdir) == before  # no report, no temporary file, nothing touched
 
@@ -396,25 +396,29 @@ def test_debug_adds_the_traceback_and_keeps_the_exit_code(workdir, capsys):
 
 
 @pytest.mark.parametrize(
-    ("output", "needles"),
+    ("flag", "output", "needles"),
     [
-        ("model.pt", ["would overwrite the input file model.pt"]),
-        ("probe.npy", ["would overwrite the input file probe.npy"]),
-        (f"{ARCH}.py", ["would overwrite the input file", f"{ARCH}.py"]),
-        ("link.json", ["would overwrite the input file"]),
-        ("reports", ["reports", "is a directory"]),
-        ("no/such/dir/report.json", ["no/such/dir", "does not exist"]),
+        ("-o", "model.pt", ["would overwrite the input file model.pt"]),
+        ("-o", "probe.npy", ["would overwrite the input file probe.npy"]),
+        ("-o", f"{ARCH}.py", ["would overwrite the input file", f"{ARCH}.py"]),
+        ("-o", "link.json", ["would overwrite the input file"]),
+        ("-o", "reports", ["reports", "is a directory"]),
+        ("-o", "no/such/dir/report.json", ["no/such/dir", "does not exist"]),
+        ("--html", "model.pt", ["--html model.pt would overwrite"]),
+        ("--html", "probe.npy", ["--html probe.npy would overwrite"]),
+        ("--html", f"{ARCH}.py", [f"--html {ARCH}.py would overwrite"]),
     ],
-    ids=["model", "probe", "arch-module", "symlink-to-model", "directory", "missing-directory"],
-)
+    ids=["model", "probe", "arch-module", "symlink-to-model", "directory", "missing-directory",
+         "html-over-model", "html-over-probe", "html-over-arch-module"],
+)  # fmt: skip
 def test_output_path_that_would_destroy_an_input_or_cannot_be_written_is_refused(
-    workdir, capsys, output, needles
+    workdir, capsys, flag, output, needles
 ):
     np.save(workdir / "probe.npy", np.ones((4, 8), np.float32))
     (workdir / "reports").mkdir()
     os.symlink(workdir / "model.pt", workdir / "link.json")
     before = listing(workdir)
-    code, out, err = run(["model.pt", *MLP, "--probe", "probe.npy", "-o", output], capsys)
+    code, out, err = run(["model.pt", *MLP, "--probe", "probe.npy", flag, output], capsys)
     assert_refused(code, out, err, *needles)
     assert listing(workdir) == before
 

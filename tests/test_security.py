@@ -7,6 +7,7 @@ be forged by strings from a model file, and nothing goes to the network.
 
 from __future__ import annotations
 
+import html
 import importlib
 import json
 import os
@@ -48,6 +49,12 @@ def make_mlp():
 
 def make_linear():
     return nn.Linear(8, 4)
+
+
+def make_markup_class():
+    # A class name, like a module name, is the model author's to choose.
+    cls = type("<img src=x onerror=alert(1)>", (nn.Sequential,), {})
+    return cls(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
 
 
 def make_forged_names():
@@ -318,6 +325,24 @@ def test_text_report_escapes_module_names_and_json_keeps_them_exact(workdir, cap
     assert "\x1b" not in out and "\n::" not in out
     names = {layer["name"] for layer in json.loads(out)["layers"]}
     assert "relu\n::error file=app::forged\x1b[2J" in names
+
+
+def test_html_report_shows_class_file_and_module_names_as_text(workdir, capsys):
+    model_file, probe_file = "<svg onload=alert(1)>.pt", "<b>probe.npy"
+    torch.save(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).state_dict(),
+               workdir / model_file)  # fmt: skip
+    np.save(workdir / probe_file, np.ones((8, 8), np.float32))
+    code, _, err = run(
+        [model_file, "--arch", f"{ARCH}:make_markup_class", "--probe", probe_file,
+         "--html", "report.html"],
+        capsys,
+    )  # fmt: skip
+    assert code in (0, 1), err
+    page = (workdir / "report.html").read_text()
+    for markup in ("<img src=x onerror=alert(1)>", "<svg onload=alert(1)>", "<b>probe"):
+        assert markup not in page
+        assert html.escape(markup, quote=False) in page or html.escape(markup) in page
+    assert "<img" not in page and "<svg onload" not in page
 
 
 # -- nothing goes to the network ----------------------------------------------------------------
