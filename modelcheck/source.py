@@ -266,10 +266,13 @@ def _refusal(path: str, error: pickle.UnpicklingError) -> SourceError:
     """Explain why the weights-only unpickler stopped, naming the global it was asked for."""
     message = _ANSI.sub("", str(error))
     found = re.search(r"GLOBAL ([\w.]+)", message)
+    imported, damage = _scan_pickles(path)
     if found:
         wanted = found.group(1)
         # torch prints builtins unqualified ("exec"); say where they come from.
-        return _unsafe(path, wanted if "." in wanted else f"builtins.{wanted}", _globals_in(path))
+        return _unsafe(path, wanted if "." in wanted else f"builtins.{wanted}", imported)
+    if damage:  # not a security question: --trust would not help
+        return SourceError(f"{path} is truncated or corrupted (not a valid pickle: {damage})")
     detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", message)
     reason = detail.group(1).strip() if detail else _brief(error)
     return SourceError(
@@ -291,8 +294,10 @@ def _unsafe(path: str, wanted: str | None, found: list[str] | None = None) -> So
 def _load_pickle(path: str, trust: bool) -> object:
     """A plain pickle (pickle.dump, not torch.save) is code to run: refuse it unless trusted."""
     if not trust:
-        found = _globals_in(path)
-        raise _unsafe(path, found[0] if found else None, found)
+        imported, damage = _scan_pickles(path)
+        if damage:
+            raise SourceError(f"{path} is truncated or corrupted (not a valid pickle: {damage})")
+        raise _unsafe(path, imported[0] if imported else None, imported)
     try:
         with open(path, "rb") as file:
             return pickle.load(file)
@@ -317,24 +322,35 @@ def _worst_first(wanted: str, found: list[str]) -> str:
     return shown + (f" (and {more} more)" if more > 0 else "")
 
 
-def _globals_in(path: str) -> list[str]:
-    """Every module-level name the pickles of a file import, read from their opcodes
-    without running them: a zip's ``data.pkl``, or the leading pickles of a plain file."""
-    found: list[str] = []
+def _scan_pickles(path: str) -> tuple[list[str], str | None]:
+    """Read a file's pickles as opcodes, without running them: every module-level name
+    they import, and why the first one is not a valid pickle (None if it is).
+
+    A zip archive's pickle is its ``data.pkl``; a legacy torch file holds four pickles
+    before its raw tensor data, a plain pickle one.
+    """
+    imported: list[str] = []
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-                streams = [io.BytesIO(archive.read(name))]
-        else:
-            streams = [open(path, "rb")]  # noqa: SIM115 - closed below
-        for stream in streams:
-            with stream:
-                for _ in range(4):  # a legacy torch file holds 4 pickles before raw data
-                    found += _globals(pickletools.genops(stream))
-    except Exception:  # damaged or ended: the names read so far are all we wanted
-        pass
-    return list(dict.fromkeys(found))
+        stream = _pickle_stream(path)
+    except Exception as error:
+        return imported, _brief(error)
+    with stream:
+        for index in range(4):
+            try:
+                imported += _globals(pickletools.genops(stream))
+            except Exception as error:  # the end of the pickles, or damage in the first
+                if index == 0:
+                    return list(dict.fromkeys(imported)), _brief(error)
+                break
+    return list(dict.fromkeys(imported)), None
+
+
+def _pickle_stream(path: str) -> io.BufferedIOBase:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+            return io.BytesIO(archive.read(name))
+    return open(path, "rb")  # the caller closes it
 
 
 def _globals(ops: Iterator[tuple[pickletools.OpcodeInfo, object, int | None]]) -> Iterator[str]:

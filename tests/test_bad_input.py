@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pickle
 import signal
 import struct
 import subprocess
@@ -172,6 +173,12 @@ def _garbled_legacy(d: Path) -> str:
     return "legacy_cut.pt"
 
 
+def _cut_pickle(d: Path) -> str:
+    data = pickle.dumps({"weights": list(range(100))}, protocol=4)
+    (d / "cut.pkl").write_bytes(data[: len(data) // 2])
+    return "cut.pkl"
+
+
 def _png(d: Path) -> str:
     (d / "photo.pt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
     return "photo.pt"
@@ -246,7 +253,8 @@ MATRIX = [
     ("truncated-archive", _truncated, ["{f}", *MLP], ["truncated.pt", "truncated"]),
     ("corrupted-archive", _flipped_weights, ["{f}", *MLP], ["flipped.pt", "checksum"]),
     ("corrupted-legacy-file", _garbled_legacy, ["{f}", *MLP], ["legacy_cut.pt", "corrupted"]),
-    ("random-bytes", _random_bytes, ["{f}", *MLP], ["noise.pt"]),
+    ("random-bytes", _random_bytes, ["{f}", *MLP], ["noise.pt", "not a valid pickle"]),
+    ("cut-off-pickle", _cut_pickle, ["{f}"], ["cut.pkl", "not a valid pickle"]),
     ("an-image", _png, ["{f}"], ["photo.pt", "PNG image"]),
     ("a-text-file", _text, ["{f}"], ["notes.pt", "text file"]),
     (
@@ -384,6 +392,13 @@ def test_bad_input_is_one_line_exit_two_and_writes_nothing(workdir, capsys, make
     code, out, err = run([*args, "-o", "report.json", "--html", "report.html"], capsys)
     assert_refused(code, out, err, *needles)
     assert listing(workdir) == before  # no report, no temporary file, nothing touched
+
+
+@pytest.mark.parametrize("make", [_random_bytes, _cut_pickle, _garbled_legacy])
+def test_a_damaged_file_is_called_damaged_not_untrusted(workdir, capsys, make):
+    """--trust cannot mend a broken file: the message must not send the user there."""
+    code, _, err = run([make(workdir), *MLP], capsys)
+    assert code == 2 and "corrupted" in err and "--trust" not in err
 
 
 def test_debug_adds_the_traceback_and_keeps_the_exit_code(workdir, capsys):
