@@ -13,6 +13,8 @@ import os
 import pickle
 import random
 import re
+import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from modelcheck.errors import ConfigError, ProbeError
+from modelcheck.source import verify_archive
 
 __all__ = [
     "DATASETS",
@@ -519,8 +522,12 @@ def _read_file(path: str, suffix: str, target: str | None) -> tuple[_Rows, objec
 
 
 def _read_torch(path: str) -> tuple[_Rows, object]:
+    if zipfile.is_zipfile(path):
+        verify_archive(path, ProbeError)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # about odd files, before the error that says it all
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         held = f"holds {found.group(1)}, not only tensors" if found else "holds more than tensors"

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from modelcheck.errors import SourceError
+from modelcheck.errors import ModelcheckError, SourceError
 
-__all__ = ["LoadedModel", "import_factory", "load_model"]
+__all__ = ["LoadedModel", "import_factory", "load_model", "verify_archive"]
 
 # Keys under which training scripts commonly nest the state_dict of a checkpoint.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -139,7 +139,7 @@ def _sniff(path: str) -> str:
             raise SourceError(f"{path} is not a PyTorch file (looks like {what})")
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         _check_archive(path)
-        _verify_archive(path, size)
+        verify_archive(path)
         return "torch"
     if _looks_like_safetensors(head, size):
         raise SourceError(
@@ -180,28 +180,30 @@ def _check_archive(path: str) -> None:
 _MAX_EXPANSION = 100
 
 
-def _verify_archive(path: str, size: int) -> None:
-    """Check every record of a zip archive against its CRC-32 before anything unpickles it.
+def verify_archive(path: str, error: type[ModelcheckError] = SourceError) -> None:
+    """Check every record of a zip archive against its CRC-32 before anything unpickles it,
+    and refuse a decompression bomb; raise ``error`` with one line if the file fails.
 
     torch.load reads records without checking their checksums, so a flipped byte in the
     weights would be checked as if it were the model. Reading the file once more costs
-    about as much as loading it.
+    about as much as loading it. The probe stage checks ``.pt`` probes the same way.
     """
     try:
+        size = os.stat(path).st_size
         with zipfile.ZipFile(path) as archive:
             declared = sum(info.file_size for info in archive.infolist())
             if declared > _MAX_EXPANSION * size + 2**20:
-                raise SourceError(
+                raise error(
                     f"{path} declares {declared / 2**30:.1f} GiB of records in a "
                     f"{size / 2**20:.1f} MiB file; refusing to decompress it"
                 )
             damaged = archive.testzip()
-    except SourceError:
+    except ModelcheckError:
         raise
-    except Exception as error:  # zipfile raises several types for broken records
-        raise SourceError(f"{path} is truncated or corrupted ({_brief(error)})") from None
+    except Exception as failure:  # zipfile raises several types for broken records
+        raise error(f"{path} is truncated or corrupted ({_brief(failure)})") from None
     if damaged is not None:
-        raise SourceError(f"{path} is corrupted: its record {damaged} fails its checksum")
+        raise error(f"{path} is corrupted: its record {damaged} fails its checksum")
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:

@@ -150,18 +150,28 @@ def _truncated(d: Path) -> str:
     return "truncated.pt"
 
 
-def _flipped_weights(d: Path) -> str:
+def _flip_a_tensor_byte(source: Path, target: Path) -> None:
     """One byte of a tensor record flipped: the archive still opens and unpickles."""
-    data = bytearray((d / "model.pt").read_bytes())
-    with zipfile.ZipFile(d / "model.pt") as archive:
+    data = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
         record = next(i for i in archive.infolist() if "/data/" in i.filename)
     # A local file header is 30 bytes, then the name and the extra field, then the data.
     offset = record.header_offset
     name_length, extra_length = struct.unpack("<HH", data[offset + 26 : offset + 30])
     data[offset + 30 + name_length + extra_length] ^= 0xFF
-    (d / "flipped.pt").write_bytes(bytes(data))
-    assert torch.load(d / "flipped.pt", weights_only=True).keys()  # torch does not notice
+    target.write_bytes(bytes(data))
+    torch.load(target, weights_only=True)  # torch itself does not notice
+
+
+def _flipped_weights(d: Path) -> str:
+    _flip_a_tensor_byte(d / "model.pt", d / "flipped.pt")
     return "flipped.pt"
+
+
+def _flipped_probe(d: Path) -> str:
+    torch.save(torch.ones(10, 8), d / "probe.pt")
+    _flip_a_tensor_byte(d / "probe.pt", d / "flipped_probe.pt")
+    return "flipped_probe.pt"
 
 
 def _garbled_legacy(d: Path) -> str:
@@ -305,6 +315,12 @@ MATRIX = [
         _npy("p.npy", np.array([{"x": 1}] * 4, dtype=object)),
         ["model.pt", *MLP, "--probe", "{f}"],
         ["p.npy", "dtype object"],
+    ),
+    (
+        "corrupted-probe-archive",
+        _flipped_probe,
+        ["model.pt", *MLP, "--probe", "{f}"],
+        ["flipped_probe.pt", "checksum"],
     ),
     (
         "empty-probe-array",

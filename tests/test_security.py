@@ -198,13 +198,16 @@ def test_the_arch_module_is_imported_only_when_named(workdir, capsys):
     sys.modules.pop("team_models", None)
 
 
-def test_archive_that_would_decompress_to_far_more_than_its_size_is_refused(workdir, capsys):
+@pytest.mark.parametrize("role", ["model", "probe"])
+def test_archive_that_would_decompress_to_far_more_than_its_size_is_refused(workdir, capsys, role):
     with zipfile.ZipFile(workdir / "bomb.pt", "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("bomb/data.pkl", pickle.dumps({}, protocol=2))
         archive.writestr("bomb/data/0", bytes(64 * 2**20))  # 64 MiB of zeros
     assert (workdir / "bomb.pt").stat().st_size < 2**20
-    code, _, err = run(["bomb.pt", "--arch", f"{ARCH}:make_mlp"], capsys)
-    assert code == 2 and "refusing to decompress" in one_line(err)
+    torch.save(nn.Linear(8, 4).state_dict(), workdir / "linear.pt")
+    model, probe = ("bomb.pt", "random") if role == "model" else ("linear.pt", "bomb.pt")
+    code, _, err = run([model, "--arch", f"{ARCH}:make_linear", "--probe", probe], capsys)
+    assert code == 2 and "bomb.pt" in err and "refusing to decompress" in one_line(err)
 
 
 # -- hostile probe files: never unpickled, --trust or not -------------------------------------
