@@ -181,7 +181,11 @@ def _load_rule_file(where: str, mtime_ns: int, size: int) -> Rule:
     except UnicodeDecodeError as error:
         raise RuleError(f"{where}: not a TOML rule file (not UTF-8 text: {error.reason})") from None
     except tomllib.TOMLDecodeError as error:
-        raise RuleError(f"{where}: invalid TOML: {error}") from None
+        found = re.search(r" \(at line (\d+), column \d+\)", str(error))
+        if found is None:
+            raise RuleError(f"{where}: invalid TOML: {error}") from None
+        reason = str(error).replace(found.group(0), "")
+        raise RuleError(f"{where}:{found.group(1)}: invalid TOML: {reason}") from None
     try:
         return parse_rule(data, where)
     except (RuleError, ConfigError) as error:

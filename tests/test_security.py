@@ -287,12 +287,22 @@ def test_rule_file_that_reaches_for_code_is_refused_at_load(workdir, condition, 
     assert not (workdir / "pwned").exists()
 
 
-def test_rule_file_errors_name_the_file_the_line_and_the_key(tmp_path):
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (("value > threshold", "value > treshold"), ":9: condition: unknown name 'treshold'"),
+        (('scope = "layer"', 'scope = "galaxy"'), ":7: scope 'galaxy' must be one of"),
+        (('why = "w"', 'whyy = "w"'), ":6: unknown key 'whyy'"),
+        (("warning = 10", "warning = ten"), ":12: invalid TOML: Invalid value"),
+    ],
+    ids=["condition", "value", "unknown-key", "toml-syntax"],
+)
+def test_rule_file_errors_name_the_file_the_line_and_the_key(tmp_path, edit, expected):
     path = tmp_path / "team.toml"
-    path.write_text(RULE.format(condition="value > treshold", message="m"))
+    path.write_text(RULE.format(condition="value > threshold", message="m").replace(*edit))
     with pytest.raises(RuleError) as caught:
         rules.load_rule_file(path)
-    assert str(caught.value).startswith(f"{path}:9: condition: unknown name 'treshold'")
+    assert str(caught.value).startswith(f"{path}{expected}"), str(caught.value)
 
 
 # -- output cannot be forged -----------------------------------------------------------------
