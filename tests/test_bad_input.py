@@ -237,6 +237,29 @@ def _labelled(d: Path) -> str:
     return "labelled.npz"
 
 
+TEAM_RULE = """code = "XX901"
+slug = "team-rule"
+title = "Wide layers"
+what = "w"
+why = "w"
+scope = "layer"
+value = "units"
+condition = "value > treshold"
+message = "{units} units"
+[thresholds]
+warning = 10
+"""
+
+
+def _config_with_rule_file(content: str) -> callable:
+    def make(d: Path) -> str:
+        (d / "team.toml").write_text(content)
+        (d / "modelcheck.toml").write_text('extend-rules = ["team.toml"]\n')
+        return "modelcheck.toml"
+
+    return make
+
+
 def _mkdir(name: str) -> callable:
     def make(d: Path) -> str:
         (d / name).mkdir()
@@ -371,6 +394,48 @@ MATRIX = [
         ["out of memory", "batch of 1 sample", "64, 32, 16, 8, 4, 2, 1"],
     ),
     (
+        "bad-rule-file",
+        _config_with_rule_file(TEAM_RULE),
+        ["model.pt", *MLP, "--config", "{f}"],
+        ["team.toml:8:", "condition", "unknown name 'treshold'", "did you mean 'threshold'"],
+    ),
+    (
+        "rule-file-that-is-not-toml",
+        _config_with_rule_file("these are my notes, not a rule\n"),
+        ["model.pt", *MLP, "--config", "{f}"],
+        ["team.toml:1:", "invalid TOML"],
+    ),
+    (
+        "config-unknown-key",
+        _file("cfg.toml", 'select = ["dead-units"]\nfial-on = "warning"\n'),
+        ["model.pt", *MLP, "--config", "{f}"],
+        ["cfg.toml:2:", "unknown setting 'fial-on'", "did you mean 'fail-on'"],
+    ),
+    (
+        "config-bad-value",
+        _file("cfg.toml", "[tool.modelcheck]\nbatch-size = 0\n"),
+        ["model.pt", *MLP, "--config", "{f}"],
+        ["cfg.toml:2:", "batch-size", "got 0"],
+    ),
+    (
+        "config-unknown-rule-override",
+        _file("cfg.toml", "[rules.dead-units]\neror = 0.6\n"),
+        ["model.pt", *MLP, "--config", "{f}"],
+        ["cfg.toml:2:", "rules.dead-units", "unknown key 'eror'"],
+    ),
+    (
+        "config-toml-syntax",
+        _file("cfg.toml", "fail-on = \n"),
+        ["model.pt", *MLP, "--config", "{f}"],
+        ["cfg.toml:1:", "invalid TOML"],
+    ),
+    (
+        "missing-config-file",
+        _same("nowhere.toml"),
+        ["model.pt", *MLP, "--config", "{f}"],
+        ["nowhere.toml", "no such file"],
+    ),
+    (
         "unknown-rule-in-select",
         _nothing,
         ["model.pt", *MLP, "--select", "dead-unit"],
@@ -451,6 +516,16 @@ def test_output_path_that_would_destroy_an_input_or_cannot_be_written_is_refused
     before = listing(workdir)
     code, out, err = run(["model.pt", *MLP, "--probe", "probe.npy", flag, output], capsys)
     assert_refused(code, out, err, *needles)
+    assert listing(workdir) == before
+
+
+@pytest.mark.parametrize("flag", ["-o", "--html"])
+@pytest.mark.parametrize("target", ["modelcheck.toml", "team.toml"], ids=["config", "rule-file"])
+def test_output_never_replaces_the_config_or_a_rule_file_it_names(workdir, capsys, flag, target):
+    config = _config_with_rule_file(TEAM_RULE.replace("treshold", "threshold"))(workdir)
+    before = listing(workdir)
+    code, out, err = run(["model.pt", *MLP, "--config", config, flag, target], capsys)
+    assert_refused(code, out, err, target, "would overwrite")
     assert listing(workdir) == before
 
 
