@@ -1,7 +1,8 @@
 """The ``modelcheck`` command: flags mapped onto ``modelcheck.check()``, linter-style.
 
 Exit codes: 0 nothing at or above ``--fail-on``; 1 findings at or above it; 2 the check
-could not run (one line on stderr, a traceback only with ``--debug``); 130 interrupted.
+could not run (one line on stderr, a traceback only with ``--debug``); 130 interrupted
+(Ctrl-C); 143 terminated (SIGTERM). A run that does not finish writes no file.
 """
 
 from __future__ import annotations
@@ -303,7 +304,7 @@ def _check_html_path(path: str | None, inputs: Sequence[str | None]) -> None:
 
 def _check_output(output: str | None, inputs: Sequence[str | None]) -> None:
     """Refuse an output path that cannot be written or would replace one of the inputs
-    (the model, the probe, rule files, the --arch module)."""
+    (the model, the probe, the configuration and rule files, the --arch module)."""
     if output is None:
         return
     if os.path.isdir(output):
