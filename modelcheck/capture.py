@@ -100,6 +100,7 @@ _MODULE_FAMILIES: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.LayerNorm, "norm"),
     (nn.Embedding, "embedding"),
     (nn.RNNBase, "rnn"),
+    (nn.RNNCellBase, "rnn"),
     (nn.MultiheadAttention, "attention"),
     (nn.modules.dropout._DropoutNd, "dropout"),
     (nn.modules.pooling._MaxPoolNd, "pool"),
@@ -208,15 +209,23 @@ def _functional_saturation(family: str, args: tuple, kwargs: dict) -> tuple[floa
 
 
 def recorded_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules whose outputs are layers: leaves, and modules owning parameters directly
-    (MultiheadAttention computes with its own in_proj_weight, not with a child)."""
+    """Modules whose outputs are layers: leaves, and modules owning parameters or
+    floating-point buffers directly (MultiheadAttention computes with its own
+    in_proj_weight, not with a child; an STFT front end with a fixed basis buffer)."""
     chosen = []
     for name, module in model.named_modules():
         is_leaf = next(module.children(), None) is None
-        owns = next(module.parameters(recurse=False), None) is not None
+        owns = owns_tensors(module)
         if is_leaf or owns:
             chosen.append((name or type(module).__name__, module))
     return chosen
+
+
+def owns_tensors(module: nn.Module) -> bool:
+    """Whether the module computes with parameters or float buffers of its own."""
+    return next(module.parameters(recurse=False), None) is not None or any(
+        b.is_floating_point() for b in module.buffers(recurse=False)
+    )
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
@@ -370,8 +379,8 @@ class _Recorder(TorchFunctionMode):
             for handle in handles:
                 handle.remove()
 
-    def call(self, model: nn.Module, inputs: Any) -> Any:
-        return call_model(model, inputs)
+    def call(self, model: nn.Module, inputs: Any, extra: Mapping[str, Any]) -> Any:
+        return call_model(model, inputs, extra)
 
     def start_batch(self) -> None:
         self.stack.clear()
@@ -534,17 +543,19 @@ def _float_inputs(inputs: Any) -> list[torch.Tensor]:
     return [t for t in inputs if _is_float(t)]
 
 
-def call_model(model: nn.Module, inputs: Any) -> Any:
+def call_model(model: nn.Module, inputs: Any, extra: Mapping[str, Any] | None = None) -> Any:
     """Call the model on one batch: a tuple is positional arguments; a dict is keyword
     arguments, unless the forward takes the whole dict as its one positional argument
-    (a sentence-transformers model takes ``{"input_ids": ..., "attention_mask": ...}``)."""
+    (a sentence-transformers model takes ``{"input_ids": ..., "attention_mask": ...}``).
+    ``extra`` keyword arguments go to every call (Silero VAD's ``sr=16000``)."""
+    extra = dict(extra or {})
     if isinstance(inputs, dict):
         if _takes_dict_positionally(model, inputs):
-            return model(inputs)
-        return model(**inputs)
+            return model(inputs, **extra)
+        return model(**inputs, **extra)
     if isinstance(inputs, tuple):
-        return model(*inputs)
-    return model(inputs)
+        return model(*inputs, **extra)
+    return model(inputs, **extra)
 
 
 def _takes_dict_positionally(model: nn.Module, inputs: Mapping[str, Any]) -> bool:
@@ -629,6 +640,7 @@ def run(
     gradients: bool = True,
     seed: int = 0,
     output_key: str | None = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
     unit_axes: Mapping[str, int] | None = None,
     recorder_factory: Callable[..., Any] | None = None,
 ) -> CaptureRun:
@@ -636,7 +648,8 @@ def run(
 
     The model runs in eval mode unless ``train_mode``; its flags, buffers and the RNG
     states come back as they were, and ``.grad`` is never written. ``output_key`` names
-    the part of the output the loss starts from; ``unit_axes`` maps layer-name patterns to
+    the part of the output the loss starts from; ``forward_kwargs`` go to every forward
+    call; ``unit_axes`` maps layer-name patterns to
     the axis of their units. ``recorder_factory`` builds the recorder for models that
     forward hooks cannot see into (``capture_graph`` for TorchScript and torch.export).
     """
@@ -673,7 +686,9 @@ def run(
             grad_context = torch.enable_grad() if gradients else torch.no_grad()
             try:
                 with grad_context, recorder:
-                    output, output_path = select_output(recorder.call(model, inputs), output_key)
+                    output, output_path = select_output(
+                        recorder.call(model, inputs, forward_kwargs or {}), output_key
+                    )
             except (KeyboardInterrupt, ProbeError):
                 raise
             except Exception as error:

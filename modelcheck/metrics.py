@@ -80,12 +80,12 @@ LAYER_METRICS: Mapping[str, str] = {
     "kurtosis": "excess kurtosis of the output values (0 for a Gaussian)",
     "zero_fraction": "share of output values exactly zero",
     "nonfinite": "NaN or Inf output values",
-    "dead_fraction": "share of units active (> 0) on under 1% of positions (ReLU family)",
+    "dead_fraction": "share of units active (> 0) on under 1% of positions (ReLU, GELU, SiLU)",
     "dead_units": "number of such dead units",
     "saturated_fraction": "share of units in the flat region on at least 95% of positions",
     "saturated_units": "number of such saturated units",
     "saturated_value_fraction": "share of output values in the flat region",
-    "unit_active_fraction": "per unit: share of positions where it is > 0 (ReLU family)",
+    "unit_active_fraction": "per unit: share of positions where it is > 0 (ReLU, GELU, SiLU)",
     "unit_saturated_fraction": "per unit: share of positions in the flat region",
     "unit_std": "per unit: standard deviation over positions",
     "unit_mean": "per unit: mean over positions",
@@ -100,6 +100,7 @@ LAYER_METRICS: Mapping[str, str] = {
     "buffer_nonfinite": "NaN or Inf values in the layer's buffers",
     "grad_nonfinite": "the layer's output or parameter gradients hold NaN or Inf",
     "has_norm_before": "a normalisation layer ran just before this one",
+    "has_parameters": "the layer computes with weights of its own",
 }
 
 PARAMETER_METRICS: Mapping[str, str] = {
@@ -218,13 +219,20 @@ def _layer_metrics(layer: LayerStats, depth: int, total: int) -> dict[str, objec
         "param_nonfinite": sum(p.nonfinite for p in layer.parameters),
         "buffer_nonfinite": layer.buffer_nonfinite,
         "grad_nonfinite": grad_nonfinite,
+        "has_parameters": bool(layer.parameters),
     }
     return metrics
 
 
 def _add_relative(layers: list[dict], key: str, ratio: str, reference: str, *, first: bool):
-    """Divide ``key`` by the first (or last) layer's positive finite value of it."""
+    """Divide ``key`` by the first (or last) layer's positive finite value of it.
+
+    The first layer with weights of its own is preferred: a padding or reshaping layer in
+    front of it carries the scale of the raw input (audio at 0.07 rms), not of the network.
+    """
     candidates = [m for m in layers if _finite(m[key]) and m[key] > 0]
+    weighted = [m for m in candidates if m["has_parameters"]]
+    candidates = weighted if first and weighted else candidates
     ref = (candidates[0] if first else candidates[-1]) if candidates else None
     for m in layers:
         if ref is None or m[key] is None:

@@ -71,5 +71,6 @@ def render_text(report: Report, *, show_fixes: bool = False) -> str:
         lines.append(finding_line(f, width))
         if show_fixes:
             lines += [f"{'':{width}}    fix: {fix}" for fix in f.fixes]
+    lines += [f"note: {note}" for note in report.probe.notes]
     lines.append(summary_line(report))
     return "\n".join(lines) + "\n"
