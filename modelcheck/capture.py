@@ -400,7 +400,7 @@ class _Recorder(TorchFunctionMode):
                 return
 
     def _module_output(self, module: nn.Module, args: tuple, output: Any) -> None:
-        tensor = first_tensor(output)
+        tensor, _ = select_output(output)
         if not _is_float(tensor):
             return
         layer = self.module_layers.get(module)

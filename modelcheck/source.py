@@ -405,6 +405,9 @@ def _load_state_dict(
     kwargs = dict(arch_kwargs or {})
     call = f"{arch}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
     module = _build(import_factory(arch), call, kwargs)
+    # Checkpoints written before a buffer became non-persistent still hold it (Hugging Face
+    # BERT's embeddings.position_ids): the module rebuilds it, so the file's copy is not needed.
+    state = {k: v for k, v in state.items() if k not in _non_persistent_buffers(module)}
     mismatch = _first_mismatch(state, module.state_dict())
     if mismatch:
         raise SourceError(f"{path} does not fit --arch {arch}: {mismatch}")
@@ -413,6 +416,14 @@ def _load_state_dict(
     except Exception as error:  # e.g. a custom _load_from_state_dict that refuses the values
         raise SourceError(f"{path} does not fit --arch {arch}: {_brief(error)}") from None
     return LoadedModel(module, path, fmt, f"{held} loaded into {call}")
+
+
+def _non_persistent_buffers(module: torch.nn.Module) -> set[str]:
+    return {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, sub in module.named_modules()
+        for name in getattr(sub, "_non_persistent_buffers_set", ())
+    }
 
 
 def _build(factory: Callable[..., object], call: str, kwargs: dict[str, object]) -> torch.nn.Module:

@@ -44,3 +44,10 @@ def make_not_a_module() -> str:
 
 
 NOT_CALLABLE = 42
+
+
+def minilm_bert(path: str) -> nn.Module:
+    """all-MiniLM-L6-v2's BertModel, built from the config shipped beside its weights."""
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig.from_pretrained(path))
