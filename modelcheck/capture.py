@@ -667,7 +667,7 @@ def run(
     notes = list(getattr(recorder, "notes", ()))
     with ExitStack() as stack:
         stack.enter_context(preserved(model))
-        model.train(train_mode)
+        _set_mode(model, train_mode)
         if _uses_fast_path(model):
             stack.enter_context(_fast_path_disabled())
             notes.append(FAST_PATH_NOTE)
@@ -723,6 +723,17 @@ def run(
         output_key=output_path,
         notes=tuple(notes),
     )
+
+
+def _set_mode(model: nn.Module, train_mode: bool) -> None:
+    try:
+        model.train(train_mode)
+    except NotImplementedError:  # a torch.export program keeps the mode it was exported in
+        if train_mode:
+            raise ProbeError(
+                "a torch.export program runs in the mode it was exported in; export it in "
+                "train mode, or check it without --train-mode"
+            ) from None
 
 
 FAST_PATH_NOTE = (

