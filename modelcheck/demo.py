@@ -66,16 +66,18 @@ def train_seed_network(split: IrisSplit, *, epochs: int = 500, seed: int = 0) ->
         # A 4-64-32-16-3 network is far too small to gain from threads; on a busy
         # machine they only wait for each other.
         torch.set_num_threads(1)
-        torch.manual_seed(seed)
-        model = IrisFFNN()
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
-        criterion = nn.MSELoss()
-        for _ in range(epochs):
-            optimizer.zero_grad()
-            loss = criterion(model(split.x_train), split.y_train)
-            loss.backward()
-            optimizer.step()
-        torch.set_num_threads(threads)
+        try:
+            torch.manual_seed(seed)
+            model = IrisFFNN()
+            optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+            criterion = nn.MSELoss()
+            for _ in range(epochs):
+                optimizer.zero_grad()
+                loss = criterion(model(split.x_train), split.y_train)
+                loss.backward()
+                optimizer.step()
+        finally:
+            torch.set_num_threads(threads)
     return model
 
 
