@@ -108,6 +108,7 @@ class Site:
     layers: tuple[LayerInfo, ...]
     channel_first: bool
     inherit_from: int | None  # elementwise layers take the unit axis of their input's site
+    op: str  # the op computing the value: of a module's candidate outputs, one op claims it
 
 
 def plan(
@@ -127,7 +128,6 @@ def plan(
     sites: dict[int, Site] = {}
     layer_at: dict[int, str] = {}
     seen: dict[str, int] = {}
-    returns = _returned_ops(nodes, recorded)
     for index, node in enumerate(nodes):
         source = node.source
         while source is not None and source not in sites and nodes[source].op in _SAME_DATA:
@@ -136,9 +136,7 @@ def plan(
         layers = []
         for depth in range(len(node.scope), node.escape, -1):
             path, type_name = node.scope[depth - 1]
-            # A module returning (output, state) lets both escape; a module called twice
-            # repeats its op. Its output is what the op it first returns computes.
-            if path in recorded and returns.get(path) == node.op:
+            if path in recorded and node.op not in _ALLOCATIONS:
                 layers.append(_module_layer(path, type_name, recorded[path][1], saturation))
         innermost = node.scope[-1][0] if node.scope else ""
         family = _ACTIVATION_OPS.get(node.op)
@@ -158,27 +156,13 @@ def plan(
             layers=tuple(layers),
             channel_first=not first.functional and channel_first_name(first.type),
             inherit_from=node.source if elementwise and node.source in sites else None,
+            op=node.op,
         )
     return sites
 
 
-# Ops that only reshape, cast or allocate: a module's result is rarely one of them.
-_BOOKKEEPING = _SAME_DATA | {"zeros", "ones", "empty", "full", "zeros_like", "size", "select"}
-
-
-def _returned_ops(nodes: Sequence[_Node], recorded: Mapping[str, object]) -> dict[str, str]:
-    """Per recorded module, the op its output comes from: the first op whose value leaves
-    the module, preferring computing ops over reshapes and allocations."""
-    found: dict[str, list[str]] = {}
-    for node in nodes:
-        for depth in range(len(node.scope), node.escape, -1):
-            path = node.scope[depth - 1][0]
-            if path in recorded:
-                found.setdefault(path, []).append(node.op)
-    return {
-        path: next((op for op in ops if op not in _BOOKKEEPING), ops[0])
-        for path, ops in found.items()
-    }
+# Ops that make a tensor from nothing: never what a module computed from its input.
+_ALLOCATIONS = frozenset({"zeros", "ones", "empty", "full", "zeros_like", "ones_like"})
 
 
 def _module_layer(
@@ -475,6 +459,7 @@ class GraphRecorder:
         self.layers: dict[str, LayerInfo] = {}
         self.module_layers: dict[nn.Module, LayerInfo] = {}
         self._dims: dict[int, int] = {}
+        self._claims: dict[str, str] = {}
         try:
             self._build(model)
         except CaptureError:
@@ -524,6 +509,7 @@ class GraphRecorder:
 
     def start_batch(self) -> None:
         self._dims.clear()
+        self._claims.clear()
         _detach_script_state(self.model)
 
     def call(self, model: nn.Module, inputs: Any, extra: Mapping[str, Any]) -> Any:
@@ -535,6 +521,11 @@ class GraphRecorder:
         site = self.sites[index]
         dim = self._unit_dim(index, site, value)
         for layer in site.layers:
+            # Several values may leave a module (an LSTM's output and state; the fused and
+            # the unfused branch of scripted attention): the op that runs first in a forward
+            # claims the module, and only that op's values are its outputs (one per call).
+            if not layer.functional and self._claims.setdefault(layer.name, site.op) != site.op:
+                continue
             if layer.name not in self.layers:
                 self._first_sight(layer)
             layer_dim = self.axes.resolve(layer.name, value, dim)

@@ -126,12 +126,7 @@ def test_every_layer_is_recorded_in_every_format(arch, fmt, tmp_path):
     if fmt in ("traced", "exported") and arch in ("transformer", "attention"):
         # compiled MultiheadAttention inlines out_proj's weights into its own computation
         names.discard("attn.out_proj")
-    expected = expected_layers(arch, fmt, model, x)
-    if (arch, fmt) == ("attention", "scripted"):
-        # Known gap: scripted MultiheadAttention keeps its fused branch, whose result is the
-        # first one to leave the module in graph order, so its unfused output is not claimed.
-        expected.discard("attn")
-    assert names == expected
+    assert names == expected_layers(arch, fmt, model, x)
     assert not [f for f in report.findings if f.severity == "error"]
     for layer in report.layers:
         reference = eager.layer(layer.name).activation
