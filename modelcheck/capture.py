@@ -221,6 +221,14 @@ def recorded_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return chosen
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def block_layer(name: str, type_name: str) -> LayerInfo:
+    """A non-leaf module recorded at block level (family "block")."""
+    return LayerInfo(name, type_name, "block", False, None, ())
+
+
 def owns_tensors(module: nn.Module) -> bool:
     """Whether the module computes with parameters or float buffers of its own."""
     return next(module.parameters(recurse=False), None) is not None or any(
@@ -357,6 +365,7 @@ class _Recorder(TorchFunctionMode):
         self.axes = axes or UnitAxes({})
         self.layers: dict[str, LayerInfo] = {}
         self.module_layers: dict[nn.Module, LayerInfo] = {}
+        self.block_layers: dict[nn.Module, LayerInfo] = {}
         self.stack: list[tuple[nn.Module, str, tuple]] = []
         self.producers: dict[int, tuple[weakref.ref, str, int]] = {}
         self.occurrences: dict[str, int] = {}
@@ -374,6 +383,8 @@ class _Recorder(TorchFunctionMode):
                 handles.append(module.register_forward_hook(self._leave))
                 if module in self.recorded:
                     handles.append(module.register_forward_hook(self._module_output))
+                elif module is not self.model and not isinstance(module, _CONTAINERS):
+                    handles.append(module.register_forward_hook(self._block_output))
             yield
         finally:
             for handle in handles:
@@ -398,6 +409,19 @@ class _Recorder(TorchFunctionMode):
             if self.stack[depth][0] is module:
                 del self.stack[depth:]
                 return
+
+    def _block_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """A block whose output no recorded layer produced — the sum of a residual
+        connection, typically — is recorded too, so the residual stream shows with depth."""
+        tensor, _ = select_output(output)
+        if not _is_float(tensor) or self._producer(tensor) is not None:
+            return
+        layer = self.block_layers.get(module)
+        if layer is None:
+            layer = block_layer(self._names[module], type(module).__name__)
+            self.block_layers[module] = layer
+            self._first_sight(layer, None)
+        self._observe(layer, tensor, _default_dim(tensor))
 
     def _module_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         tensor, _ = select_output(output)

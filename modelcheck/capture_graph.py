@@ -33,6 +33,7 @@ from modelcheck.capture import (
     LayerInfo,
     Observer,
     UnitAxes,
+    block_layer,
     call_model,
     channel_first_name,
     family_from_type_name,
@@ -99,6 +100,7 @@ class _Node:
     op: str  # base op name: "linear", "relu", ...
     escape: int  # how many scope levels every use of the output shares with this node
     source: int | None  # the node whose output is this op's first input, if an op made it
+    primary: frozenset[int]  # depths of the modules it leaves as their primary output
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +123,8 @@ def plan(
 
     ``recorded`` maps the paths of recorded modules (leaves, and modules owning parameters
     directly, as in eager capture) to (class name, parameter names). A node's output is a
-    module's output when some use of it lies outside that module. An activation op whose
+    module's output when it leaves the module as its primary output (not as a state beside
+    it), to a use outside the module or the model's return. An activation op whose
     innermost module is not a recorded leaf is a functional layer, named after the layer that
     produced its input (``fc2.relu``) or, failing that, after its scope, like eager capture.
     """
@@ -132,9 +135,9 @@ def plan(
         source = node.source
         while source is not None and source not in sites and nodes[source].op in _SAME_DATA:
             source = nodes[source].source  # look through dtype casts and added unit axes
-        node = _Node(node.scope, node.op, node.escape, source)
+        node = _Node(node.scope, node.op, node.escape, source, node.primary)
         layers = []
-        for depth in range(len(node.scope), node.escape, -1):
+        for depth in sorted(node.primary, reverse=True):
             path, type_name = node.scope[depth - 1]
             if path in recorded and node.op not in _ALLOCATIONS:
                 layers.append(_module_layer(path, type_name, recorded[path][1], saturation))
@@ -148,7 +151,10 @@ def plan(
             name = base if count == 0 else f"{base}_{count}"
             layers.append(LayerInfo(name, f"F.{family}", family, True, _SATURATION.get(family), ()))
         if not layers:
-            continue
+            block = _block_left(node, recorded)
+            if block is None:
+                continue
+            layers.append(block_layer(*block))
         layer_at[index] = layers[0].name
         first = layers[0]
         elementwise = first.family in _ELEMENTWISE
@@ -163,6 +169,19 @@ def plan(
 
 # Ops that make a tensor from nothing: never what a module computed from its input.
 _ALLOCATIONS = frozenset({"zeros", "ones", "empty", "full", "zeros_like", "ones_like"})
+
+
+_CONTAINER_TYPES = frozenset({"Sequential", "ModuleList", "ModuleDict"})
+
+
+def _block_left(node: _Node, recorded: Mapping[str, object]) -> tuple[str, str] | None:
+    """The innermost non-container module a value no layer records leaves: a block whose
+    output is a residual sum (eager capture records the same)."""
+    for depth in sorted(node.primary, reverse=True):
+        path, type_name = node.scope[depth - 1]
+        if path not in recorded and type_name not in _CONTAINER_TYPES:
+            return path, type_name
+    return None
 
 
 def _module_layer(
@@ -266,43 +285,72 @@ def _is_tensor(value: Any) -> bool:
     return isinstance(value.type(), torch._C.TensorType)
 
 
-def _script_use_scopes(
-    value: Any, visited: set, tree: Mapping[str, nn.Module], element: int | None = None
-) -> Iterator[tuple[tuple[str, str], ...]]:
-    """The scopes of the nodes that use ``value`` (or, when ``element`` is set, that use
-    element ``element`` of the tuple ``value``), looking through packing and control flow."""
+def _script_escapes(
+    value: Any,
+    scope: tuple,
+    tree: Mapping[str, nn.Module],
+    found: _Escapes,
+    visited: set,
+    path: tuple[int, ...] = (),
+    bound: int | None = None,
+) -> None:
+    """Follow the uses of ``value`` (computed in ``scope``) through tuples and control flow,
+    noting how far out of its modules it goes (``found.escape``), and out of which it goes as
+    a primary output (``found.primary``): not as a later element of a tuple, such as an RNN's
+    state beside its output. ``path`` holds the tuple offsets the value is nested at,
+    innermost first; ``bound`` is the depth it has already left at as a later element."""
+    bound = len(scope) if bound is None else bound
     for use in value.uses():
         user, offset = use.user, use.offset
-        if (user, element) in visited:
+        if (user, offset, path) in visited:
             continue
-        visited.add((user, element))
+        visited.add((user, offset, path))
         kind = user.kind()
         if kind == "prim::Return":
             owner = user.owningBlock().owningNode()
             if owner is None:  # the graph's own return: the value leaves every module
-                yield ()
+                found.note(0, not any(path) and offset == 0, bound)
             elif owner.kind() == "prim::If":
-                yield from _script_use_scopes(owner.outputsAt(offset), visited, tree, element)
+                after = owner.outputsAt(offset)
+                _script_escapes(after, scope, tree, found, visited, path, bound)
             else:  # a loop carries the value into its next iteration and out
                 for output in owner.outputs():
-                    yield from _script_use_scopes(output, visited, tree, element)
-        elif kind == "prim::TupleConstruct" and element is None:
-            yield from _script_use_scopes(user.output(), visited, tree, offset)
-        elif kind == "prim::TupleIndex" and element is not None:
-            index = (
-                user.inputsAt(1).toIValue()
-                if user.inputsAt(1).node().kind() == "prim::Constant"
-                else None
-            )
-            if index is None or index == element:
-                yield from _script_use_scopes(user.output(), visited, tree, None)
-        elif kind == "prim::TupleUnpack" and element is not None:
-            yield from _script_use_scopes(user.outputsAt(element), visited, tree, None)
+                    _script_escapes(output, scope, tree, found, visited, path, bound)
+            continue
+        shared = _shared(scope, _script_scope(user, tree))
+        primary = not any(path) and kind != "prim::SetAttr"  # state kept for the next call
+        found.note(shared, primary, bound)
+        if not primary:
+            bound = min(bound, shared)
+        if kind == "prim::TupleConstruct":
+            after = user.output()
+            _script_escapes(after, scope, tree, found, visited, (offset, *path), bound)
+        elif kind in ("prim::TupleIndex", "prim::TupleUnpack") and path:
+            if kind == "prim::TupleUnpack":
+                after = user.outputsAt(path[0])
+                _script_escapes(after, scope, tree, found, visited, path[1:], bound)
+            elif _constant(user.inputsAt(1)) in (None, path[0]):
+                _script_escapes(user.output(), scope, tree, found, visited, path[1:], bound)
         elif kind in _TS_TRANSPARENT:
             for output in user.outputs():
-                yield from _script_use_scopes(output, visited, tree, None)
-        else:
-            yield _script_scope(user, tree)
+                _script_escapes(output, scope, tree, found, visited, path, bound)
+
+
+class _Escapes:
+    """How far a value leaves the modules it was computed in (see ``_script_escapes``)."""
+
+    def __init__(self, depth: int) -> None:
+        self.escape = depth
+        self.primary: set[int] = set()
+
+    def note(self, shared: int, primary: bool, bound: int) -> None:
+        self.escape = min(self.escape, shared)
+        if primary:  # leaves the modules deeper than ``shared`` not yet left otherwise
+            self.primary.update(range(shared + 1, bound + 1))
+
+
+def _constant(value: Any) -> Any:
+    return value.toIValue() if value.node().kind() == "prim::Constant" else None
 
 
 def _script_source(
@@ -351,11 +399,15 @@ def _instrument_script(model: torch.jit.ScriptModule) -> tuple[Any, list[_Node],
     nodes = []
     for n in ops:
         scope = _script_scope(n, tree)
-        uses = [s for out in n.outputs() for s in _script_use_scopes(out, set(), tree)]
-        escape = min((_shared(scope, s) for s in uses), default=len(scope))
+        found = _Escapes(len(scope))
+        for index, out in enumerate(n.outputs()):
+            # an op's later outputs (an LSTM cell's c beside h) are not its primary output
+            path = () if index == 0 else (index,)
+            _script_escapes(out, scope, tree, found, set(), path)
         first = next((v for v in n.inputs() if _is_tensor(v)), None)
         op = n.kind().removeprefix("aten::").rstrip("_")
-        nodes.append(_Node(scope, op, escape, _script_source(first, producer)))
+        source = _script_source(first, producer)
+        nodes.append(_Node(scope, op, found.escape, source, frozenset(found.primary)))
     return graph, ops, nodes
 
 
@@ -420,7 +472,8 @@ def _instrument_exported(model: torch.fx.GraphModule) -> tuple[Any, list, list[_
         escape = min((_shared(scope, s) for s in _fx_use_scopes(node)), default=len(scope))
         first = next((a for a in op_node.args if isinstance(a, torch.fx.Node)), None)
         name = getattr(op_node.target, "_opname", str(op_node.target)).rstrip("_")
-        nodes.append(_Node(scope, name, escape, producer.get(first)))
+        left = frozenset(range(escape + 1, len(scope) + 1))
+        nodes.append(_Node(scope, name, escape, producer.get(first), left))
     return graph, ops, nodes
 
 

@@ -32,7 +32,7 @@ ACTIVATION_FAMILIES = frozenset(
 )
 # He gain for the ReLU family, LeCun (1) otherwise: std * sqrt(fan_in) a layer should start at.
 _HE_FAMILIES = frozenset({"relu", "relu6", "leaky_relu", "elu", "gelu", "silu"})
-_PASS_THROUGH = frozenset({"dropout", "other", "pool"})
+_PASS_THROUGH = frozenset({"dropout", "other", "pool", "block"})
 _WEIGHTED_FAMILIES = frozenset({"linear", "conv", "rnn", "attention"})
 
 MODEL_METRICS: Mapping[str, str] = {
