@@ -544,7 +544,7 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     for tensor in (*model.parameters(), *model.buffers()):
         if tensor.is_floating_point():
             return tensor.dtype, tensor.device
-    tensor = next((*model.parameters(), *model.buffers()), None)
+    tensor = next(iter((*model.parameters(), *model.buffers())), None)
     return torch.float32, tensor.device if tensor is not None else torch.device("cpu")
 
 
