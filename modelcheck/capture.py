@@ -713,7 +713,7 @@ def run(
                     output, output_path = select_output(
                         recorder.call(model, inputs, forward_kwargs or {}), output_key
                     )
-            except (KeyboardInterrupt, ProbeError):
+            except (KeyboardInterrupt, ProbeError, CaptureError):
                 raise
             except Exception as error:
                 raise CaptureError(_describe_failure(recorder, error)) from error

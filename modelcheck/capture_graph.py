@@ -20,6 +20,7 @@ import contextvars
 import copy
 import operator
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -454,7 +455,9 @@ def _fx_value(node: torch.fx.Node) -> Any:
 
 
 def _instrument_exported(model: torch.fx.GraphModule) -> tuple[Any, list, list[_Node]]:
-    graph = copy.deepcopy(model.graph)
+    with warnings.catch_warnings():  # torch deprecations raised while copying its pytree specs
+        warnings.simplefilter("ignore")
+        graph = copy.deepcopy(model.graph)
     ops = []
     for node in graph.nodes:
         if node.op != "call_function":
@@ -487,6 +490,20 @@ def _exported_module(
         node.replace_all_uses_with(observe, delete_user_cb=_not(observe))
     # Built on the model: parameters and submodules are shared, not copied.
     return torch.fx.GraphModule(model, graph)
+
+
+def _exported_shapes(model: torch.fx.GraphModule) -> str:
+    shapes = [
+        tuple(value.shape)
+        for node in model.graph.nodes
+        if node.op == "placeholder" and isinstance(value := _fx_value(node), torch.Tensor)
+    ]
+    return ", ".join(str(shape) for shape in shapes) or "of fixed shapes"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _not(node: torch.fx.Node) -> Any:
@@ -566,7 +583,17 @@ class GraphRecorder:
         _detach_script_state(self.model)
 
     def call(self, model: nn.Module, inputs: Any, extra: Mapping[str, Any]) -> Any:
-        return call_model(_Callable(self._forward), inputs, extra)
+        try:
+            return call_model(_Callable(self._forward), inputs, extra)
+        except AssertionError as error:
+            if "Guard failed" not in str(error) or isinstance(model, torch.jit.ScriptModule):
+                raise
+            raise CaptureError(
+                f"the exported program does not accept this batch ({_first_line(error)}): "
+                f"it was exported for inputs {_exported_shapes(model)}; export it with "
+                "dynamic_shapes (e.g. {'x': {0: torch.export.Dim('batch')}}), or pass "
+                "--batch-size to match and a probe whose size is a multiple of it"
+            ) from None
 
     def observe(self, index: int, value: torch.Tensor) -> None:
         if not value.is_floating_point():

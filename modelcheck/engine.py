@@ -84,7 +84,7 @@ def check(
         model=ModelInfo(
             source=loaded.source if loaded else "<in-memory module>",
             format=loaded.format if loaded else "module",
-            type=type(module).__name__,
+            type=getattr(module, "original_name", None) or type(module).__name__,
             parameters=parameters,
             trainable_parameters=sum(p.numel() for p in module.parameters() if p.requires_grad),
             dtype=run.dtype,

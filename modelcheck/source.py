@@ -15,6 +15,7 @@ import pickletools
 import re
 import struct
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -177,7 +178,9 @@ def _load_torchscript(path: str) -> LoadedModel:
     # TorchScript archives hold TorchScript code and tensors, read by torch's own loader,
     # not by Python's pickle: no --trust needed.
     try:
-        module = torch.jit.load(path, map_location="cpu")
+        with warnings.catch_warnings():  # torch's advice to move to torch.export, not ours
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(path, map_location="cpu")
     except Exception as error:
         raise SourceError(
             f"{path} is a TorchScript archive that torch.jit.load cannot read "
@@ -189,8 +192,10 @@ def _load_torchscript(path: str) -> LoadedModel:
 
 def _load_exported(path: str) -> LoadedModel:
     try:
-        program = torch.export.load(path)
-        module = program.module()
+        with warnings.catch_warnings():  # deprecations inside torch's own loader
+            warnings.simplefilter("ignore")
+            program = torch.export.load(path)
+            module = program.module()
     except Exception as error:
         raise SourceError(
             f"{path} is a torch.export program that torch.export.load cannot read "

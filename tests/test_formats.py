@@ -132,3 +132,84 @@ def test_every_layer_is_recorded_in_every_format(arch, fmt, tmp_path):
         reference = eager.layer(layer.name).activation
         assert layer.activation.rms == pytest.approx(reference.rms, rel=1e-4), layer.name
         assert layer.activation.units == reference.units, layer.name
+
+
+# -- the command line says what it found, and refuses broken files in one line --------------
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from modelcheck.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_the_format_is_read_from_content_and_said_first(tmp_path, capsys):
+    path = tmp_path / "weights.bin"  # the extension says nothing
+    torch.jit.script(build("mlp")).save(str(path))
+    code, out, err = run_cli(capsys, path)  # input shape from the compiled Linear
+    assert code == 0, err
+    assert out.splitlines()[0] == f"{path}: TorchScript module MLP"
+    code, out, _ = run_cli(capsys, path, "--input-shape", "4", "--format", "json")
+    assert __import__("json").loads(out)["model"]["format"] == "torchscript"
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_an_exported_program_gives_its_input_shape_to_the_random_probe(tmp_path, capsys):
+    path = tmp_path / "cnn.pt2"
+    batch = {"x": {0: torch.export.Dim("batch")}}
+    program = torch.export.export(build("conv2d"), (torch.zeros(2, 1, 8, 8),), dynamic_shapes=batch)
+    torch.export.save(program, path)
+    code, out, err = run_cli(capsys, path)
+    assert code == 0, err
+    assert out.splitlines()[0] == f"{path}: torch.export program exported for inputs (2, 1, 8, 8)"
+    assert "random N(0,1) of shape (1, 8, 8)" in out
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_an_exported_program_with_a_fixed_batch_says_how_to_fix_it(tmp_path, capsys):
+    path = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(build("mlp"), (torch.zeros(3, 4),)), path)
+    code, out, err = run_cli(capsys, path, "--input-shape", "4")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1
+    assert "exported for inputs (3, 4)" in err and "dynamic_shapes" in err
+    code, _, err = run_cli(capsys, path, "--input-shape", "4", "--batch-size", "3",
+                           "--max-samples", "30")  # fmt: skip
+    assert code == 0, err
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_truncated_torchscript_archive_is_one_clear_error(tmp_path, capsys):
+    whole = tmp_path / "whole.pt"
+    torch.jit.script(build("mlp")).save(str(whole))
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[:2000])
+    code, _, err = run_cli(capsys, cut)
+    assert code == 2
+    assert err == f"modelcheck: error: {cut} is truncated or corrupted (incomplete zip archive)\n"
+
+
+def test_a_corrupt_safetensors_file_is_one_clear_error(tmp_path, capsys):
+    header = b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}'
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))  # 12 bytes short
+    code, _, err = run_cli(capsys, path, "--arch", "archs:make_mlp")
+    assert code == 2
+    assert err.startswith(f"modelcheck: error: {path} is truncated or corrupted (safetensors:")
+    assert err.count("\n") == 1
+
+
+def test_cli_options_for_real_models_are_validated(tmp_path, capsys):
+    path = tmp_path / "m.pt"
+    torch.jit.script(build("mlp")).save(str(path))
+    code, _, err = run_cli(capsys, path, "--forward-kwargs", "[1]")
+    assert code == 2 and "--forward-kwargs must be a JSON object" in err
+    code, _, err = run_cli(capsys, path, "--unit-axis", "fc1")
+    assert code == 2 and "PATTERN=AXIS" in err
+    code, _, err = run_cli(
+        capsys, path, "--input-shape", "4", "--unit-axis", "fc*=-1", "--output-key", "0"
+    )
+    assert code == 2 and "output key '0'" in err  # a plain tensor output has no parts
