@@ -530,6 +530,11 @@ class GraphRecorder:
         self.module_layers: dict[nn.Module, LayerInfo] = {}
         self._dims: dict[int, int] = {}
         self._claims: dict[str, str] = {}
+        self._tensor_state = [
+            (module, name)
+            for module, name, value in _script_attributes(model)
+            if isinstance(value, torch.Tensor)
+        ]
         try:
             self._build(model)
         except CaptureError:
@@ -580,7 +585,12 @@ class GraphRecorder:
     def start_batch(self) -> None:
         self._dims.clear()
         self._claims.clear()
-        _detach_script_state(self.model)
+        # Cut the autograd history of state a streaming model carries from one call to the
+        # next (truncated backpropagation, as in training): each backward covers one call.
+        for module, name in self._tensor_state:
+            value = getattr(module, name)
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                setattr(module, name, value.detach())
 
     def call(self, model: nn.Module, inputs: Any, extra: Mapping[str, Any]) -> Any:
         try:
@@ -664,14 +674,6 @@ def _script_attributes(model: nn.Module) -> Iterator[tuple[nn.Module, str, Any]]
         for name, value in table:
             if name not in owned and not isinstance(value, torch._C.ScriptModule):
                 yield module, name, value
-
-
-def _detach_script_state(model: nn.Module) -> None:
-    """Cut the autograd history of state a streaming model carries from one call to the next
-    (truncated backpropagation, as in training): each batch's backward pass covers one call."""
-    for module, name, value in _script_attributes(model):
-        if isinstance(value, torch.Tensor) and value.requires_grad:
-            setattr(module, name, value.detach())
 
 
 @contextlib.contextmanager
