@@ -1,10 +1,12 @@
 """Run the model over probe batches and report what each layer does: the capture stage.
 
 Forward hooks see every recorded module (leaves, and modules that own parameters
-directly); a TorchFunctionMode sees the functional activations a ``forward`` calls
-(``F.relu(self.fc1(x))`` has no ReLU module to hook). Tensor hooks see the gradient
-of each layer's output, and ``torch.autograd.grad`` returns parameter gradients
-without touching ``.grad``. Everything is attached for the run and removed after it;
+directly), and blocks whose output no recorded layer produced (a residual sum); a
+TorchFunctionMode sees the functional activations a ``forward`` calls
+(``F.relu(self.fc1(x))`` has no ReLU module to hook). Compiled models, which hooks cannot
+see into, are recorded by ``capture_graph`` through the same Observer calls. Tensor hooks
+see the gradient of each layer's output, and ``torch.autograd.grad`` returns parameter
+gradients without touching ``.grad``. Everything is attached for the run and removed after it;
 ``preserved`` restores what the run could change. What is seen goes to an Observer:
 this stage computes no statistics itself.
 """
@@ -673,9 +675,9 @@ def run(
     The model runs in eval mode unless ``train_mode``; its flags, buffers and the RNG
     states come back as they were, and ``.grad`` is never written. ``output_key`` names
     the part of the output the loss starts from; ``forward_kwargs`` go to every forward
-    call; ``unit_axes`` maps layer-name patterns to
-    the axis of their units. ``recorder_factory`` builds the recorder for models that
-    forward hooks cannot see into (``capture_graph`` for TorchScript and torch.export).
+    call; ``unit_axes`` maps layer-name patterns to the axis of their units.
+    ``recorder_factory`` builds the recorder for models that forward hooks cannot see into
+    (``capture_graph.GraphRecorder`` for TorchScript and torch.export).
     """
     if loss not in LOSSES:
         raise ProbeError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")

@@ -8,9 +8,11 @@ graphs themselves know it: every node of a TorchScript inlined graph carries the
 instances it was inlined from (``node.getModuleHierarchy()``), and every node of an
 exported program carries ``meta["nn_module_stack"]``. So this module reads the graph,
 decides which node outputs are which layer's outputs — a value computed inside a module
-and used outside it is that module's output — and runs a copy of the graph in which each
-such value passes through ``modelcheck::observe``, an identity op that hands it to the
-observer. The copy computes with the model's own parameters; the model is not modified.
+and leaving it as its primary output (not as a state returned beside it) is that module's
+output; where several branches could produce it, the one that runs claims it — and runs a
+copy of the graph in which each such value passes through ``modelcheck::observe``, an
+identity op that hands it to the observer. The copy computes with the model's own
+parameters; the model is not modified.
 """
 
 from __future__ import annotations
@@ -99,7 +101,6 @@ class _Node:
 
     scope: tuple[tuple[str, str], ...]  # (module path, class name), outermost first
     op: str  # base op name: "linear", "relu", ...
-    escape: int  # how many scope levels every use of the output shares with this node
     source: int | None  # the node whose output is this op's first input, if an op made it
     primary: frozenset[int]  # depths of the modules it leaves as their primary output
 
@@ -136,7 +137,7 @@ def plan(
         source = node.source
         while source is not None and source not in sites and nodes[source].op in _SAME_DATA:
             source = nodes[source].source  # look through dtype casts and added unit axes
-        node = _Node(node.scope, node.op, node.escape, source, node.primary)
+        node = _Node(node.scope, node.op, source, node.primary)
         layers = []
         for depth in sorted(node.primary, reverse=True):
             path, type_name = node.scope[depth - 1]
@@ -296,10 +297,10 @@ def _script_escapes(
     bound: int | None = None,
 ) -> None:
     """Follow the uses of ``value`` (computed in ``scope``) through tuples and control flow,
-    noting how far out of its modules it goes (``found.escape``), and out of which it goes as
-    a primary output (``found.primary``): not as a later element of a tuple, such as an RNN's
-    state beside its output. ``path`` holds the tuple offsets the value is nested at,
-    innermost first; ``bound`` is the depth it has already left at as a later element."""
+    noting the modules it leaves as their primary output (``found.primary``, by depth): not
+    as a later element of a tuple, such as an RNN's state beside its output. ``path`` holds
+    the tuple offsets the value is nested at, innermost first; ``bound`` is the depth it has
+    already left at as a later element."""
     bound = len(scope) if bound is None else bound
     for use in value.uses():
         user, offset = use.user, use.offset
@@ -340,12 +341,10 @@ def _script_escapes(
 class _Escapes:
     """How far a value leaves the modules it was computed in (see ``_script_escapes``)."""
 
-    def __init__(self, depth: int) -> None:
-        self.escape = depth
+    def __init__(self) -> None:
         self.primary: set[int] = set()
 
     def note(self, shared: int, primary: bool, bound: int) -> None:
-        self.escape = min(self.escape, shared)
         if primary:  # leaves the modules deeper than ``shared`` not yet left otherwise
             self.primary.update(range(shared + 1, bound + 1))
 
@@ -400,7 +399,7 @@ def _instrument_script(model: torch.jit.ScriptModule) -> tuple[Any, list[_Node],
     nodes = []
     for n in ops:
         scope = _script_scope(n, tree)
-        found = _Escapes(len(scope))
+        found = _Escapes()
         for index, out in enumerate(n.outputs()):
             # an op's later outputs (an LSTM cell's c beside h) are not its primary output
             path = () if index == 0 else (index,)
@@ -408,7 +407,7 @@ def _instrument_script(model: torch.jit.ScriptModule) -> tuple[Any, list[_Node],
         first = next((v for v in n.inputs() if _is_tensor(v)), None)
         op = n.kind().removeprefix("aten::").rstrip("_")
         source = _script_source(first, producer)
-        nodes.append(_Node(scope, op, found.escape, source, frozenset(found.primary)))
+        nodes.append(_Node(scope, op, source, frozenset(found.primary)))
     return graph, ops, nodes
 
 
@@ -476,7 +475,7 @@ def _instrument_exported(model: torch.fx.GraphModule) -> tuple[Any, list, list[_
         first = next((a for a in op_node.args if isinstance(a, torch.fx.Node)), None)
         name = getattr(op_node.target, "_opname", str(op_node.target)).rstrip("_")
         left = frozenset(range(escape + 1, len(scope) + 1))
-        nodes.append(_Node(scope, name, escape, producer.get(first), left))
+        nodes.append(_Node(scope, name, producer.get(first), left))
     return graph, ops, nodes
 
 
