@@ -111,7 +111,7 @@ class Site:
 
     layers: tuple[LayerInfo, ...]
     channel_first: bool
-    inherit_from: int | None  # elementwise layers take the unit axis of their input's site
+    inherit_from: str | None  # elementwise layers take the unit axis of their input's layer
     op: str  # the op computing the value: of a module's candidate outputs, one op claims it
 
 
@@ -163,7 +163,9 @@ def plan(
         sites[index] = Site(
             layers=tuple(layers),
             channel_first=not first.functional and channel_first_name(first.type),
-            inherit_from=node.source if elementwise and node.source in sites else None,
+            inherit_from=(
+                sites[node.source].layers[0].name if elementwise and node.source in sites else None
+            ),
             op=node.op,
         )
     return sites
@@ -527,7 +529,7 @@ class GraphRecorder:
         self.notes: list[str] = []
         self.layers: dict[str, LayerInfo] = {}
         self.module_layers: dict[nn.Module, LayerInfo] = {}
-        self._dims: dict[int, int] = {}
+        self._dims: dict[str, int] = {}  # unit axis each layer last used, for inheritance
         self._claims: dict[str, str] = {}
         self._tensor_state = [
             (module, name)
@@ -608,33 +610,31 @@ class GraphRecorder:
         if not value.is_floating_point():
             return
         site = self.sites[index]
-        dim = self._unit_dim(index, site, value)
-        for layer in site.layers:
-            # Several values may leave a module (an LSTM's output and state; the fused and
-            # the unfused branch of scripted attention): the op that runs first in a forward
-            # claims the module, and only that op's values are its outputs (one per call).
+        dim = self._unit_dim(site, value)
+        for position, layer in enumerate(site.layers):
+            # Several values may leave a module (the fused and the unfused branch of scripted
+            # attention): the op that runs first in a forward claims the module, and only
+            # that op's values are its outputs (one per call).
             if not layer.functional and self._claims.setdefault(layer.name, site.op) != site.op:
                 continue
             if layer.name not in self.layers:
                 self._first_sight(layer)
             layer_dim = self.axes.resolve(layer.name, value, dim)
+            if position == 0:
+                self._dims[layer.name] = layer_dim
             self.observer.on_activation(layer, value, layer_dim)
             if self.gradients and value.requires_grad:
                 value.register_hook(lambda g, layer=layer: self.observer.on_output_grad(layer, g))
 
-    def _unit_dim(self, index: int, site: Site, value: torch.Tensor) -> int:
+    def _unit_dim(self, site: Site, value: torch.Tensor) -> int:
         if value.dim() <= 1:
-            dim = 0
-        elif site.channel_first:
-            dim = 1
-        elif site.inherit_from is not None and site.inherit_from in self._dims:
-            dim = self._dims[site.inherit_from]
-            dim = dim if dim < value.dim() else value.dim() - 1
-        else:
-            functional = site.layers[0].functional
-            dim = 1 if functional and value.dim() >= 4 else value.dim() - 1
-        self._dims[index] = dim
-        return dim
+            return 0
+        if site.channel_first:
+            return 1
+        if site.inherit_from in self._dims:
+            return min(self._dims[site.inherit_from], value.dim() - 1)
+        functional = site.layers[0].functional
+        return 1 if functional and value.dim() >= 4 else value.dim() - 1
 
     def _first_sight(self, layer: LayerInfo) -> None:
         self.layers[layer.name] = layer

@@ -89,7 +89,7 @@ LAYER_METRICS: Mapping[str, str] = {
     "unit_saturated_fraction": "per unit: share of positions in the flat region",
     "unit_std": "per unit: standard deviation over positions",
     "unit_mean": "per unit: mean over positions",
-    "rms_ratio": "output rms relative to the first layer's",
+    "rms_ratio": "output rms relative to the first layer with weights (None before it)",
     "reference_layer": "the layer rms_ratio is relative to",
     "grad_rms": "rms of the gradient of the loss with respect to the layer output",
     "param_grad_rms": "rms of the gradients of the layer's own parameters",
@@ -228,14 +228,15 @@ def _add_relative(layers: list[dict], key: str, ratio: str, reference: str, *, f
     """Divide ``key`` by the first (or last) layer's positive finite value of it.
 
     The first layer with weights of its own is preferred: a padding or reshaping layer in
-    front of it carries the scale of the raw input (audio at 0.07 rms), not of the network.
+    front of it carries the scale of the raw input (audio at 0.07 rms), not of the network,
+    and gets no ratio, since growth is measured from the reference on.
     """
     candidates = [m for m in layers if _finite(m[key]) and m[key] > 0]
     weighted = [m for m in candidates if m["has_parameters"]]
     candidates = weighted if first and weighted else candidates
     ref = (candidates[0] if first else candidates[-1]) if candidates else None
     for m in layers:
-        if ref is None or m[key] is None:
+        if ref is None or m[key] is None or (first and m["depth"] < ref["depth"]):
             m[ratio], m[reference] = None, None
         else:
             m[ratio], m[reference] = m[key] / ref[key], ref["name"]

@@ -22,10 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is in site-packages; n
 # -- Silero VAD ----------------------------------------------------------------------------
 
 SILERO = str(resources.files("silero_vad.data").joinpath("silero_vad.jit"))
-# The STFT's frequency bins and the decoder's (N, 128, 1) features are on axis 1.
+# The STFT (not a torch.nn class) has its frequency bins on axis 1, not its frames.
 SILERO_OPTIONS = {
     "forward_kwargs": {"sr": 16_000},
-    "unit_axes": {"_model.stft": 1, "_model.decoder.decoder.*": 1},
+    "unit_axes": {"_model.stft": 1},
 }
 
 
