@@ -94,7 +94,7 @@ LAYER_METRICS: Mapping[str, str] = {
     "grad_rms": "rms of the gradient of the loss with respect to the layer output",
     "param_grad_rms": "rms of the gradients of the layer's own parameters",
     "param_grad_mean_abs": "mean |gradient| of the layer's own parameters",
-    "param_grad_ratio": "param_grad_rms relative to the last parametrised layer's",
+    "param_grad_ratio": "param_grad_rms relative to the last weight layer's (linear, conv, ...)",
     "grad_reference_layer": "the layer param_grad_ratio is relative to",
     "param_nonfinite": "NaN or Inf values in the layer's parameters",
     "buffer_nonfinite": "NaN or Inf values in the layer's buffers",
@@ -128,7 +128,7 @@ class Metrics:
 def derive(run: RunStats, *, parameters: int, loss: str) -> Metrics:
     layers = [_layer_metrics(layer, i, len(run.layers)) for i, layer in enumerate(run.layers)]
     _add_relative(layers, "rms", "rms_ratio", "reference_layer", first=True)
-    _add_relative(layers, "param_grad_rms", "param_grad_ratio", "grad_reference_layer", first=False)
+    _add_gradient_ratios(layers)
     _add_context(layers)
     model = _model_metrics(run, layers, parameters=parameters, loss=loss)
     params = []
@@ -240,6 +240,23 @@ def _add_relative(layers: list[dict], key: str, ratio: str, reference: str, *, f
             m[ratio], m[reference] = None, None
         else:
             m[ratio], m[reference] = m[key] / ref[key], ref["name"]
+
+
+def _add_gradient_ratios(layers: list[dict]) -> None:
+    """Divide each weight layer's parameter-gradient rms by the last weight layer's.
+
+    Only layers with weight matrices or kernels are compared: a norm gain's gradient sums over
+    every position and an embedding's falls on the few rows a probe uses, so neither is on
+    the same scale (in all-MiniLM-L6-v2 the last LayerNorm's is ×14 the last Linear's, and
+    the word embeddings' ×0.004).
+    """
+    weighted = [m for m in layers if m["family"] in _WEIGHTED_FAMILIES]
+    _add_relative(
+        weighted, "param_grad_rms", "param_grad_ratio", "grad_reference_layer", first=False
+    )
+    for m in layers:
+        if m["family"] not in _WEIGHTED_FAMILIES:
+            m["param_grad_ratio"], m["grad_reference_layer"] = None, None
 
 
 def _add_context(layers: list[dict]) -> None:

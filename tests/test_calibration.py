@@ -64,6 +64,22 @@ def test_sparse_embedding_gradients_are_not_vanishing_gradients():
     assert findings_of(report, "vanishing-gradients") == []
 
 
+def test_gradients_are_compared_among_weight_layers_only():
+    from modelcheck.metrics import derive
+    from modelcheck.stats import RunStats
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 16), nn.LayerNorm(16))
+    report = modelcheck.check(model, gaussian())
+    stats = RunStats(report.layers, report.input, report.output, None, 16384)
+    layers = {m["name"]: m for m in derive(stats, parameters=1, loss="x").layers}
+    assert layers["0"]["grad_reference_layer"] == "2"  # the last Linear, not the last norm
+    assert layers["0"]["param_grad_ratio"] == pytest.approx(
+        report.layer("0").param_grad.rms / report.layer("2").param_grad.rms
+    )
+    assert layers["1"]["param_grad_ratio"] is None and layers["3"]["param_grad_ratio"] is None
+
+
 @pytest.mark.parametrize("activation", [nn.GELU, nn.SiLU])
 def test_gelu_and_silu_units_that_never_fire_are_dead(activation):
     torch.manual_seed(1)

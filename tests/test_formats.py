@@ -202,6 +202,7 @@ def test_a_corrupt_safetensors_file_is_one_clear_error(tmp_path, capsys):
     assert err.count("\n") == 1
 
 
+@pytest.mark.filterwarnings("ignore")
 def test_cli_options_for_real_models_are_validated(tmp_path, capsys):
     path = tmp_path / "m.pt"
     torch.jit.script(build("mlp")).save(str(path))
