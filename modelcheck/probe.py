@@ -530,9 +530,11 @@ def _read_torch(path: str) -> tuple[_Rows, object]:
         return _as_inputs(loaded[0], path), loaded[1] if len(loaded) == 2 else None
     if isinstance(loaded, Mapping) and "x" in loaded:
         return _as_inputs(loaded["x"], path), loaded.get("y")
+    if isinstance(loaded, Mapping) and loaded:  # keyword inputs: input_ids, attention_mask, ...
+        return _as_inputs(loaded, path), None
     raise ProbeError(
-        f"{path} holds a {type(loaded).__name__}; expected a tensor x, a pair (x, y) or a dict "
-        "with 'x' and optional 'y'"
+        f"{path} holds a {type(loaded).__name__}; expected a tensor x, a pair (x, y), a dict "
+        "with 'x' and optional 'y', or a dict of keyword inputs (input_ids, attention_mask, ...)"
     )
 
 
@@ -547,12 +549,15 @@ def _read_npz(path: str) -> tuple[_Rows, object]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = list(archive.files)
-            if "x" not in names:
-                raise ProbeError(
-                    f"{path} holds arrays {names}; expected 'x' and optional 'y' "
-                    "(np.savez(path, x=..., y=...))"
-                )
-            return archive["x"], archive["y"] if "y" in names else None
+            if "x" in names:
+                return archive["x"], archive["y"] if "y" in names else None
+            if names and not any(re.fullmatch(r"arr_\d+", name) for name in names):
+                # keyword inputs, as np.savez(path, input_ids=..., attention_mask=...)
+                return {name: archive[name] for name in names}, None
+            raise ProbeError(
+                f"{path} holds arrays {names}; expected 'x' and optional 'y' "
+                "(np.savez(path, x=..., y=...)) or named keyword inputs (input_ids=..., ...)"
+            )
     except ProbeError:
         raise
     except Exception as error:

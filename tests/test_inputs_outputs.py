@@ -273,3 +273,17 @@ def test_half_precision_models_are_reduced_like_float32(dtype):
             layer.activation.rms, rel=2e-2
         )
     assert errors(half) == []
+
+
+def test_a_probe_file_of_keyword_inputs_reaches_the_model_as_keywords(tmp_path):
+    from modelcheck.probe import probe_from_spec
+
+    batch = tokens(20)
+    torch.save(batch, tmp_path / "tokens.pt")
+    np_path = tmp_path / "tokens.npz"
+    __import__("numpy").savez(np_path, **{k: v.numpy() for k, v in batch.items()})
+    for path in (tmp_path / "tokens.pt", np_path):
+        probe = probe_from_spec(str(path), batch_size=8)
+        report = modelcheck.check(TokenClassifier(), probe)
+        assert names(report) == ["embed", "fc"]
+        assert report.probe.samples == 20
