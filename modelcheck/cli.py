@@ -25,6 +25,7 @@ from modelcheck.settings import LOSS_CHOICES, SEVERITY_CHOICES, Settings
 from modelcheck.source import load_model
 
 COMMANDS = ("demo", "rules", "rule")
+DEMO_HTML = "modelcheck-demo.html"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +59,7 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--format", choices=FORMATS, default="text", help="output format")
     out.add_argument("-o", "--output", metavar="FILE", help="write the output to FILE")
+    out.add_argument("--html", metavar="PATH", help="also write the HTML report to PATH")
     out.add_argument("--show-fixes", action="store_true", help="list fixes under each finding")
     out.add_argument("--exit-zero", action="store_true", help="exit 0 even with findings")
     out.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -176,6 +178,7 @@ def _check_command(argv: list[str]) -> int:
     args = _check_parser().parse_args(argv)
     settings = _settings_from(args)
     _refuse_to_overwrite(args.output, [args.model])
+    _check_html_path(args.html, [args.model, args.output])
     loaded = load_model(
         args.model, arch=args.arch, arch_kwargs=_json_kwargs(args.arch_kwargs), trust=args.trust
     )
@@ -199,11 +202,38 @@ def _check_command(argv: list[str]) -> int:
 
 def _emit(report: Report, args: argparse.Namespace, preface: str = "") -> int:
     text = render(report, args.format, show_fixes=args.show_fixes)
+    if args.html:
+        try:
+            report.write_html(args.html)
+        except OSError as error:
+            raise ConfigError(f"--html {args.html}: cannot write it ({error.strerror})") from None
     if args.output:
         write_atomic(args.output, text)
     else:
         sys.stdout.write(preface + text)
+    if args.html:
+        # Beside the text on a terminal; on stderr when stdout carries JSON or a file does.
+        stream = sys.stdout if args.format == "text" and not args.output else sys.stderr
+        stream.write(f"HTML report: {Path(args.html).resolve()}\n")
     return 0 if report.ok or args.exit_zero else 1
+
+
+def _check_html_path(path: str | None, inputs: Sequence[str | None]) -> None:
+    """Fail before the run, not after it, when the report could not be written there."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--html {path} is a directory; give a file name like report.html")
+    if not target.parent.is_dir():
+        raise ConfigError(f"--html {path}: directory {target.parent} does not exist")
+    for other in inputs:
+        same = other and (
+            Path(other).resolve() == target.resolve()
+            or (target.exists() and os.path.exists(other) and target.samefile(other))
+        )
+        if same:
+            raise ConfigError(f"--html {path} would overwrite {other}")
 
 
 def _refuse_to_overwrite(output: str | None, inputs: Sequence[str]) -> None:
@@ -249,9 +279,17 @@ def _demo_command(argv: list[str]) -> int:
     )
     _rule_options(parser)
     _output_options(parser)
+    parser.add_argument(
+        "--no-html", action="store_true", help=f"do not write the HTML report ({DEMO_HTML})"
+    )
     args = parser.parse_args(argv)
     from modelcheck.demo import run_demo
 
+    if args.no_html:
+        args.html = None
+    elif args.html is None:
+        args.html = DEMO_HTML
+    _check_html_path(args.html, [args.output])
     settings = _settings_from(args)
     _, report = run_demo(settings=settings)
     preface = (

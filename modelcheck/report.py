@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,16 @@ class Report:
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def to_html(self) -> str:
+        """The self-contained HTML report (inline CSS and SVG, nothing fetched)."""
+        from modelcheck.html import render_html  # a renderer: only the HTML path pays for it
+
+        return render_html(self)
+
+    def write_html(self, path: str | os.PathLike[str]) -> None:
+        """Write the HTML report to ``path`` atomically: all of it, or nothing."""
+        write_atomic(path, self.to_html())
 
 
 def layer_names(report: Report) -> list[str]:
@@ -199,7 +210,18 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, _file_mode(target))  # mkstemp's 0600 would hide a report from others
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _file_mode(target: Path) -> int:
+    """The mode ``open(target, "w")`` would leave: the old file's, or 0666 less the umask."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask

@@ -184,11 +184,14 @@ class MomentSample:
 
     def shape_moments(self) -> tuple[float | None, float | None]:
         """(skewness, excess kurtosis) as scipy.stats computes them with bias=True."""
-        n, m2 = self.n, float(self.m2)
-        if n < 2 or not m2 > 0 or not math.isfinite(m2):
+        n, m2, mean = self.n, float(self.m2), float(self.mean)
+        # Values equal up to rounding have no shape: their spread is float noise.
+        if n < 2 or not math.isfinite(m2) or m2 / n <= (1e-12 * mean) ** 2 or m2 <= 0:
             return None, None
-        skew = float(self.m3) * math.sqrt(n) / m2**1.5
-        kurt = n * float(self.m4) / (m2 * m2) - 3.0
+        # Divide step by step: m2**1.5 and m2**2 underflow for tiny values.
+        root = math.sqrt(m2)
+        skew = float(self.m3) / root / root / root * math.sqrt(n)
+        kurt = float(self.m4) / m2 / m2 * n - 3.0
         return _finite_or_none(skew), _finite_or_none(kurt)
 
 

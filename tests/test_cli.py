@@ -245,12 +245,15 @@ def test_unknown_rule_suggests_a_close_one(capsys):
     assert_one_line_error(code, err, "dead-unit", "dead-units")
 
 
-def test_demo_prints_per_layer_findings_for_the_seed_network(capsys):
+def test_demo_prints_per_layer_findings_for_the_seed_network(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     code, out, _ = run(["demo"], capsys)
     assert code in (0, 1)
     assert "Iris" in out
     assert "fc3.relu  MC101 dead-units" in out
     assert "fix:" in out
+    assert f"HTML report: {tmp_path / 'modelcheck-demo.html'}" in out
+    assert "fc3.relu" in (tmp_path / "modelcheck-demo.html").read_text()
 
 
 def test_console_script_runs_as_a_separate_process(tmp_path):
