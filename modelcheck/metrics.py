@@ -242,6 +242,29 @@ def _add_relative(layers: list[dict], key: str, ratio: str, reference: str, *, f
             m[ratio], m[reference] = m[key] / ref[key], ref["name"]
 
 
+def reference_values(layers: Sequence[LayerStats]) -> tuple[float | None, float | None]:
+    """The output rms and the parameter-gradient rms that the depth rules divide by: the first
+    layer with weights (else the first layer) and the last weight layer. Renderers that draw
+    the rules' thresholds use these, so their lines match the findings."""
+    rms = [
+        (bool(layer.parameters), layer.activation.rms)
+        for layer in layers
+        if layer.activation is not None
+        and _finite(layer.activation.rms)
+        and layer.activation.rms > 0
+    ]
+    first = next((v for weighted, v in rms if weighted), rms[0][1] if rms else None)
+    grads = [
+        layer.param_grad.rms
+        for layer in layers
+        if layer.family in _WEIGHTED_FAMILIES
+        and layer.param_grad is not None
+        and _finite(layer.param_grad.rms)
+        and layer.param_grad.rms > 0
+    ]
+    return first, grads[-1] if grads else None
+
+
 def _add_gradient_ratios(layers: list[dict]) -> None:
     """Divide each weight layer's parameter-gradient rms by the last weight layer's.
 
