@@ -93,3 +93,16 @@ def test_gelu_and_silu_units_that_never_fire_are_dead(activation):
         findings_of(modelcheck.check(mlp([8, 32, 32, 4], activation), gaussian()), "dead-units")
         == []
     )
+
+
+def test_renderers_get_the_same_reference_layers_as_the_rules():
+    from modelcheck.metrics import reference_values
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Scale(0.1), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.LayerNorm(4)
+    )
+    report = modelcheck.check(model, gaussian())
+    rms, grad = reference_values(report.layers)
+    assert rms == report.layer("1").activation.rms  # not the weightless front end
+    assert grad == report.layer("3").param_grad.rms  # not the final LayerNorm
