@@ -224,7 +224,8 @@ def _modules_table(
         )
         if path in leaves or (module is not None and owns_tensors(module)):
             recorded[path] = (types.get(path) or _class_name(module), owned)
-        if module is not None and family_from_type_name(recorded.get(path, ("",))[0]) == "hardtanh":
+        hardtanh = path in recorded and family_from_type_name(recorded[path][0]) == "hardtanh"
+        if module is not None and hardtanh:
             saturation[path] = (float(module.min_val), float(module.max_val))
     return recorded, frozenset(leaves), saturation
 
@@ -272,7 +273,7 @@ def _child_path(tree: Mapping[str, nn.Module], parent: str, name: str) -> str:
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or getattr(
             child, "original_name", ""
         ) in ("ModuleList", "ModuleDict"):
-            candidate = f"{path.rsplit('.', 1)[0] + '.' if parent else ''}{child_name}.{name}"
+            candidate = f"{parent}.{child_name}.{name}" if parent else f"{child_name}.{name}"
             if candidate in tree:
                 return candidate
     return path

@@ -214,3 +214,13 @@ def test_cli_options_for_real_models_are_validated(tmp_path, capsys):
         capsys, path, "--input-shape", "4", "--unit-axis", "fc*=-1", "--output-key", "0"
     )
     assert code == 2 and "output key '0'" in err  # a plain tensor output has no parts
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_an_exported_program_object_is_checked_through_its_module():
+    model, x = build("residual"), ARCHS["residual"][1]
+    program = torch.export.export(model, (x,))
+    report = modelcheck.check(program, x)
+    assert {layer.name for layer in report.layers} == expected_layers(
+        "residual", "exported", model, x
+    )
