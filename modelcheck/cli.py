@@ -15,11 +15,18 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from modelcheck import config
 from modelcheck import rules as rules_module
 from modelcheck.engine import __version__, check, load_rule_set
 from modelcheck.errors import ConfigError, ModelcheckError
 from modelcheck.probe import infer_input_shape, probe_from_spec
-from modelcheck.renderers import FORMATS, format_number, render
+from modelcheck.renderers import (
+    FORMATS,
+    STATISTICS_FORMATS,
+    format_number,
+    render,
+    render_statistics,
+)
 from modelcheck.report import Report, write_atomic
 from modelcheck.settings import LOSS_CHOICES, SEVERITY_CHOICES, Settings
 from modelcheck.source import load_model
@@ -58,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _output_options(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--format", choices=FORMATS, default="text", help="output format")
+    out.add_argument(
+        "--statistics", action="store_true", help="count findings per rule instead of listing"
+    )
     out.add_argument("-o", "--output", metavar="FILE", help="write the output to FILE")
     out.add_argument("--html", metavar="PATH", help="also write the HTML report to PATH")
     out.add_argument("--show-fixes", action="store_true", help="list fixes under each finding")
@@ -86,10 +96,20 @@ def _check_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "model",
+        nargs="?",
         help="model file: TorchScript, torch.export (.pt2), a state_dict or safetensors file "
         "(with --arch), or a pickled module (with --trust); recognised by content",
     )
     parser.add_argument("--version", action="version", version=f"modelcheck {__version__}")
+    settings = parser.add_argument_group("settings")
+    settings.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read settings from FILE (default: [tool.modelcheck] of the nearest pyproject.toml)",
+    )
+    settings.add_argument(
+        "--show-settings", action="store_true", help="print the resolved settings and exit"
+    )
     source = parser.add_argument_group("model")
     source.add_argument(
         "--arch",
@@ -143,7 +163,8 @@ def _check_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings_from(args: argparse.Namespace) -> Settings:
+def _cli_values(args: argparse.Namespace) -> dict[str, object]:
+    """The settings given as flags: these override the configuration file."""
     values: dict[str, object] = {}
     for name in ("select", "ignore", "extend_select"):
         if getattr(args, name, None):
@@ -161,7 +182,11 @@ def _settings_from(args: argparse.Namespace) -> Settings:
         values["forward_kwargs"] = _json_object(args.forward_kwargs, "--forward-kwargs")
     if getattr(args, "unit_axis", None):
         values["unit_axes"] = dict(_unit_axis(text) for text in args.unit_axis)
-    return Settings().updated(values, "command line")
+    return values
+
+
+def _settings_from(args: argparse.Namespace, base: Settings | None = None) -> Settings:
+    return (base or Settings()).updated(_cli_values(args), "command line")
 
 
 def _unit_axis(text: str) -> tuple[str, int]:
@@ -175,8 +200,18 @@ def _unit_axis(text: str) -> tuple[str, int]:
 
 
 def _check_command(argv: list[str]) -> int:
-    args = _check_parser().parse_args(argv)
-    settings = _settings_from(args)
+    parser = _check_parser()
+    args = parser.parse_args(argv)
+    configured = config.load(args.config)
+    settings = _settings_from(args, configured.settings)
+    if args.show_settings:
+        cli = _cli_values(args)
+        shown = config.Configured(settings, configured.path, configured.origins)
+        sys.stdout.write(config.describe(shown, cli))
+        return 0
+    if args.model is None:
+        parser.error("the following arguments are required: model")
+    _check_output_flags(args)
     _refuse_to_overwrite(args.output, [args.model])
     _check_html_path(args.html, [args.model, args.output])
     loaded = load_model(
@@ -196,12 +231,23 @@ def _check_command(argv: list[str]) -> int:
         standardize=not args.no_standardize,
     )
     report = check(loaded, probe, settings=settings)
-    found = f"{args.model}: {loaded.description}\n" if args.format == "text" else ""
-    return _emit(report, args, found)
+    # The format found, first, where a reader (not a parser) reads the output.
+    readable = args.format == "text" and not args.statistics
+    return _emit(report, args, f"{args.model}: {loaded.description}\n" if readable else "")
+
+
+def _check_output_flags(args: argparse.Namespace) -> None:
+    if args.statistics and args.format not in STATISTICS_FORMATS:
+        raise ConfigError(
+            f"--statistics works with --format {', '.join(STATISTICS_FORMATS)}, not {args.format}"
+        )
 
 
 def _emit(report: Report, args: argparse.Namespace, preface: str = "") -> int:
-    text = render(report, args.format, show_fixes=args.show_fixes)
+    if args.statistics:
+        text = render_statistics(report, args.format)
+    else:
+        text = render(report, args.format, show_fixes=args.show_fixes)
     if args.html:
         try:
             report.write_html(args.html)
@@ -283,6 +329,7 @@ def _demo_command(argv: list[str]) -> int:
         "--no-html", action="store_true", help=f"do not write the HTML report ({DEMO_HTML})"
     )
     args = parser.parse_args(argv)
+    _check_output_flags(args)
     from modelcheck.demo import run_demo
 
     if args.no_html:
@@ -297,7 +344,7 @@ def _demo_command(argv: list[str]) -> int:
         "labels, Adam lr 1e-3, 500 epochs)\nand checked it on the 30 test samples:\n\n"
     )
     args.show_fixes = args.show_fixes or args.format == "text"
-    return _emit(report, args, preface if args.format == "text" else "")
+    return _emit(report, args, preface if args.format == "text" and not args.statistics else "")
 
 
 # -- modelcheck rules / rule CODE -----------------------------------------------------------------

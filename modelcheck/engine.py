@@ -77,6 +77,12 @@ def check(
     parameters = sum(p.numel() for p in module.parameters())
     metrics = derive(stats, parameters=parameters, loss=run.loss)
     findings = _without_layer_ignores(rules.evaluate(chosen, metrics), settings)
+    slugs = {r.code: r.slug for r in chosen}
+    checked = tuple(
+        (code, layer)
+        for code, layer in rules.applicable(chosen, metrics)
+        if not _ignored_here(code, slugs[code], layer, settings.per_layer_ignores)
+    )
     return Report(
         version=__version__,
         torch_version=torch.__version__,
@@ -109,6 +115,7 @@ def check(
         findings=tuple(findings),
         rules=chosen,
         fail_on=settings.fail_on,
+        checked=checked,
     )
 
 
@@ -151,16 +158,19 @@ def select_rules(settings: Settings) -> tuple[Rule, ...]:
 
 
 def _without_layer_ignores(findings: list[Finding], settings: Settings) -> list[Finding]:
-    return [f for f in findings if not _ignored_here(f, settings.per_layer_ignores)]
+    ignores = settings.per_layer_ignores
+    return [f for f in findings if not _ignored_here(f.code, f.rule, f.layer, ignores)]
 
 
-def _ignored_here(finding: Finding, per_layer: Mapping[str, Sequence[str]]) -> bool:
-    if finding.layer is None:
+def _ignored_here(
+    code: str, slug: str, layer: str | None, per_layer: Mapping[str, Sequence[str]]
+) -> bool:
+    if layer is None:
         return False
     return any(
-        selector in ("ALL", finding.rule) or finding.code.startswith(selector)
+        selector in ("ALL", slug) or code.startswith(selector)
         for pattern, selectors in per_layer.items()
-        if fnmatch.fnmatchcase(finding.layer, pattern)
+        if fnmatch.fnmatchcase(layer, pattern)
         for selector in selectors
     )
 

@@ -62,6 +62,9 @@ class Report:
     findings: tuple[Finding, ...]
     rules: tuple[Rule, ...]
     fail_on: str
+    # (rule code, layer or None for the model) pairs the rules looked at: the findings'
+    # denominator, which JUnit output reports as passing test cases.
+    checked: tuple[tuple[str, str | None], ...] = ()
 
     @property
     def ok(self) -> bool:

@@ -396,6 +396,29 @@ def evaluate(rules: Sequence[Rule], metrics: Metrics) -> list[Finding]:
     return sort_findings(findings)
 
 
+def applicable(rules: Sequence[Rule], metrics: Metrics) -> list[tuple[str, str | None]]:
+    """The (rule code, layer name) pairs the rules looked at, in rule and layer order.
+
+    A check looks at a layer when its ``applies-to`` holds there (a dead-units check does
+    not look at a Linear layer); a model-scope check looks at the model, layer None. CI
+    formats that report passes as well as findings (JUnit) need this denominator.
+    """
+    pairs: dict[tuple[str, str | None], None] = {}
+    for rule in rules:
+        for check in rule.checks:
+            if check.scope == "model":
+                rows: Sequence[Mapping[str, object]] = [metrics.model]
+            else:
+                found = metrics.layers if check.scope == "layer" else metrics.parameters
+                rows = [{**metrics.model, **row} for row in found]
+            for env in rows:
+                env = {**env, **rule.params}
+                if check.applies_to is None or expr.truthy(check.applies_to.evaluate(env)):
+                    layer = None if check.scope == "model" else str(env.get("name"))
+                    pairs[(rule.code, layer)] = None
+    return list(pairs)
+
+
 def sort_findings(findings: Iterable[Finding]) -> list[Finding]:
     return sorted(findings, key=lambda f: (-severity_rank(f.severity), f.code))
 

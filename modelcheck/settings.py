@@ -8,6 +8,7 @@ defaults, then a configuration file, then arguments — and the result is a froz
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 
@@ -48,10 +49,10 @@ class Settings:
             name = key.replace("-", "_")
             option = OPTIONS.get(name)
             if option is None:
-                raise ConfigError(
-                    f"{where}: unknown setting {key!r}; "
-                    f"known: {', '.join(sorted(k.replace('_', '-') for k in OPTIONS))}"
-                )
+                known = sorted(k.replace("_", "-") for k in OPTIONS)
+                close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+                raise ConfigError(f"{where}: unknown setting {key!r}; {hint}")
             changes[name] = option.convert(value, f"{where}: {key}")
         return replace(self, **changes)
 

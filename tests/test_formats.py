@@ -1,226 +1,369 @@
-"""The formats x architectures table of the README: every cell is one test here.
-
-Each model is saved in each format, loaded back through the source stage as a user's file
-would be, and checked. Every layer must be recorded under its module name — the leaves a
-plain forward calls (seen by hooks of the test's own) plus the functional activations the
-forward calls — and a compiled model must give the same statistics as the eager one.
-"""
+"""CI output formats: golden files for each format, SARIF valid against the official 2.1.0
+schema, JUnit counts that add up, GitHub annotations escaped, statistics per rule, and
+every renderer surviving an empty report, a report of nulls and the Iris example."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import warnings
+import json
+import math
+import xml.etree.ElementTree as ET
+from pathlib import Path
 
-import archs
+import jsonschema
 import pytest
-import torch
-from torch import nn
+from models import constant_output_model, dead_relu_model, mlp, seeded, trained_seed_network
 
 import modelcheck
-from modelcheck.source import load_model
+from modelcheck.cli import main
+from modelcheck.renderers import FORMATS, render, render_statistics
+from modelcheck.report import ModelInfo, ProbeInfo, Report
+from modelcheck.rules import Finding
+from modelcheck.stats import LayerStats
 
-G = torch.Generator().manual_seed(0)
-
-# architecture -> (factory name in archs, input, functional activations the forward calls)
-ARCHS = {
-    "mlp": ("make_mlp", torch.randn(16, 4, generator=G), {"fc1.relu", "fc2.relu"}),
-    "conv1d": ("CNN1d", torch.randn(16, 2, 16, generator=G), {"bn.relu"}),
-    "conv2d": ("CNN2d", torch.randn(16, 1, 8, 8, generator=G), set()),
-    "conv3d": ("CNN3d", torch.randn(16, 1, 4, 6, 6, generator=G), set()),
-    "residual": (
-        "Residual",
-        torch.randn(16, 6, generator=G),
-        {"block1.fc1.relu", "block1.relu", "block2.fc1.relu", "block2.relu"},
-    ),
-    "lstm": ("make_lstm", torch.randn(16, 5, 6, generator=G), set()),
-    "gru": ("make_gru", torch.randn(16, 5, 6, generator=G), set()),
-    "transformer": (
-        "Encoder",
-        torch.randn(16, 5, 16, generator=G),
-        {"encoder.layers.0.linear1.relu", "encoder.layers.1.linear1.relu"},
-    ),
-    "attention": ("Attention", torch.randn(16, 5, 16, generator=G), set()),
-    "embedding": ("Tokens", torch.randint(0, 50, (16, 5), generator=G), set()),
-}
-FORMATS = ("module", "state_dict", "safetensors", "pickled", "scripted", "traced", "exported")
+GOLDEN = Path(__file__).parent / "test_formats"
+SCHEMA = json.loads((Path(__file__).parent / "schemas" / "sarif-schema-2.1.0.json").read_text())
 
 
-def build(arch: str) -> nn.Module:
-    torch.manual_seed(0)
-    return getattr(archs, ARCHS[arch][0])().eval()
-
-
-def save(model: nn.Module, fmt: str, x: torch.Tensor, path, factory: str) -> object:
-    """The model as a user would hand it over: a module, or the path of a file."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if fmt == "module":
-            return model
-        if fmt == "state_dict":
-            torch.save(model.state_dict(), path)
-        elif fmt == "safetensors":
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-        elif fmt == "pickled":
-            torch.save(model, path)
-        elif fmt == "scripted":
-            torch.jit.script(model).save(str(path))
-        elif fmt == "traced":
-            torch.jit.trace(model, x[:2], check_trace=False).save(str(path))
-        else:
-            dynamic = {"x" if "x" in _arg_names(model) else "ids": {0: torch.export.Dim("batch")}}
-            torch.export.save(torch.export.export(model, (x[:2],), dynamic_shapes=dynamic), path)
-    arch_spec = {"state_dict", "safetensors"}
-    return load_model(
-        path,
-        arch=f"archs:{factory}" if fmt in arch_spec else None,
-        trust=fmt == "pickled",
+def pinned(report: Report, source: str = "models/dead.pt") -> Report:
+    """The report with everything that changes between runs and machines fixed."""
+    model = dataclasses.replace(report.model, source=source, description=f"state_dict {source}")
+    return dataclasses.replace(
+        report,
+        version="0.1.0",
+        torch_version="2.x",
+        created="2026-01-01T00:00:00+00:00",
+        model=model,
     )
-
-
-def _arg_names(model: nn.Module) -> list[str]:
-    import inspect
-
-    return list(inspect.signature(model.forward).parameters)
-
-
-def modules_that_run(model: nn.Module, x: torch.Tensor) -> set[str]:
-    """Leaves, and modules owning parameters, that a plain unfused forward calls."""
-    ran = set()
-    handles = [
-        module.register_forward_hook(lambda m, i, o, name=name: ran.add(name))
-        for name, module in model.named_modules()
-        if next(module.children(), None) is None or list(module.parameters(recurse=False))
-    ]
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(True)
-        for handle in handles:
-            handle.remove()
-    return ran
 
 
 @functools.cache
-def eager_report(arch: str):
-    return modelcheck.check(build(arch), ARCHS[arch][1])
+def dead_report() -> Report:
+    return pinned(modelcheck.check(dead_relu_model(), None))
 
 
-def expected_layers(arch: str, fmt: str, model: nn.Module, x: torch.Tensor) -> set[str]:
-    return modules_that_run(model, x) | ARCHS[arch][2]
+@functools.cache
+def healthy_report() -> Report:
+    return pinned(modelcheck.check(seeded(0)(lambda: mlp([8, 16, 4]))(), None), "healthy.pt")
 
 
-@pytest.mark.filterwarnings("ignore")
+def empty_report() -> Report:
+    return Report(
+        version="0.1.0",
+        torch_version="2.x",
+        created="2026-01-01T00:00:00+00:00",
+        model=ModelInfo("<in-memory module>", "module", "Empty", 0, 0, "float32", "cpu", "empty"),
+        probe=ProbeInfo("nothing", 0, 0, False, "surrogate", False, True, 16),
+        layers=(),
+        input=None,
+        output=None,
+        findings=(),
+        rules=(),
+        fail_on="error",
+    )
+
+
+def nulls_report() -> Report:
+    """Every optional value missing or not finite, names XML and JSON must escape, and a
+    finding whose rule the report does not list."""
+    odd = 'odd<&>"\x01:name,%'
+    layer = LayerStats(odd, "Mystery", "other", False, 0, None, None, None, (), 0)
+    finding = Finding(
+        code="MC999",
+        rule="made-up",
+        severity="info",
+        layer=odd,
+        value=math.nan,
+        threshold=None,
+        message="100% odd: a\nsecond line",
+        fixes=(),
+        title="A rule from elsewhere",
+    )
+    model_wide = dataclasses.replace(finding, layer=None, value=None, severity="warning")
+    return dataclasses.replace(
+        empty_report(), layers=(layer,), findings=(finding, model_wide), checked=(("MC999", odd),)
+    )
+
+
+# -- golden files ---------------------------------------------------------------------------
+
+
+def assert_golden(request, name: str, text: str, *, structured: bool = False) -> None:
+    """Compare with tests/test_formats/NAME; ``--update-goldens`` rewrites it instead.
+    Structured (JSON) goldens compare numbers to 1e-6 relative, since the last digits of
+    float statistics may differ between machines; text goldens compare exactly."""
+    path = GOLDEN / name
+    if request.config.getoption("--update-goldens"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return
+    assert path.exists(), f"{path} is missing; run pytest --update-goldens to write it"
+    expected = path.read_text(encoding="utf-8")
+    if structured:
+        assert_close(json.loads(text), json.loads(expected))
+    else:
+        assert text == expected
+
+
+def assert_close(obtained, expected, where="$"):
+    if isinstance(expected, float) or isinstance(obtained, float):
+        assert isinstance(obtained, (int, float)), f"{where}: {obtained!r} != {expected!r}"
+        assert math.isclose(obtained, expected, rel_tol=1e-6, abs_tol=1e-9), (
+            f"{where}: {obtained!r} != {expected!r}"
+        )
+    elif isinstance(expected, dict):
+        assert isinstance(obtained, dict) and obtained.keys() == expected.keys(), where
+        for key in expected:
+            assert_close(obtained[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(obtained, list) and len(obtained) == len(expected), where
+        for i, (a, b) in enumerate(zip(obtained, expected)):
+            assert_close(a, b, f"{where}[{i}]")
+    else:
+        assert obtained == expected, f"{where}: {obtained!r} != {expected!r}"
+
+
+GOLDEN_FILES = {
+    "text": "dead.txt",
+    "concise": "dead.concise.txt",
+    "json": "dead.json",
+    "sarif": "dead.sarif",
+    "junit": "dead.junit.xml",
+    "github": "dead.github.txt",
+}
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_every_layer_is_recorded_in_every_format(arch, fmt, tmp_path):
-    model = build(arch)
-    x = ARCHS[arch][1]
-    given = save(model, fmt, x, tmp_path / "model", ARCHS[arch][0])
-    report = modelcheck.check(given, x)
-    eager = eager_report(arch)
-    names = {layer.name for layer in report.layers}
-    if fmt in ("traced", "exported") and arch in ("transformer", "attention"):
-        # compiled MultiheadAttention inlines out_proj's weights into its own computation
-        names.discard("attn.out_proj")
-    assert names == expected_layers(arch, fmt, model, x)
-    assert not [f for f in report.findings if f.severity == "error"]
-    for layer in report.layers:
-        reference = eager.layer(layer.name).activation
-        assert layer.activation.rms == pytest.approx(reference.rms, rel=1e-4), layer.name
-        assert layer.activation.units == reference.units, layer.name
-
-
-# -- the command line says what it found, and refuses broken files in one line --------------
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    from modelcheck.cli import main
-
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.mark.filterwarnings("ignore")
-def test_the_format_is_read_from_content_and_said_first(tmp_path, capsys):
-    path = tmp_path / "weights.bin"  # the extension says nothing
-    torch.jit.script(build("mlp")).save(str(path))
-    code, out, err = run_cli(capsys, path)  # input shape from the compiled Linear
-    assert code == 0, err
-    assert out.splitlines()[0] == f"{path}: TorchScript module MLP"
-    code, out, _ = run_cli(capsys, path, "--input-shape", "4", "--format", "json")
-    assert __import__("json").loads(out)["model"]["format"] == "torchscript"
-
-
-@pytest.mark.filterwarnings("ignore")
-def test_an_exported_program_gives_its_input_shape_to_the_random_probe(tmp_path, capsys):
-    path = tmp_path / "cnn.pt2"
-    batch = {"x": {0: torch.export.Dim("batch")}}
-    program = torch.export.export(build("conv2d"), (torch.zeros(2, 1, 8, 8),), dynamic_shapes=batch)
-    torch.export.save(program, path)
-    code, out, err = run_cli(capsys, path)
-    assert code == 0, err
-    assert out.splitlines()[0] == f"{path}: torch.export program exported for inputs (2, 1, 8, 8)"
-    assert "random N(0,1) of shape (1, 8, 8)" in out
-
-
-@pytest.mark.filterwarnings("ignore")
-def test_an_exported_program_with_a_fixed_batch_says_how_to_fix_it(tmp_path, capsys):
-    path = tmp_path / "fixed.pt2"
-    torch.export.save(torch.export.export(build("mlp"), (torch.zeros(3, 4),)), path)
-    code, out, err = run_cli(capsys, path, "--input-shape", "4")
-    assert code == 2 and out == ""
-    assert err.count("\n") == 1
-    assert "exported for inputs (3, 4)" in err and "dynamic_shapes" in err
-    code, _, err = run_cli(capsys, path, "--input-shape", "4", "--batch-size", "3",
-                           "--max-samples", "30")  # fmt: skip
-    assert code == 0, err
-
-
-@pytest.mark.filterwarnings("ignore")
-def test_a_truncated_torchscript_archive_is_one_clear_error(tmp_path, capsys):
-    whole = tmp_path / "whole.pt"
-    torch.jit.script(build("mlp")).save(str(whole))
-    cut = tmp_path / "cut.pt"
-    cut.write_bytes(whole.read_bytes()[:2000])
-    code, _, err = run_cli(capsys, cut)
-    assert code == 2
-    assert err == f"modelcheck: error: {cut} is truncated or corrupted (incomplete zip archive)\n"
-
-
-def test_a_corrupt_safetensors_file_is_one_clear_error(tmp_path, capsys):
-    header = b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}'
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))  # 12 bytes short
-    code, _, err = run_cli(capsys, path, "--arch", "archs:make_mlp")
-    assert code == 2
-    assert err.startswith(f"modelcheck: error: {path} is truncated or corrupted (safetensors:")
-    assert err.count("\n") == 1
-
-
-@pytest.mark.filterwarnings("ignore")
-def test_cli_options_for_real_models_are_validated(tmp_path, capsys):
-    path = tmp_path / "m.pt"
-    torch.jit.script(build("mlp")).save(str(path))
-    code, _, err = run_cli(capsys, path, "--forward-kwargs", "[1]")
-    assert code == 2 and "--forward-kwargs must be a JSON object" in err
-    code, _, err = run_cli(capsys, path, "--unit-axis", "fc1")
-    assert code == 2 and "PATTERN=AXIS" in err
-    code, _, err = run_cli(
-        capsys, path, "--input-shape", "4", "--unit-axis", "fc*=-1", "--output-key", "0"
+def test_each_format_matches_its_golden_file(request, fmt):
+    assert_golden(
+        request, GOLDEN_FILES[fmt], render(dead_report(), fmt), structured=fmt in ("json", "sarif")
     )
-    assert code == 2 and "output key '0'" in err  # a plain tensor output has no parts
 
 
-@pytest.mark.filterwarnings("ignore")
-def test_an_exported_program_object_is_checked_through_its_module():
-    model, x = build("residual"), ARCHS["residual"][1]
-    program = torch.export.export(model, (x,))
-    report = modelcheck.check(program, x)
-    assert {layer.name for layer in report.layers} == expected_layers(
-        "residual", "exported", model, x
+def test_statistics_match_their_golden_files(request):
+    assert_golden(request, "dead.statistics.txt", render_statistics(dead_report(), "text"))
+    assert_golden(
+        request,
+        "dead.statistics.json",
+        render_statistics(dead_report(), "json"),
+        structured=True,
     )
+
+
+# -- SARIF ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [dead_report, healthy_report, empty_report, nulls_report],
+    ids=["dead", "healthy", "empty", "nulls"],
+)
+def test_sarif_validates_against_the_official_2_1_0_schema(make):
+    log = json.loads(render(make(), "sarif"))
+    jsonschema.Draft7Validator(SCHEMA).validate(log)
+    assert log["version"] == "2.1.0"
+
+
+def test_sarif_results_point_at_the_model_file_and_the_layer():
+    report = dead_report()
+    run = json.loads(render(report, "sarif"))["runs"][0]
+    dead = next(r for r in run["results"] if r["ruleId"] == "MC101")
+    finding = next(f for f in report.findings if f.code == "MC101")
+    assert dead["level"] == "error"
+    location = dead["locations"][0]
+    assert location["physicalLocation"]["artifactLocation"]["uri"] == "models/dead.pt"
+    assert location["logicalLocations"][0]["name"] == finding.layer == "3"
+    assert finding.message in dead["message"]["text"]
+    assert run["tool"]["driver"]["rules"][dead["ruleIndex"]]["id"] == "MC101"
+
+
+def test_sarif_levels_follow_severities():
+    levels = {r["ruleId"]: r["level"] for r in _results(dead_report())}
+    severities = {f.code: f.severity for f in dead_report().findings}
+    mapping = {"error": "error", "warning": "warning", "info": "note"}
+    assert levels == {code: mapping[s] for code, s in severities.items()}
+
+
+def test_sarif_fingerprint_is_stable_per_rule_and_layer_whatever_the_value():
+    less_dead = pinned(modelcheck.check(dead_relu_model(0.6), None))
+    first = {r["ruleId"]: r for r in _results(dead_report())}["MC101"]
+    second = {r["ruleId"]: r for r in _results(less_dead)}["MC101"]
+    assert first["properties"]["value"] != second["properties"]["value"]
+    assert first["partialFingerprints"] == second["partialFingerprints"]
+    prints = [r["partialFingerprints"]["modelcheckRuleLayer/v1"] for r in _results(dead_report())]
+    assert len(set(prints)) == len(prints)
+
+
+def test_sarif_rules_carry_descriptions_help_and_fixes():
+    rules = json.loads(render(dead_report(), "sarif"))["runs"][0]["tool"]["driver"]["rules"]
+    assert [r["id"] for r in rules] == [r.code for r in dead_report().rules]
+    dead = next(r for r in rules if r["id"] == "MC101")
+    assert dead["name"] == "dead-units"
+    assert dead["shortDescription"]["text"] == "ReLU units that never fire"
+    assert "ReLU-family layers" in dead["fullDescription"]["text"]
+    assert "How to fix" in dead["help"]["text"]
+    assert "Initialise the layer feeding <layer> with He" in dead["help"]["text"]
+
+
+def test_sarif_of_an_in_memory_module_has_only_the_logical_location():
+    report = modelcheck.check(dead_relu_model(), None)
+    for result in _results(report):
+        assert result["locations"][0].keys() == {"logicalLocations"}
+
+
+def _results(report: Report) -> list[dict]:
+    return json.loads(render(report, "sarif"))["runs"][0]["results"]
+
+
+# -- JUnit ----------------------------------------------------------------------------------
+
+
+def junit(report: Report) -> ET.Element:
+    return ET.fromstring(render(report, "junit"))
+
+
+@pytest.mark.parametrize(
+    "make", [dead_report, healthy_report, nulls_report], ids=["dead", "healthy", "nulls"]
+)
+def test_junit_counts_one_case_per_rule_and_layer_checked_and_one_failure_per_finding(make):
+    report = make()
+    root = junit(report)
+    suite = root.find("testsuite")
+    cases = suite.findall("testcase")
+    failures = suite.findall("testcase/failure")
+    assert int(root.get("tests")) == int(suite.get("tests")) == len(cases)
+    assert int(root.get("failures")) == int(suite.get("failures")) == len(failures)
+    assert len(failures) == len(report.findings)
+    assert len(cases) >= len(set(report.checked))
+    names = {(c.get("classname").split(".")[1], c.get("name")) for c in cases}
+    # XML 1.0 cannot hold control characters: they show as U+FFFD
+    checked = {
+        (code, (layer or "<model>").replace("\x01", "\ufffd")) for code, layer in report.checked
+    }
+    assert checked <= names
+
+
+def test_junit_failure_sits_on_the_finding_rule_and_layer():
+    report = dead_report()
+    failed = {
+        (case.get("classname"), case.get("name")): case.find("failure")
+        for case in junit(report).iter("testcase")
+        if case.find("failure") is not None
+    }
+    for f in report.findings:
+        failure = failed[(f"modelcheck.{f.code}.{f.rule}", f.layer or "<model>")]
+        assert failure.get("type") == f.severity
+        assert f.message in failure.get("message")
+        assert f.fixes[0] in failure.text
+
+
+def test_junit_model_wide_finding_fails_the_model_case():
+    report = modelcheck.check(constant_output_model(), None)
+    collapsed = [f for f in report.findings if f.rule == "collapsed-output"]
+    assert collapsed, [f.rule for f in report.findings]
+    cases = [c for c in junit(report).iter("testcase") if "collapsed-output" in c.get("classname")]
+    assert [c.get("name") for c in cases] == ["<model>"]
+    assert cases[0].find("failure") is not None
+
+
+# -- GitHub annotations and statistics ------------------------------------------------------
+
+
+def test_github_annotations_escape_what_would_end_a_workflow_command():
+    lines = render(nulls_report(), "github").splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith('::notice title=MC999 made-up (odd<&>"\x01%3Aname%2C%25)::')
+    assert "100%25 odd: a%0Asecond line" in lines[0]
+    assert lines[1].startswith("::warning title=MC999 made-up (model)::<model>: ")
+
+
+def test_github_annotations_name_the_model_file_and_the_first_fix():
+    lines = render(dead_report(), "github").splitlines()
+    dead = next(line for line in lines if "MC101" in line)
+    assert dead.startswith("::error file=models/dead.pt,title=MC101 dead-units (3)::3: 0.75 vs 0.5")
+    assert "%0Afix: Initialise the layer feeding 3" in dead
+
+
+def test_statistics_count_findings_per_rule_most_frequent_first():
+    report = dead_report()
+    extra = dataclasses.replace(report.findings[0], layer="other", severity="warning")
+    doubled = dataclasses.replace(report, findings=(*report.findings, extra))
+    rows = json.loads(render_statistics(doubled, "json"))
+    assert rows[0] == {
+        "code": report.findings[0].code,
+        "rule": report.findings[0].rule,
+        "count": 2,
+        "severity": report.findings[0].severity,
+    }
+    assert sum(r["count"] for r in rows) == len(doubled.findings)
+    first = render_statistics(doubled, "text").splitlines()[0].split()
+    assert first[:2] == ["2", report.findings[0].code]
+
+
+# -- contract: every renderer, every kind of report ----------------------------------------
+
+
+@functools.cache
+def iris_report() -> Report:
+    model, x, y = trained_seed_network()
+    return modelcheck.check(model, x, y)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(
+    "make", [empty_report, nulls_report, iris_report], ids=["empty", "nulls", "iris"]
+)
+def test_every_renderer_handles_empty_null_and_real_reports(make, fmt):
+    report = make()
+    text = render(report, fmt)
+    assert text.endswith("\n") or (text == "" and not report.findings)
+    if fmt in ("json", "sarif"):
+        json.loads(text)
+    if fmt == "junit":
+        ET.fromstring(text)
+    if fmt == "github":
+        assert len(text.splitlines()) == len(report.findings)
+    for f in report.findings:
+        assert f.code in text
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dead_file(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(dead_relu_model(), tmp_path / "dead.pt")
+    return "dead.pt"
+
+
+@pytest.mark.parametrize("fmt", ["sarif", "junit", "github", "concise"])
+def test_cli_prints_each_format_and_exit_zero_reports_without_failing(dead_file, capsys, fmt):
+    assert main([dead_file, "--trust", "--format", fmt, "--exit-zero"]) == 0
+    printed = capsys.readouterr().out
+    assert "dead.pt" in printed and "MC101" in printed
+
+
+def test_cli_writes_sarif_to_a_file_and_exits_one_on_findings(dead_file, tmp_path, capsys):
+    out = tmp_path / "out.sarif"
+    assert main([dead_file, "--trust", "--format", "sarif", "-o", str(out)]) == 1
+    assert capsys.readouterr().out == ""
+    jsonschema.Draft7Validator(SCHEMA).validate(json.loads(out.read_text()))
+
+
+def test_cli_statistics_prints_counts_per_rule(dead_file, capsys):
+    assert main([dead_file, "--trust", "--statistics"]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["1", "MC101", "dead-units"]
+    assert "Found" not in out
+
+
+def test_cli_statistics_refuses_formats_it_cannot_count_in(dead_file, capsys):
+    assert main([dead_file, "--trust", "--statistics", "--format", "sarif"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "modelcheck: error: --statistics works with --format text, concise, json, not sarif"
+    ]
