@@ -287,3 +287,22 @@ def test_a_probe_file_of_keyword_inputs_reaches_the_model_as_keywords(tmp_path):
         report = modelcheck.check(TokenClassifier(), probe)
         assert names(report) == ["embed", "fc"]
         assert report.probe.samples == 20
+
+
+def test_real_model_settings_are_read_from_pyproject(tmp_path):
+    from modelcheck import config
+
+    path = tmp_path / "pyproject.toml"
+    path.write_text(
+        "[tool.modelcheck]\n"
+        'output-key = "sentence_embedding"\n'
+        "forward-kwargs = { sr = 16000 }\n"
+        'unit-axes = { "_model.stft" = 1 }\n'
+    )
+    settings = config.load(path).settings
+    assert settings.output_key == "sentence_embedding"
+    assert settings.forward_kwargs == {"sr": 16000}
+    assert settings.unit_axes == {"_model.stft": 1}
+    path.write_text('[tool.modelcheck]\nunit-axes = { "stft" = "one" }\n')
+    with pytest.raises(modelcheck.ConfigError, match="unit-axes"):
+        config.load(path)
