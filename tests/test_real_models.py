@@ -229,6 +229,10 @@ def _nan_in_value_4(bert):
     ],
 )
 def test_minilm_planted_fault_is_found_at_its_layer(fault, layer, rule):
+    assert f"0.model.{layer} {rule}" in errors(minilm_fault_report(fault))
+
+
+@functools.cache
+def minilm_fault_report(fault):
     model, tokens = minilm(fault)
-    report = modelcheck.check(model, {k: v[:8] for k, v in tokens.items()})
-    assert f"0.model.{layer} {rule}" in errors(report)
+    return modelcheck.check(model, {k: v[:8] for k, v in tokens.items()})
