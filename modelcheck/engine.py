@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modelcheck import capture, rules
+from modelcheck import capture, capture_graph, rules
 from modelcheck.errors import ConfigError
 from modelcheck.metrics import derive
 from modelcheck.probe import Probe, infer_input_shape, probe_from_data, probe_from_spec
@@ -49,6 +49,8 @@ def check(
     settings = (settings or Settings()).updated(options, "check()")
     loaded = model if isinstance(model, LoadedModel) else None
     module = loaded.module if loaded else model
+    if isinstance(module, torch.export.ExportedProgram):
+        module = module.module()
     if not isinstance(module, nn.Module):
         raise ConfigError(f"check(): model must be a torch.nn.Module, not {type(module).__name__}")
     chosen = select_rules(settings)
@@ -60,6 +62,10 @@ def check(
         "train_mode": settings.train_mode,
         "gradients": settings.gradients,
         "seed": settings.seed,
+        "output_key": settings.output_key,
+        "forward_kwargs": settings.forward_kwargs,
+        "unit_axes": settings.unit_axes,
+        "recorder_factory": capture_graph.GraphRecorder if capture_graph.handles(module) else None,
     }
     run = capture.run(module, probe.batches, collector, **run_options)
     if collector.saw_nonfinite():
@@ -84,7 +90,7 @@ def check(
         model=ModelInfo(
             source=loaded.source if loaded else "<in-memory module>",
             format=loaded.format if loaded else "module",
-            type=type(module).__name__,
+            type=getattr(module, "original_name", None) or type(module).__name__,
             parameters=parameters,
             trainable_parameters=sum(p.numel() for p in module.parameters() if p.requires_grad),
             dtype=run.dtype,
@@ -100,6 +106,8 @@ def check(
             train_mode=run.train_mode,
             gradients=run.gradients,
             sample_size=settings.sample_size,
+            output_key=run.output_key,
+            notes=run.notes,
         ),
         layers=stats.layers,
         input=stats.input,

@@ -43,6 +43,8 @@ class ProbeInfo:
     train_mode: bool
     gradients: bool
     sample_size: int
+    output_key: str = ""  # where in the model's output the checked output was, e.g. "['logits']"
+    notes: tuple[str, ...] = ()  # how the run differed from a plain forward, and why
 
 
 @dataclass(frozen=True, slots=True)
