@@ -140,7 +140,10 @@ def _check_parser() -> argparse.ArgumentParser:
         "`modelcheck rule CODE`.",
     )
     parser.add_argument(
-        "model", nargs="?", help="model file: a state_dict (with --arch) or a pickled module"
+        "model",
+        nargs="?",
+        help="model file: TorchScript, torch.export (.pt2), a state_dict or safetensors file "
+        "(with --arch), or a pickled module (with --trust); recognised by content",
     )
     parser.add_argument("--version", action="version", version=f"modelcheck {__version__}")
     settings = parser.add_argument_group("settings")
@@ -183,6 +186,23 @@ def _check_parser() -> argparse.ArgumentParser:
     run.add_argument("--loss", choices=LOSS_CHOICES, help="loss with labels (default: auto)")
     run.add_argument("--train-mode", action="store_true", help="run in train mode")
     run.add_argument("--no-gradients", action="store_true", help="forward pass only")
+    run.add_argument(
+        "--output-key",
+        metavar="KEY",
+        help="part of the model's output to check: a key, attribute or index (default: logits, "
+        "sentence_embedding or last_hidden_state, else the first float tensor)",
+    )
+    run.add_argument(
+        "--forward-kwargs",
+        metavar="JSON",
+        help="keyword arguments for every forward call, e.g. '{\"sr\": 16000}'",
+    )
+    run.add_argument(
+        "--unit-axis",
+        metavar="PATTERN=AXIS",
+        action="append",
+        help="axis of the units of layers matching PATTERN (repeatable), e.g. 'rnn*=-1'",
+    )
     _rule_options(parser)
     _output_options(parser)
     return parser
@@ -201,11 +221,27 @@ def _cli_values(args: argparse.Namespace) -> dict[str, object]:
         values["train_mode"] = True
     if getattr(args, "no_gradients", False):
         values["gradients"] = False
+    if getattr(args, "output_key", None) is not None:
+        values["output_key"] = args.output_key
+    if getattr(args, "forward_kwargs", None) is not None:
+        values["forward_kwargs"] = _json_object(args.forward_kwargs, "--forward-kwargs")
+    if getattr(args, "unit_axis", None):
+        values["unit_axes"] = dict(_unit_axis(text) for text in args.unit_axis)
     return values
 
 
 def _settings_from(args: argparse.Namespace, base: Settings | None = None) -> Settings:
     return (base or Settings()).updated(_cli_values(args), "command line")
+
+
+def _unit_axis(text: str) -> tuple[str, int]:
+    pattern, _, axis = text.rpartition("=")
+    try:
+        return pattern, int(axis)
+    except ValueError:
+        raise ConfigError(
+            f"--unit-axis {text!r} must be PATTERN=AXIS, e.g. 'encoder.*=-1'"
+        ) from None
 
 
 def _check_command(argv: list[str]) -> int:
@@ -245,7 +281,9 @@ def _check_command(argv: list[str]) -> int:
         standardize=not args.no_standardize,
     )
     report = check(loaded, probe, settings=settings)
-    return _emit(report, args)
+    # The format found, first, where a reader (not a parser) reads the output.
+    readable = args.format == "text" and not args.statistics
+    return _emit(report, args, f"{args.model}: {loaded.description}\n" if readable else "")
 
 
 def _check_output_flags(args: argparse.Namespace) -> None:
@@ -323,14 +361,16 @@ def _check_output(output: str | None, inputs: Sequence[str | None]) -> None:
 
 
 def _json_kwargs(text: str | None) -> dict | None:
-    if text is None:
-        return None
+    return None if text is None else _json_object(text, "--arch-kwargs")
+
+
+def _json_object(text: str, flag: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ConfigError(f"--arch-kwargs is not valid JSON: {error.msg} at {error.pos}") from None
+        raise ConfigError(f"{flag} is not valid JSON: {error.msg} at {error.pos}") from None
     if not isinstance(value, dict):
-        raise ConfigError("--arch-kwargs must be a JSON object, e.g. '{\"width\": 64}'")
+        raise ConfigError(f"{flag} must be a JSON object, e.g. '{{\"width\": 64}}'")
     return value
 
 

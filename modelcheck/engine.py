@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modelcheck import capture, rules
+from modelcheck import capture, capture_graph, rules
 from modelcheck.errors import BatchOutOfMemory, CaptureError, ConfigError
 from modelcheck.metrics import derive
 from modelcheck.probe import (
@@ -57,6 +57,8 @@ def check(
     settings = (settings or Settings()).updated(options, "check()")
     loaded = model if isinstance(model, LoadedModel) else None
     module = loaded.module if loaded else model
+    if isinstance(module, torch.export.ExportedProgram):
+        module = module.module()
     if not isinstance(module, nn.Module):
         raise ConfigError(f"check(): model must be a torch.nn.Module, not {type(module).__name__}")
     chosen = select_rules(settings)
@@ -81,7 +83,7 @@ def check(
         model=ModelInfo(
             source=loaded.source if loaded else "<in-memory module>",
             format=loaded.format if loaded else "module",
-            type=type(module).__name__,
+            type=getattr(module, "original_name", None) or type(module).__name__,
             parameters=parameters,
             trainable_parameters=sum(p.numel() for p in module.parameters() if p.requires_grad),
             dtype=run.dtype,
@@ -97,6 +99,8 @@ def check(
             train_mode=run.train_mode,
             gradients=run.gradients,
             sample_size=settings.sample_size,
+            output_key=run.output_key,
+            notes=run.notes + notes,
         ),
         layers=stats.layers,
         input=stats.input,
@@ -104,7 +108,6 @@ def check(
         findings=tuple(findings),
         rules=chosen,
         fail_on=settings.fail_on,
-        notes=notes,
         checked=checked,
     )
 
@@ -149,6 +152,10 @@ def _observe_batches(
         "train_mode": settings.train_mode,
         "gradients": settings.gradients,
         "seed": settings.seed,
+        "output_key": settings.output_key,
+        "forward_kwargs": settings.forward_kwargs,
+        "unit_axes": settings.unit_axes,
+        "recorder_factory": capture_graph.GraphRecorder if capture_graph.handles(module) else None,
     }
     collector = StatsCollector(settings.sample_size, settings.seed)
     run = capture.run(module, batches, collector, **options)

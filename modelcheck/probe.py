@@ -161,10 +161,17 @@ def infer_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
     """The shape of one sample, as told by the model's first layer (in registration order).
 
     Only a Linear says it fully; for other first layers the message says what to pass instead.
+    An exported program knows the shape it was exported for; a TorchScript module keeps its
+    layers' class names.
     """
+    exported = _exported_input_shape(model)
+    if exported is not None:
+        return exported
     for name, layer in model.named_modules():
         label = name or type(model).__name__
         kind = type(layer).__name__
+        if getattr(layer, "original_name", None) == "Linear":  # a compiled nn.Linear
+            return (int(layer.weight.shape[1]),)
         if isinstance(layer, torch.nn.Linear):
             if torch.nn.parameter.is_lazy(layer.weight):
                 raise ProbeError(
@@ -195,6 +202,19 @@ def infer_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
         f"cannot infer the input shape of {type(model).__name__}: it has no Linear, Conv or "
         "Embedding layer of known size; pass --input-shape or a probe file"
     )
+
+
+def _exported_input_shape(model: torch.nn.Module) -> tuple[int, ...] | None:
+    if not isinstance(model, torch.fx.GraphModule):
+        return None
+    values = [node.meta.get("val") for node in model.graph.nodes if node.op == "placeholder"]
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if len(tensors) != 1 or tensors[0].dim() < 2 or not tensors[0].is_floating_point():
+        return None
+    try:
+        return tuple(int(size) for size in tensors[0].shape[1:])
+    except TypeError:  # a symbolic (dynamic) size other than the batch
+        return None
 
 
 # --- batch iterables -------------------------------------------------------------------------
@@ -543,9 +563,11 @@ def _read_torch(path: str) -> tuple[_Rows, object]:
         return _as_inputs(loaded[0], path), loaded[1] if len(loaded) == 2 else None
     if isinstance(loaded, Mapping) and "x" in loaded:
         return _as_inputs(loaded["x"], path), loaded.get("y")
+    if isinstance(loaded, Mapping) and loaded:  # keyword inputs: input_ids, attention_mask, ...
+        return _as_inputs(loaded, path), None
     raise ProbeError(
-        f"{path} holds a {type(loaded).__name__}; expected a tensor x, a pair (x, y) or a dict "
-        "with 'x' and optional 'y'"
+        f"{path} holds a {type(loaded).__name__}; expected a tensor x, a pair (x, y), a dict "
+        "with 'x' and optional 'y', or a dict of keyword inputs (input_ids, attention_mask, ...)"
     )
 
 
@@ -573,12 +595,15 @@ def _read_npz(path: str) -> tuple[_Rows, object]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = list(archive.files)
-            if "x" not in names:
-                raise ProbeError(
-                    f"{path} holds arrays {names}; expected 'x' and optional 'y' "
-                    "(np.savez(path, x=..., y=...))"
-                )
-            return archive["x"], archive["y"] if "y" in names else None
+            if "x" in names:
+                return archive["x"], archive["y"] if "y" in names else None
+            if names and not any(re.fullmatch(r"arr_\d+", name) for name in names):
+                # keyword inputs, as np.savez(path, input_ids=..., attention_mask=...)
+                return {name: archive[name] for name in names}, None
+            raise ProbeError(
+                f"{path} holds arrays {names}; expected 'x' and optional 'y' "
+                "(np.savez(path, x=..., y=...)) or named keyword inputs (input_ids=..., ...)"
+            )
     except ProbeError:
         raise
     except Exception as error:

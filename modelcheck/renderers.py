@@ -114,7 +114,7 @@ def render_text(report: Report, *, show_fixes: bool = False, max_fixes: int | No
         lines.append(finding_line(f, width))
         if show_fixes:
             lines += [f"{'':{width}}    fix: {fix}" for fix in f.fixes[:max_fixes]]
-    lines += [f"note: {note}" for note in report.notes]
+    lines += [f"note: {note}" for note in report.probe.notes]
     lines.append(summary_line(report))
     return "".join(printable(line) + "\n" for line in lines)
 

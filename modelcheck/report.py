@@ -44,6 +44,8 @@ class ProbeInfo:
     train_mode: bool
     gradients: bool
     sample_size: int
+    output_key: str = ""  # where in the model's output the checked output was, e.g. "['logits']"
+    notes: tuple[str, ...] = ()  # how the run differed from a plain forward, and why
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +63,6 @@ class Report:
     findings: tuple[Finding, ...]
     rules: tuple[Rule, ...]
     fail_on: str
-    notes: tuple[str, ...] = ()  # how the run departed from what was asked, and why
     # (rule code, layer or None for the model) pairs the rules looked at: the findings'
     # denominator, which JUnit output reports as passing test cases.
     checked: tuple[tuple[str, str | None], ...] = ()
@@ -105,7 +106,6 @@ class Report:
             "layers": [_layer_dict(layer, depth) for depth, layer in enumerate(self.layers)],
             "findings": [_finding_dict(f) for f in self.findings],
             "summary": {**self.summary, "ok": self.ok, "fail_on": self.fail_on},
-            "notes": list(self.notes),
         }
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -56,7 +56,7 @@ class LoadedModel:
 
     module: torch.nn.Module
     source: str  # the path as the user gave it
-    format: str  # "state_dict" | "pickled-module"
+    format: str  # "torchscript" | "torch-export" | "safetensors" | "state_dict" | "pickled-module"
     description: str  # one line for the report
 
 
@@ -74,6 +74,13 @@ def load_model(
     """
     shown = os.fspath(path)
     kind = _sniff(shown)
+    if kind == "torchscript":
+        return _load_torchscript(shown)
+    if kind == "torch-export":
+        return _load_exported(shown)
+    if kind == "safetensors":
+        state = _read_safetensors(shown)
+        return _load_state_dict(shown, state, None, arch, arch_kwargs, "safetensors")
     loaded = _load_pickle(shown, trust) if kind == "pickle" else _torch_load(shown, trust)
     payload, wrapper = _unwrap(loaded)
     if isinstance(payload, torch.nn.Module):
@@ -118,7 +125,8 @@ def import_factory(spec: str) -> Callable[..., torch.nn.Module]:
 
 
 def _sniff(path: str) -> str:
-    """Classify the file as "torch" (torch.save output) or "pickle" (a plain pickle).
+    """Classify the file: "torchscript", "torch-export", "safetensors", "torch" (torch.save
+    output) or "pickle" (a plain pickle).
 
     Everything else is refused here, before any unpickling, with the reason it was recognised.
     """
@@ -138,14 +146,11 @@ def _sniff(path: str) -> str:
         if head.startswith(signature):
             raise SourceError(f"{path} is not a PyTorch file (looks like {what})")
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        _check_archive(path)
-        verify_archive(path)
-        return "torch"
+        kind = _archive_kind(path)
+        verify_archive(path)  # torch.save, TorchScript and torch.export archives alike
+        return kind
     if _looks_like_safetensors(head, size):
-        raise SourceError(
-            f"{path}: safetensors files are not supported yet; load the tensors into your model "
-            f"and {_STATE_DICT_ROUTE}"
-        )
+        return "safetensors"
     # torch.save always writes pickle protocol 2 or later, whose first byte is PROTO (0x80);
     # protocol 0 text pickles are not worth mistaking every text file for a model.
     if not head.startswith(pickle.PROTO):
@@ -155,24 +160,80 @@ def _sniff(path: str) -> str:
     return "torch" if _is_legacy_torch_file(path) else "pickle"
 
 
-def _check_archive(path: str) -> None:
-    """Refuse zip archives that torch.load cannot turn into a module: broken ones, TorchScript and
-    torch.export programs (whose loaders are not wired in yet) and zips torch.save did not write."""
+def _archive_kind(path: str) -> str:
+    """Tell the zip archives torch writes apart by what they hold: TorchScript (code/ and
+    constants.pkl), torch.export (archive_format, models/), torch.save (data.pkl)."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError):
         raise SourceError(f"{path} is truncated or corrupted (incomplete zip archive)") from None
     if any(n.endswith("/archive_format") or "serialized_exported_program" in n for n in names):
-        raise SourceError(
-            f"{path}: torch.export programs (.pt2) are not supported yet; {_STATE_DICT_ROUTE}"
-        )
+        return "torch-export"
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-        raise SourceError(
-            f"{path}: TorchScript archives are not supported yet; {_STATE_DICT_ROUTE}"
-        )
+        return "torchscript"
     if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         raise SourceError(f"{path} is a zip archive but not a PyTorch file (no data.pkl inside)")
+    return "torch"
+
+
+def _load_torchscript(path: str) -> LoadedModel:
+    # TorchScript archives hold TorchScript code and tensors, read by torch's own loader,
+    # not by Python's pickle: no --trust needed.
+    try:
+        with warnings.catch_warnings():  # torch's advice to move to torch.export, not ours
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(path, map_location="cpu")
+    except Exception as error:
+        raise SourceError(
+            f"{path} is a TorchScript archive that torch.jit.load cannot read "
+            f"({type(error).__name__}: {_brief(error)})"
+        ) from None
+    name = getattr(module, "original_name", type(module).__name__)
+    return LoadedModel(module, path, "torchscript", f"TorchScript module {name}")
+
+
+def _load_exported(path: str) -> LoadedModel:
+    try:
+        with warnings.catch_warnings():  # deprecations inside torch's own loader
+            warnings.simplefilter("ignore")
+            program = torch.export.load(path)
+            module = program.module()
+    except Exception as error:
+        raise SourceError(
+            f"{path} is a torch.export program that torch.export.load cannot read "
+            f"({type(error).__name__}: {_brief(error)})"
+        ) from None
+    signature = ", ".join(
+        f"{tuple(s.shape)}" for s in _example_inputs(program) if isinstance(s, torch.Tensor)
+    )
+    shapes = f" exported for inputs {signature}" if signature else ""
+    return LoadedModel(module, path, "torch-export", f"torch.export program{shapes}")
+
+
+def _example_inputs(program: object) -> list[object]:
+    example = getattr(program, "example_inputs", None)
+    if not example:
+        return []
+    args, kwargs = example
+    return [*args, *kwargs.values()]
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file: a JSON header and raw data, no code to run."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise SourceError(
+            f"{path} is a safetensors file; reading it needs the safetensors package "
+            "(pip install safetensors)"
+        ) from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as error:
+        raise SourceError(
+            f"{path} is truncated or corrupted (safetensors: {_brief(error)})"
+        ) from None
 
 
 # torch.save stores its records uncompressed; a re-zipped file may deflate them, but a
@@ -416,8 +477,9 @@ def _load_state_dict(
     wrapper: str | None,
     arch: str | None,
     arch_kwargs: Mapping[str, object] | None,
+    fmt: str = "state_dict",
 ) -> LoadedModel:
-    held = f"state_dict ({len(state)} tensors)"
+    held = f"{'safetensors file' if fmt == 'safetensors' else 'state_dict'} ({len(state)} tensors)"
     if wrapper:
         held = f"state_dict ({len(state)} tensors, under the checkpoint key '{wrapper}')"
     if arch is None:
@@ -428,6 +490,9 @@ def _load_state_dict(
     kwargs = dict(arch_kwargs or {})
     call = f"{arch}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
     module = _build(import_factory(arch), call, kwargs)
+    # Checkpoints written before a buffer became non-persistent still hold it (Hugging Face
+    # BERT's embeddings.position_ids): the module rebuilds it, so the file's copy is not needed.
+    state = {k: v for k, v in state.items() if k not in _non_persistent_buffers(module)}
     mismatch = _first_mismatch(state, module.state_dict())
     if mismatch:
         raise SourceError(f"{path} does not fit --arch {arch}: {mismatch}")
@@ -435,7 +500,15 @@ def _load_state_dict(
         module.load_state_dict(state, strict=True)
     except Exception as error:  # e.g. a custom _load_from_state_dict that refuses the values
         raise SourceError(f"{path} does not fit --arch {arch}: {_brief(error)}") from None
-    return LoadedModel(module, path, "state_dict", f"{held} loaded into {call}")
+    return LoadedModel(module, path, fmt, f"{held} loaded into {call}")
+
+
+def _non_persistent_buffers(module: torch.nn.Module) -> set[str]:
+    return {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, sub in module.named_modules()
+        for name in getattr(sub, "_non_persistent_buffers_set", ())
+    }
 
 
 def _build(factory: Callable[..., object], call: str, kwargs: dict[str, object]) -> torch.nn.Module:

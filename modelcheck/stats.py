@@ -25,7 +25,8 @@ import torch
 from modelcheck.capture import LayerInfo
 
 DEAD_BELOW = 0.01
-"""A ReLU unit is dead when it is active (> 0) on fewer than this fraction of positions."""
+"""A ReLU, GELU or SiLU unit is dead when it is active (> 0) on fewer than this fraction
+of positions."""
 
 SATURATED_FROM = 0.95
 """A bounded unit is saturated when it sits in its flat region on at least this fraction."""
@@ -37,7 +38,7 @@ RESERVOIR_SIZE = 4_096
 """Values per layer kept for histograms and quantiles: plenty for 50 bins and 101 quantiles."""
 
 # Families whose per-unit activity (> 0) decides dead units.
-ACTIVITY_FAMILIES = frozenset({"relu", "relu6"})
+ACTIVITY_FAMILIES = frozenset({"relu", "relu6", "gelu", "silu"})
 
 
 @dataclass(frozen=True, slots=True)

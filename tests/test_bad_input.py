@@ -584,7 +584,7 @@ def test_out_of_memory_retries_smaller_batches_and_says_so(workdir, capsys, cpu)
     code, out, _ = run([*argv, "--max-samples", "100", "--batch-size", "40", "--format", "json"],
                        capsys)  # fmt: skip
     data = json.loads(out)
-    assert data["notes"] == [
+    assert data["probe"]["notes"] == [
         "ran out of memory on a batch of 40 samples, so the probe ran in batches of at most "
         "10 (as with --batch-size 10)"
     ]
@@ -593,7 +593,7 @@ def test_out_of_memory_retries_smaller_batches_and_says_so(workdir, capsys, cpu)
 
 def test_a_probe_that_fits_needs_no_note(workdir, capsys):
     code, out, _ = run(["model.pt", *MLP, "--format", "json"], capsys)
-    assert code == 0 and json.loads(out)["notes"] == []
+    assert code == 0 and json.loads(out)["probe"]["notes"] == []
 
 
 # -- interruptions ---------------------------------------------------------------------------
