@@ -7,9 +7,11 @@ loaded with ``weights_only=True`` into a module built by a factory the user name
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import itertools
+import logging
 import os
 import pickle
 import pickletools
@@ -19,7 +21,9 @@ import sys
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 
@@ -77,7 +81,7 @@ def load_model(
     if kind == "torchscript":
         return _load_torchscript(shown)
     if kind == "torch-export":
-        return _load_exported(shown)
+        return _load_exported(shown, trust)
     if kind == "safetensors":
         state = _read_safetensors(shown)
         return _load_state_dict(shown, state, None, arch, arch_kwargs, "safetensors")
@@ -193,12 +197,16 @@ def _load_torchscript(path: str) -> LoadedModel:
     return LoadedModel(module, path, "torchscript", f"TorchScript module {name}")
 
 
-def _load_exported(path: str) -> LoadedModel:
+def _load_exported(path: str, trust: bool) -> LoadedModel:
     try:
-        with warnings.catch_warnings():  # deprecations inside torch's own loader
+        with warnings.catch_warnings(), _quiet_torch_logs():  # torch's own deprecations
             warnings.simplefilter("ignore")
-            program = torch.export.load(path)
+            with contextlib.nullcontext() if trust else _plain_tensors_only():
+                program = torch.export.load(path)
             module = program.module()
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", _ANSI.sub("", str(error)))
+        raise _unsafe(path, found.group(1) if found else "a pickled object") from None
     except Exception as error:
         raise SourceError(
             f"{path} is a torch.export program that torch.export.load cannot read "
@@ -209,6 +217,41 @@ def _load_exported(path: str) -> LoadedModel:
     )
     shapes = f" exported for inputs {signature}" if signature else ""
     return LoadedModel(module, path, "torch-export", f"torch.export program{shapes}")
+
+
+@contextmanager
+def _plain_tensors_only() -> Iterator[None]:
+    """Inside, torch.load reads plain tensors only and pickle.loads refuses.
+
+    torch.export.load unpickles parts of a .pt2 archive with weights_only=False (weights
+    and constants marked as pickled, opaque constants) and falls back to it when the
+    example inputs fail a weights-only load, so a crafted archive runs code on loading.
+    The archive's own format needs neither; its TorchScript objects go through torch's
+    C++ unpickler, which resolves no Python globals.
+    """
+    real_load = torch.load
+
+    def weights_only(*args: object, **kwargs: object) -> object:
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise pickle.UnpicklingError("the archive holds a pickled object, which could run code")
+
+    with mock.patch.object(torch, "load", weights_only), mock.patch.object(pickle, "loads", refuse):
+        yield
+
+
+@contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    # torch.export.load logs (and, with a malformed log call, prints a traceback) when it
+    # falls back to a full unpickling: the one-line error says what matters.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def _example_inputs(program: object) -> list[object]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import importlib
+import io
 import json
 import os
 import pickle
@@ -196,6 +197,59 @@ def test_the_arch_module_is_imported_only_when_named(workdir, capsys):
     assert code == 0, err
     assert marker.exists()
     sys.modules.pop("team_models", None)
+
+
+def _exported(workdir: Path) -> Path:
+    program = torch.export.export(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (torch.ones(2, 4),))
+    torch.export.save(program, workdir / "clean.pt2")
+    return workdir / "clean.pt2"
+
+
+def _rewritten(source: Path, target: Path, records: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for info in old.infolist():
+            inner = info.filename.split("/", 1)[1]
+            new.writestr(info.filename, records.get(inner, old.read(info.filename)))
+
+
+def _torch_saved(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("record", ["example-inputs", "pickled-weight"])
+def test_torch_export_archive_that_would_unpickle_code_is_refused(workdir, capsys, record):
+    """torch.export.load unpickles pickled weights with weights_only=False, and falls back
+    to it when the example inputs fail a weights-only load."""
+    clean, marker = _exported(workdir), workdir / "pwned"
+    payload = _torch_saved(MakesMarker(marker))
+    if record == "example-inputs":
+        records = {"data/sample_inputs/model.pt": payload}
+    else:
+        with zipfile.ZipFile(clean) as archive:
+            config_name = next(n for n in archive.namelist() if n.endswith("weights_config.json"))
+            config = json.loads(archive.read(config_name))
+        entry = next(iter(config["config"].values()))
+        entry["use_pickle"] = True
+        records = {
+            "data/weights/model_weights_config.json": json.dumps(config).encode(),
+            f"data/weights/{entry['path_name']}": payload,
+        }
+    _rewritten(clean, workdir / "evil.pt2", records)
+
+    code, _, err = run(["evil.pt2", "--input-shape", "4"], capsys)
+    line = one_line(err)
+    assert code == 2 and "mkdir" in line and "--trust" in line
+    assert not marker.exists()
+    code, _, err = run(["evil.pt2", "--input-shape", "4", "--trust"], capsys)
+    assert marker.exists()  # the refusal is ours: torch itself would have run it
+    assert len(err.splitlines()) == 1  # torch's fallback logging stays quiet
+
+
+def test_clean_torch_export_archive_loads_without_trust(workdir):
+    loaded = load_model(_exported(workdir))
+    assert loaded.format == "torch-export"
 
 
 @pytest.mark.parametrize("role", ["model", "probe"])
