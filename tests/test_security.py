@@ -247,6 +247,20 @@ def test_torch_export_archive_that_would_unpickle_code_is_refused(workdir, capsy
     assert len(err.splitlines()) == 1  # torch's fallback logging stays quiet
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("record", ["data.pkl", "constants.pkl"])
+def test_torchscript_archive_with_a_pickled_payload_never_runs_it(workdir, capsys, record):
+    """torch.jit.load's unpickler resolves TorchScript types only: the payload is refused."""
+    torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU())).save(workdir / "clean.jit")
+    marker = workdir / "pwned"
+    payload = pickle.dumps(MakesMarker(marker), protocol=2)
+    _rewritten(workdir / "clean.jit", workdir / "evil.jit", {record: payload})
+    for trust in ([], ["--trust"]):
+        code, _, err = run(["evil.jit", "--input-shape", "4", *trust], capsys)
+        assert code == 2 and "evil.jit" in one_line(err)
+        assert not marker.exists()
+
+
 def test_clean_torch_export_archive_loads_without_trust(workdir):
     loaded = load_model(_exported(workdir))
     assert loaded.format == "torch-export"
