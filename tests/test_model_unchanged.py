@@ -1,12 +1,13 @@
 """The model is left alone: a property test over generated models and ways a check can end.
 
-Hypothesis builds small MLP, CNN and RNN stacks with BatchNorm, Dropout, in-place ReLU,
-frozen layers, pre-existing ``.grad``, user hooks of every kind and buffers a forward
-rebinds, gives the module tree mixed train/eval flags, and sometimes plants a failure
-half-way through the check (a layer that raises after some batches, a backward that
-raises, running out of memory, Ctrl-C). Whatever the outcome, everything the user owns
-must come back bit for bit: state_dict, ``.grad``, requires_grad, training flags, hooks,
-the probe tensors, the torch/numpy/python RNG states and torch's global modes.
+Hypothesis builds small MLP, CNN, RNN and attention stacks with BatchNorm, Dropout,
+in-place ReLU, frozen layers, pre-existing ``.grad``, user hooks of every kind and buffers
+a forward rebinds, gives the module tree mixed train/eval flags, and sometimes plants a
+failure half-way through the check (a layer that raises after some batches, a backward
+that raises, running out of memory, Ctrl-C). Whatever the outcome, everything the user
+owns must come back bit for bit: state_dict, ``.grad``, requires_grad, training flags,
+hooks, the probe tensors, the torch/numpy/python RNG states and torch's global modes
+(including the attention fast path, which the check turns off while it runs).
 """
 
 from __future__ import annotations
@@ -87,10 +88,10 @@ class Counts(nn.Module):
 
 
 class LastStep(nn.Module):
-    """The output sequence of an RNN (a tuple), reduced to its last step."""
+    """A sequence (or an RNN's (sequence, state) tuple) reduced to its last step."""
 
-    def forward(self, out: tuple[torch.Tensor, object]) -> torch.Tensor:
-        return out[0][:, -1]
+    def forward(self, out: torch.Tensor | tuple[torch.Tensor, object]) -> torch.Tensor:
+        return (out if isinstance(out, torch.Tensor) else out[0])[:, -1]
 
 
 # -- generated models ------------------------------------------------------------------------
@@ -98,7 +99,7 @@ class LastStep(nn.Module):
 
 @dataclass(frozen=True)
 class Spec:
-    kind: str  # mlp | cnn | rnn
+    kind: str  # mlp | cnn | rnn | attention
     cell: str  # RNN | LSTM | GRU, for kind rnn
     widths: tuple[int, ...]
     activation: str
@@ -143,6 +144,14 @@ def build(spec: Spec) -> tuple[nn.Module, tuple[int, ...]]:
             layers += [nn.Dropout2d(spec.dropout)] if spec.dropout else []
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         last = spec.widths[-1]
+    elif spec.kind == "attention":  # the fused fast path is switched off for the check
+        width = 2 * spec.widths[0]
+        shape = (3, width)
+        layers += [
+            nn.TransformerEncoderLayer(width, 2, width, spec.dropout, batch_first=True),
+            LastStep(),
+        ]
+        last = width
     else:
         shape = (3, spec.widths[0])
         cell = getattr(nn, spec.cell)
@@ -162,7 +171,7 @@ def build(spec: Spec) -> tuple[nn.Module, tuple[int, ...]]:
 
 specs = st.builds(
     Spec,
-    kind=st.sampled_from(["mlp", "cnn", "rnn"]),
+    kind=st.sampled_from(["mlp", "cnn", "rnn", "attention"]),
     cell=st.sampled_from(["RNN", "LSTM", "GRU"]),
     widths=st.lists(st.integers(2, 5), min_size=2, max_size=4).map(tuple),
     activation=st.sampled_from(list(ACTIVATIONS)),
@@ -264,6 +273,7 @@ def snapshot(model: nn.Module, probe: tuple[torch.Tensor, ...]) -> dict:
             torch.get_default_dtype(),
             torch._C._len_torch_function_stack(),
             torch._C._len_torch_dispatch_stack(),
+            torch.backends.mha.get_fastpath_enabled(),
         ),
         "sys_path": list(sys.path),
     }
