@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from modelcheck.errors import CaptureError, ProbeError
+from modelcheck.errors import BatchOutOfMemory, CaptureError, ProbeError
 from modelcheck.probe import Batch
 
 LOSSES = ("auto", "cross_entropy", "mse", "bce")
@@ -329,9 +329,18 @@ def _is_float(t: Any) -> bool:
 
 @contextmanager
 def preserved(model: nn.Module) -> Iterator[None]:
-    """Restore train/eval flags, buffers and every RNG the run could advance."""
+    """Restore train/eval flags, buffers and every RNG the run could advance.
+
+    A buffer is restored both in value and in identity: a forward may update it in place
+    (BatchNorm) or rebind the name to a new tensor (``self.steps = self.steps + 1``).
+    """
     flags = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    buffers = [
+        (module, name, b, b.detach().clone())
+        for module in model.modules()
+        for name, b in module._buffers.items()
+        if b is not None
+    ]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     np_rng = np.random.get_state()
@@ -342,7 +351,8 @@ def preserved(model: nn.Module) -> Iterator[None]:
         for module, training in flags:
             module.training = training
         with torch.no_grad():
-            for buffer, saved in buffers:
+            for module, name, buffer, saved in buffers:
+                module._buffers[name] = buffer
                 buffer.copy_(saved)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
@@ -552,8 +562,11 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
 
 def _prepare(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
-        value = value.to(device)
-        return value.to(dtype) if value.is_floating_point() else value
+        moved = value.to(device)
+        moved = moved.to(dtype) if moved.is_floating_point() else moved
+        # A forward may write into its input (ReLU(inplace=True) first): never into the
+        # caller's probe data, which the batch may share memory with.
+        return moved.clone() if moved is value else moved
     if isinstance(value, tuple):
         return tuple(_prepare(v, dtype, device) for v in value)
     if isinstance(value, dict):
@@ -643,8 +656,53 @@ def _auto_loss(output: torch.Tensor, target: torch.Tensor) -> str:
     )
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# How allocators word running out of memory: CUDA and MPS raise torch.OutOfMemoryError,
+# the CPU allocator a RuntimeError, Python itself MemoryError.
+_OOM_WORDS = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def _raise_if_out_of_memory(error: BaseException, inputs: Any, stage: str) -> None:
+    """Turn running out of memory into BatchOutOfMemory, which the engine retries smaller."""
+    oom = isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and any(w in str(error).lower() for w in _OOM_WORDS)
+    )
+    if not oom:
+        return
+    leaf = first_tensor(inputs)
+    rows = leaf.shape[0] if leaf is not None and leaf.dim() else 1
+    raise BatchOutOfMemory(
+        f"the {stage} pass ran out of memory on a batch of {rows} sample{'s' * (rows != 1)}: "
+        f"{_first_line(error)}",
+        rows,
+    ) from error
+
+
+def _loss(
+    output: torch.Tensor,
+    target: torch.Tensor | None,
+    kind: str,
+    direction: torch.Tensor | None,
+    inputs: Any,
+) -> tuple[torch.Tensor, str]:
+    try:
+        return compute_loss(output, target, kind, direction)
+    except ProbeError:
+        raise
+    except Exception as error:  # e.g. a class index beyond the output's classes
+        _raise_if_out_of_memory(error, inputs, "loss")
+        raise ProbeError(
+            f"the labels do not fit the output of shape {tuple(output.shape)} for loss "
+            f"{kind!r}: {_first_line(error)}"
+        ) from error
+
+
 def _describe_failure(recorder: _Recorder, error: BaseException) -> str:
-    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    cause = _first_line(error)
     if not recorder.stack:
         return f"the model's forward raised {type(error).__name__}: {cause}"
     module, name, args = recorder.stack[-1]
@@ -707,8 +765,7 @@ def run(
                 observer.on_input(leaves)
             need_input_grad = gradients and not trainable
             if need_input_grad:
-                inputs = _detached_requiring_grad(inputs)
-                leaves = _float_inputs(inputs)
+                inputs, leaves = _grad_leaves(inputs)
             grad_context = torch.enable_grad() if gradients else torch.no_grad()
             try:
                 with grad_context, recorder:
@@ -718,6 +775,7 @@ def run(
             except (KeyboardInterrupt, ProbeError, CaptureError):
                 raise
             except Exception as error:
+                _raise_if_out_of_memory(error, inputs, "forward")
                 raise CaptureError(_describe_failure(recorder, error)) from error
             if not _is_float(output):
                 raise CaptureError(
@@ -733,8 +791,8 @@ def run(
                     key = tuple(output.shape[1:])
                     if target is None and key not in direction:
                         direction[key] = _direction(output, seed)
-                    value, loss_name = compute_loss(output, target, loss, direction.get(key))
-                    grads = torch.autograd.grad(value, wrt, allow_unused=True)
+                    value, loss_name = _loss(output, target, loss, direction.get(key), inputs)
+                    grads = _backward(value, wrt, inputs)
                     if trainable:
                         _report_param_grads(recorder, owners, trainable, grads)
     return CaptureRun(
@@ -749,6 +807,40 @@ def run(
         output_key=output_path,
         notes=tuple(notes),
     )
+
+
+def _backward(
+    value: torch.Tensor, wrt: Sequence[torch.Tensor], inputs: Any
+) -> tuple[torch.Tensor | None, ...]:
+    try:
+        return torch.autograd.grad(value, wrt, allow_unused=True)
+    except Exception as error:
+        _raise_if_out_of_memory(error, inputs, "backward")
+        raise CaptureError(
+            f"the backward pass failed: {type(error).__name__}: {_first_line(error)}"
+        ) from error
+
+
+def _grad_leaves(inputs: Any) -> tuple[Any, list[torch.Tensor]]:
+    """Inputs to differentiate with respect to, as (what the model gets, the leaves).
+
+    The model gets a copy of each leaf: autograd forbids writing in place into a leaf
+    that requires grad, and a forward may do so (ReLU(inplace=True) first).
+    """
+    leaves: list[torch.Tensor] = []
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            leaf = value.detach().requires_grad_(True)
+            leaves.append(leaf)
+            return leaf.clone()
+        if isinstance(value, tuple):
+            return tuple(convert(v) for v in value)
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(inputs), leaves
 
 
 def _set_mode(model: nn.Module, train_mode: bool) -> None:
@@ -811,16 +903,6 @@ class UnitAxes:
                 f"{tuple(tensor.shape)}"
             )
         return axis % tensor.dim()
-
-
-def _detached_requiring_grad(inputs: Any) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.detach().requires_grad_(inputs.is_floating_point())
-    if isinstance(inputs, tuple):
-        return tuple(_detached_requiring_grad(v) for v in inputs)
-    if isinstance(inputs, dict):
-        return {k: _detached_requiring_grad(v) for k, v in inputs.items()}
-    return inputs
 
 
 def _direction(output: torch.Tensor, seed: int) -> torch.Tensor:

@@ -1,18 +1,23 @@
 """The ``modelcheck`` command: flags mapped onto ``modelcheck.check()``, linter-style.
 
 Exit codes: 0 nothing at or above ``--fail-on``; 1 findings at or above it; 2 the check
-could not run (one line on stderr, a traceback only with ``--debug``); 130 interrupted.
+could not run (one line on stderr, a traceback only with ``--debug``); 130 interrupted
+(Ctrl-C); 143 terminated (SIGTERM). A run that does not finish writes no file.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import signal
 import sys
 import textwrap
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from modelcheck import config
@@ -24,6 +29,7 @@ from modelcheck.renderers import (
     FORMATS,
     STATISTICS_FORMATS,
     format_number,
+    printable,
     render,
     render_statistics,
 )
@@ -42,21 +48,60 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
 
 
+class _Terminated(BaseException):
+    """SIGTERM (a cancelled CI job), raised like Ctrl-C so that clean-up code runs."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        if argv and argv[0] in COMMANDS:
-            return _COMMANDS[argv[0]](argv[1:])
-        return _check_command(argv)
+        with _termination_raises():
+            if argv and argv[0] in COMMANDS:
+                return _COMMANDS[argv[0]](argv[1:])
+            return _check_command(argv)
     except ModelcheckError as error:
-        if debug:
-            traceback.print_exc()
-        print(f"modelcheck: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {error}", debug)
     except KeyboardInterrupt:
         print("modelcheck: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("modelcheck: terminated", file=sys.stderr)
+        return 143
+    except BrokenPipeError:  # stdout closed early (`modelcheck ... | head -1`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as error:  # a bug of ours: still one line, and exit 2 (no verdict)
+        return _fail(
+            f"internal error: {type(error).__name__}: {error} (a bug in modelcheck; "
+            "--debug shows the traceback to report)",
+            debug,
+        )
+
+
+def _fail(message: str, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    # Messages quote file contents (keys, module names): escape control characters, so
+    # that the line stays one line and cannot drive the terminal or a CI log parser.
+    print(f"modelcheck: {printable(message)}", file=sys.stderr)
+    return 2
+
+
+@contextmanager
+def _termination_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # -- modelcheck MODEL ------------------------------------------------------------------------
@@ -212,12 +257,17 @@ def _check_command(argv: list[str]) -> int:
     if args.model is None:
         parser.error("the following arguments are required: model")
     _check_output_flags(args)
-    _refuse_to_overwrite(args.output, [args.model])
-    _check_html_path(args.html, [args.model, args.output])
+    spec = args.probe or settings.probe or "random"
+    rule_files = (f for pattern in settings.extend_rules for f in glob.glob(pattern))
+    inputs = [args.model, spec, *rule_files, configured.path and str(configured.path)]
+    _check_output(args.output, inputs)  # before the work, not after it
+    _check_html_path(args.html, [*inputs, args.output])
     loaded = load_model(
         args.model, arch=args.arch, arch_kwargs=_json_kwargs(args.arch_kwargs), trust=args.trust
     )
-    spec = args.probe or settings.probe or "random"
+    if args.arch:
+        inputs.append(getattr(sys.modules.get(args.arch.partition(":")[0]), "__file__", None))
+    args.inputs = inputs
     shape = _shape(args.input_shape)
     if spec == "random" and shape is None:
         shape = infer_input_shape(loaded.module)
@@ -248,13 +298,21 @@ def _emit(report: Report, args: argparse.Namespace, preface: str = "") -> int:
         text = render_statistics(report, args.format)
     else:
         text = render(report, args.format, show_fixes=args.show_fixes)
+    inputs = getattr(args, "inputs", ())  # with the --arch module, known only now
+    _check_output(args.output, inputs)
+    _check_html_path(args.html, [*inputs, args.output])
     if args.html:
         try:
             report.write_html(args.html)
         except OSError as error:
             raise ConfigError(f"--html {args.html}: cannot write it ({error.strerror})") from None
     if args.output:
-        write_atomic(args.output, text)
+        try:
+            write_atomic(args.output, text)
+        except OSError as error:
+            raise ConfigError(
+                f"--output {args.output} could not be written ({error.strerror or error})"
+            ) from None
     else:
         sys.stdout.write(preface + text)
     if args.html:
@@ -282,11 +340,23 @@ def _check_html_path(path: str | None, inputs: Sequence[str | None]) -> None:
             raise ConfigError(f"--html {path} would overwrite {other}")
 
 
-def _refuse_to_overwrite(output: str | None, inputs: Sequence[str]) -> None:
+def _check_output(output: str | None, inputs: Sequence[str | None]) -> None:
+    """Refuse an output path that cannot be written or would replace one of the inputs
+    (the model, the probe, the configuration and rule files, the --arch module)."""
     if output is None:
         return
+    if os.path.isdir(output):
+        raise ConfigError(f"--output {output} is a directory; give a file name")
+    parent = os.path.dirname(output) or "."
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--output {output}: the directory {parent} does not exist")
     for path in inputs:
-        if os.path.exists(path) and os.path.exists(output) and os.path.samefile(output, path):
+        if (
+            path
+            and os.path.exists(path)
+            and os.path.exists(output)
+            and os.path.samefile(output, path)
+        ):
             raise ConfigError(f"--output {output} would overwrite the input file {path}")
 
 

@@ -9,16 +9,24 @@ from __future__ import annotations
 import datetime as _dt
 import fnmatch
 import glob
-from collections.abc import Mapping, Sequence
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from modelcheck import capture, capture_graph, rules
-from modelcheck.errors import ConfigError
+from modelcheck.errors import BatchOutOfMemory, CaptureError, ConfigError
 from modelcheck.metrics import derive
-from modelcheck.probe import Probe, infer_input_shape, probe_from_data, probe_from_spec
+from modelcheck.probe import (
+    Batch,
+    Probe,
+    infer_input_shape,
+    probe_from_data,
+    probe_from_spec,
+    split_batches,
+)
 from modelcheck.report import ModelInfo, ProbeInfo, Report
 from modelcheck.rules import Finding, Rule
 from modelcheck.settings import Settings
@@ -56,22 +64,7 @@ def check(
     chosen = select_rules(settings)
     probe = _as_probe(probe, labels, module, settings, input_shape)
 
-    collector = StatsCollector(settings.sample_size, settings.seed)
-    run_options = {
-        "loss": settings.loss,
-        "train_mode": settings.train_mode,
-        "gradients": settings.gradients,
-        "seed": settings.seed,
-        "output_key": settings.output_key,
-        "forward_kwargs": settings.forward_kwargs,
-        "unit_axes": settings.unit_axes,
-        "recorder_factory": capture_graph.GraphRecorder if capture_graph.handles(module) else None,
-    }
-    run = capture.run(module, probe.batches, collector, **run_options)
-    if collector.saw_nonfinite():
-        counter = NonfiniteCounter()
-        capture.run(module, probe.batches, counter, **run_options)
-        collector.add_nonfinite_counts(counter)
+    run, collector, notes = _observe(module, probe, settings)
     stats = collector.finalize(run.layers)
 
     parameters = sum(p.numel() for p in module.parameters())
@@ -107,7 +100,7 @@ def check(
             gradients=run.gradients,
             sample_size=settings.sample_size,
             output_key=run.output_key,
-            notes=run.notes,
+            notes=run.notes + notes,
         ),
         layers=stats.layers,
         input=stats.input,
@@ -117,6 +110,81 @@ def check(
         fail_on=settings.fail_on,
         checked=checked,
     )
+
+
+def _observe(
+    module: nn.Module, probe: Probe, settings: Settings
+) -> tuple[capture.CaptureRun, StatsCollector, tuple[str, ...]]:
+    """Run the probe through the model, in smaller batches if a batch runs out of memory.
+
+    Each attempt starts afresh, so no half-observed batch reaches the statistics, and a
+    smaller batch gives the same numbers as asking for that batch size in the first place.
+    """
+    batches, tried = probe.batches, []
+    while True:
+        try:
+            run, collector = _observe_batches(module, batches, settings)
+        except BatchOutOfMemory as error:
+            tried.append(error.rows)
+            if error.rows <= 1:
+                raise CaptureError(
+                    f"{error} (after retrying in batches of {', '.join(map(str, tried))}); "
+                    "free memory, or check a smaller model or on a larger device"
+                ) from None
+            batches = split_batches(probe.batches, error.rows // 2)
+            _release_memory(error)
+            del error
+            continue
+        notes = ()
+        if tried:
+            notes = (
+                f"ran out of memory on a batch of {tried[0]} samples, so the probe ran in "
+                f"batches of at most {tried[-1] // 2} (as with --batch-size {tried[-1] // 2})",
+            )
+        return run, collector, notes
+
+
+def _observe_batches(
+    module: nn.Module, batches: Iterable[Batch], settings: Settings
+) -> tuple[capture.CaptureRun, StatsCollector]:
+    options = {
+        "loss": settings.loss,
+        "train_mode": settings.train_mode,
+        "gradients": settings.gradients,
+        "seed": settings.seed,
+        "output_key": settings.output_key,
+        "forward_kwargs": settings.forward_kwargs,
+        "unit_axes": settings.unit_axes,
+        "recorder_factory": capture_graph.GraphRecorder if capture_graph.handles(module) else None,
+    }
+    collector = StatsCollector(settings.sample_size, settings.seed)
+    run = capture.run(module, batches, collector, **options)
+    if collector.out_of_square_range():
+        collector = StatsCollector(settings.sample_size, settings.seed, precise=True)
+        run = capture.run(module, batches, collector, **options)
+    if collector.saw_nonfinite():
+        counter = NonfiniteCounter()
+        capture.run(module, batches, counter, **options)
+        collector.add_nonfinite_counts(counter)
+    return run, collector
+
+
+def _release_memory(error: BaseException) -> None:
+    """Free what the failed attempt held before the next one starts.
+
+    The tracebacks' frames hold the attempt's tensors, and each frame that caught an error
+    references it in turn: a cycle that only a full (slow) garbage collection would find.
+    Clearing the frames frees the tensors at once.
+    """
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for link in chain:
+        if link.__traceback__ is not None:
+            traceback.clear_frames(link.__traceback__)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def load_rule_set(settings: Settings) -> tuple[Rule, ...]:

@@ -368,10 +368,12 @@ def _input_metrics(d: Distribution | None) -> dict[str, object]:
             "input_features": None,
             "input_nonfinite": 0,
         }
+    # A feature seen once has no spread to measure (one sample of a vector probe).
+    spread = d.count // max(d.units, 1) >= 2
     return {
         "input_float": True,
         "input_mean_abs": float(np.median(np.abs(d.unit_mean))),
-        "input_std": float(np.median(d.unit_std)),
+        "input_std": float(np.median(d.unit_std)) if spread else None,
         "input_features": d.units,
         "input_nonfinite": d.nonfinite,
     }

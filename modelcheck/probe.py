@@ -13,6 +13,8 @@ import os
 import pickle
 import random
 import re
+import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from modelcheck.errors import ConfigError, ProbeError
+from modelcheck.source import verify_archive
 
 __all__ = [
     "DATASETS",
@@ -30,6 +33,7 @@ __all__ = [
     "infer_input_shape",
     "probe_from_data",
     "probe_from_spec",
+    "split_batches",
 ]
 
 DATASETS = ("iris", "digits", "wine", "breast_cancer")
@@ -144,6 +148,15 @@ def probe_from_data(
     return Probe(stream, source, _loader_samples(data, max_samples), first.target is not None)
 
 
+def split_batches(batches: Iterable[Batch], max_rows: int) -> Iterable[Batch]:
+    """The same samples in the same order, in batches of at most ``max_rows`` rows.
+
+    The engine falls back on this when a batch does not fit in memory.
+    """
+    _check_positive(max_rows=max_rows)
+    return _SplitBatches(batches, max_rows)
+
+
 def infer_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
     """The shape of one sample, as told by the model's first layer (in registration order).
 
@@ -243,6 +256,22 @@ class _RandomBatches:
 
     def __len__(self) -> int:
         return -(-self.samples // self.batch_size)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _SplitBatches:
+    """Each batch of another iterable, cut into pieces of at most ``max_rows`` rows."""
+
+    batches: Iterable[Batch]
+    max_rows: int
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.batches:
+            rows = _rows_of(batch.inputs)
+            for start in range(0, rows, self.max_rows):
+                piece = slice(start, min(start + self.max_rows, rows))
+                target = None if batch.target is None else batch.target[piece]
+                yield Batch(_take(batch.inputs, piece), target)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -513,8 +542,12 @@ def _read_file(path: str, suffix: str, target: str | None) -> tuple[_Rows, objec
 
 
 def _read_torch(path: str) -> tuple[_Rows, object]:
+    if zipfile.is_zipfile(path):
+        verify_archive(path, ProbeError)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # about odd files, before the error that says it all
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         held = f"holds {found.group(1)}, not only tensors" if found else "holds more than tensors"
@@ -539,13 +572,26 @@ def _read_torch(path: str) -> tuple[_Rows, object]:
 
 
 def _read_npy(path: str) -> np.ndarray:
+    _expect_header(path, (b"\x93NUMPY",), "a NumPy .npy file")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as error:
         raise _numpy_error(path, error) from None
 
 
+def _expect_header(path: str, magics: tuple[bytes, ...], kind: str) -> None:
+    # numpy reads any file without its header as a pickle, and then says it holds objects.
+    try:
+        with open(path, "rb") as file:
+            head = file.read(8)
+    except OSError as error:
+        raise ProbeError(f"{path} cannot be read ({error.strerror or error})") from None
+    if not head.startswith(magics):
+        raise ProbeError(f"{path} is not {kind} (it does not start with the format's header)")
+
+
 def _read_npz(path: str) -> tuple[_Rows, object]:
+    _expect_header(path, (b"PK\x03\x04", b"PK\x05\x06"), "a NumPy .npz archive")
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = list(archive.files)

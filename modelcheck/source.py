@@ -7,8 +7,11 @@ loaded with ``weights_only=True`` into a module built by a factory the user name
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import itertools
+import logging
 import os
 import pickle
 import pickletools
@@ -18,13 +21,15 @@ import sys
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 
-from modelcheck.errors import SourceError
+from modelcheck.errors import ModelcheckError, SourceError
 
-__all__ = ["LoadedModel", "import_factory", "load_model"]
+__all__ = ["LoadedModel", "import_factory", "load_model", "verify_archive"]
 
 # Keys under which training scripts commonly nest the state_dict of a checkpoint.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -76,7 +81,7 @@ def load_model(
     if kind == "torchscript":
         return _load_torchscript(shown)
     if kind == "torch-export":
-        return _load_exported(shown)
+        return _load_exported(shown, trust)
     if kind == "safetensors":
         state = _read_safetensors(shown)
         return _load_state_dict(shown, state, None, arch, arch_kwargs, "safetensors")
@@ -145,7 +150,9 @@ def _sniff(path: str) -> str:
         if head.startswith(signature):
             raise SourceError(f"{path} is not a PyTorch file (looks like {what})")
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return _archive_kind(path)
+        kind = _archive_kind(path)
+        verify_archive(path)  # torch.save, TorchScript and torch.export archives alike
+        return kind
     if _looks_like_safetensors(head, size):
         return "safetensors"
     # torch.save always writes pickle protocol 2 or later, whose first byte is PROTO (0x80);
@@ -190,12 +197,16 @@ def _load_torchscript(path: str) -> LoadedModel:
     return LoadedModel(module, path, "torchscript", f"TorchScript module {name}")
 
 
-def _load_exported(path: str) -> LoadedModel:
+def _load_exported(path: str, trust: bool) -> LoadedModel:
     try:
-        with warnings.catch_warnings():  # deprecations inside torch's own loader
+        with warnings.catch_warnings(), _quiet_torch_logs():  # torch's own deprecations
             warnings.simplefilter("ignore")
-            program = torch.export.load(path)
+            with contextlib.nullcontext() if trust else _plain_tensors_only():
+                program = torch.export.load(path)
             module = program.module()
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", _ANSI.sub("", str(error)))
+        raise _unsafe(path, found.group(1) if found else "a pickled object") from None
     except Exception as error:
         raise SourceError(
             f"{path} is a torch.export program that torch.export.load cannot read "
@@ -206,6 +217,41 @@ def _load_exported(path: str) -> LoadedModel:
     )
     shapes = f" exported for inputs {signature}" if signature else ""
     return LoadedModel(module, path, "torch-export", f"torch.export program{shapes}")
+
+
+@contextmanager
+def _plain_tensors_only() -> Iterator[None]:
+    """Inside, torch.load reads plain tensors only and pickle.loads refuses.
+
+    torch.export.load unpickles parts of a .pt2 archive with weights_only=False (weights
+    and constants marked as pickled, opaque constants) and falls back to it when the
+    example inputs fail a weights-only load, so a crafted archive runs code on loading.
+    The archive's own format needs neither; its TorchScript objects go through torch's
+    C++ unpickler, which resolves no Python globals.
+    """
+    real_load = torch.load
+
+    def weights_only(*args: object, **kwargs: object) -> object:
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise pickle.UnpicklingError("the archive holds a pickled object, which could run code")
+
+    with mock.patch.object(torch, "load", weights_only), mock.patch.object(pickle, "loads", refuse):
+        yield
+
+
+@contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    # torch.export.load logs (and, with a malformed log call, prints a traceback) when it
+    # falls back to a full unpickling: the one-line error says what matters.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def _example_inputs(program: object) -> list[object]:
@@ -231,6 +277,37 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
         raise SourceError(
             f"{path} is truncated or corrupted (safetensors: {_brief(error)})"
         ) from None
+
+
+# torch.save stores its records uncompressed; a re-zipped file may deflate them, but a
+# ratio beyond this is a decompression bomb, not a model.
+_MAX_EXPANSION = 100
+
+
+def verify_archive(path: str, error: type[ModelcheckError] = SourceError) -> None:
+    """Check every record of a zip archive against its CRC-32 before anything unpickles it,
+    and refuse a decompression bomb; raise ``error`` with one line if the file fails.
+
+    torch.load reads records without checking their checksums, so a flipped byte in the
+    weights would be checked as if it were the model. Reading the file once more costs
+    about as much as loading it. The probe stage checks ``.pt`` probes the same way.
+    """
+    try:
+        size = os.stat(path).st_size
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+            if declared > _MAX_EXPANSION * size + 2**20:
+                raise error(
+                    f"{path} declares {declared / 2**30:.1f} GiB of records in a "
+                    f"{size / 2**20:.1f} MiB file; refusing to decompress it"
+                )
+            damaged = archive.testzip()
+    except ModelcheckError:
+        raise
+    except Exception as failure:  # zipfile raises several types for broken records
+        raise error(f"{path} is truncated or corrupted ({_brief(failure)})") from None
+    if damaged is not None:
+        raise error(f"{path} is corrupted: its record {damaged} fails its checksum")
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -265,7 +342,10 @@ def _is_legacy_torch_file(path: str) -> bool:
 
 def _torch_load(path: str, trust: bool) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
+        with warnings.catch_warnings():
+            # torch warns about odd files before failing on them; the error says it all.
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as error:
         if trust:
             raise SourceError(f"{path} could not be unpickled ({_brief(error)})") from None
@@ -292,10 +372,13 @@ def _refusal(path: str, error: pickle.UnpicklingError) -> SourceError:
     """Explain why the weights-only unpickler stopped, naming the global it was asked for."""
     message = _ANSI.sub("", str(error))
     found = re.search(r"GLOBAL ([\w.]+)", message)
+    imported, damage = _scan_pickles(path)
     if found:
         wanted = found.group(1)
         # torch prints builtins unqualified ("exec"); say where they come from.
-        return _unsafe(path, wanted if "." in wanted else f"builtins.{wanted}")
+        return _unsafe(path, wanted if "." in wanted else f"builtins.{wanted}", imported)
+    if damage:  # not a security question: --trust would not help
+        return SourceError(f"{path} is truncated or corrupted (not a valid pickle: {damage})")
     detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", message)
     reason = detail.group(1).strip() if detail else _brief(error)
     return SourceError(
@@ -304,8 +387,10 @@ def _refusal(path: str, error: pickle.UnpicklingError) -> SourceError:
     )
 
 
-def _unsafe(path: str, wanted: str | None) -> SourceError:
-    what = f"needs to unpickle {wanted}" if wanted else "is a plain pickle"
+def _unsafe(path: str, wanted: str | None, found: list[str] | None = None) -> SourceError:
+    what = (
+        f"needs to unpickle {_worst_first(wanted, found or [])}" if wanted else "is a plain pickle"
+    )
     return SourceError(
         f"{path} {what}, and unpickling can run arbitrary code; {_TRUST_HINT}, "
         f"or {_STATE_DICT_ROUTE}"
@@ -315,7 +400,10 @@ def _unsafe(path: str, wanted: str | None) -> SourceError:
 def _load_pickle(path: str, trust: bool) -> object:
     """A plain pickle (pickle.dump, not torch.save) is code to run: refuse it unless trusted."""
     if not trust:
-        raise _unsafe(path, _first_global(path))
+        imported, damage = _scan_pickles(path)
+        if damage:
+            raise SourceError(f"{path} is truncated or corrupted (not a valid pickle: {damage})")
+        raise _unsafe(path, imported[0] if imported else None, imported)
     try:
         with open(path, "rb") as file:
             return pickle.load(file)
@@ -325,15 +413,50 @@ def _load_pickle(path: str, trust: bool) -> object:
         ) from None
 
 
-def _first_global(path: str) -> str | None:
-    """The first module-level name a pickle imports, read from its opcodes without running it."""
+# Globals a weights-only load of a torch file may need anyway; anything else is named first.
+_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "__builtin__.set")
+_SHOWN_GLOBALS = 4
+
+
+def _worst_first(wanted: str, found: list[str]) -> str:
+    """The globals a file imports, the ones that have nothing to do with tensors first:
+    deciding whether to pass --trust, ``posix.system`` says more than the model class."""
+    names = list(dict.fromkeys([*found, wanted]))
+    names.sort(key=lambda name: name.startswith(_TENSOR_GLOBALS))
+    shown = ", ".join(names[:_SHOWN_GLOBALS])
+    more = len(names) - _SHOWN_GLOBALS
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def _scan_pickles(path: str) -> tuple[list[str], str | None]:
+    """Read a file's pickles as opcodes, without running them: every module-level name
+    they import, and why the first one is not a valid pickle (None if it is).
+
+    A zip archive's pickle is its ``data.pkl``; a legacy torch file holds four pickles
+    before its raw tensor data, a plain pickle one.
+    """
+    imported: list[str] = []
     try:
-        with open(path, "rb") as file:
-            for name in _globals(pickletools.genops(file)):
-                return name
-    except Exception:  # a damaged pickle: we only wanted a better message
-        return None
-    return None
+        stream = _pickle_stream(path)
+    except Exception as error:
+        return imported, _brief(error)
+    with stream:
+        for index in range(4):
+            try:
+                imported += _globals(pickletools.genops(stream))
+            except Exception as error:  # the end of the pickles, or damage in the first
+                if index == 0:
+                    return list(dict.fromkeys(imported)), _brief(error)
+                break
+    return list(dict.fromkeys(imported)), None
+
+
+def _pickle_stream(path: str) -> io.BufferedIOBase:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+            return io.BytesIO(archive.read(name))
+    return open(path, "rb")  # the caller closes it
 
 
 def _globals(ops: Iterator[tuple[pickletools.OpcodeInfo, object, int | None]]) -> Iterator[str]:

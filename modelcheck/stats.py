@@ -120,6 +120,34 @@ def _three_axes(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
     return x.reshape(outer, shape[unit_dim], inner)
 
 
+# Magnitudes whose float32 squares (and sums of them) stay normal and finite, with room
+# for sums over many values: beyond them a summary is recomputed in float64.
+SQUARE_RANGE = (1e-18, 1e18)
+
+
+def _widened(x: torch.Tensor, precise: bool) -> torch.Tensor:
+    """``x`` in the dtype its squares are taken in: float64 when ``precise``, and at
+    least float32 (squares of half values overflow above 256)."""
+    if precise and x.is_floating_point():
+        return x.to(torch.float64)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return x.float()
+    return x
+
+
+def _outside_square_range(
+    largest: torch.Tensor, sumsq: torch.Tensor, total: torch.Tensor
+) -> torch.Tensor:
+    """Device bool: values of magnitude ``largest`` lose their squares in float32.
+
+    Either the squares overflowed though the values are finite, or every value is so
+    small that its square underflows. Float64 values never need this.
+    """
+    low, high = SQUARE_RANGE
+    overflow = ~torch.isfinite(sumsq) & torch.isfinite(total)
+    return overflow | (largest > high) | ((largest > 0) & (largest < low))
+
+
 def _per_unit_sum(x3: torch.Tensor) -> torch.Tensor:
     # Reduce the contiguous inner axis in the input dtype (torch sums it pairwise),
     # then accumulate the short outer axis in float64.
@@ -277,10 +305,12 @@ class TensorSummary:
         *,
         activity: bool = False,
         saturation: tuple[float, float] | None = None,
+        precise: bool = False,
     ) -> None:
         self.sampler = sampler
         self.activity = activity
         self.saturation = saturation
+        self.precise = precise
         self.count = 0
         self.units = 0
         self.unit_sum: torch.Tensor | None = None
@@ -299,9 +329,7 @@ class TensorSummary:
 
     def update(self, x: torch.Tensor, unit_dim: int) -> None:
         """Fold one batch in: a handful of reductions, no host synchronisation."""
-        x = x.detach()
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()  # squares of half values overflow above 256
+        x = _widened(x.detach(), self.precise)
         if x.dim() == 0:
             x, unit_dim = x.reshape(1), 0
         x3 = _three_axes(x, unit_dim)
@@ -420,6 +448,14 @@ class TensorSummary:
         self.sample_zeros = self.sample_zeros + other.sample_zeros
         self.reservoir.merge(other.reservoir)
 
+    def range_flag(self) -> torch.Tensor:
+        """A device bool that is True when float32 squares could not hold these values."""
+        if self.unit_sum is None or self.precise:
+            return torch.zeros((), dtype=torch.bool)
+        extremes = torch.cat([self.unit_min, self.unit_max]).abs()
+        largest = torch.where(torch.isfinite(extremes), extremes, 0).max()
+        return _outside_square_range(largest, self.unit_sumsq.sum(), self.unit_sum.sum())
+
     def finite_flag(self) -> torch.Tensor:
         """A device bool that is True when some value seen so far was NaN or infinite.
 
@@ -439,6 +475,7 @@ class TensorSummary:
         positions = self.count / self.units
         unit_mean = host["sum"] / positions
         unit_var = np.maximum(host["sumsq"] / positions - unit_mean**2, 0.0)
+        unit_var = _within_half_range(unit_var, host["min"], host["max"])
         mean = float(host["sum"].sum() / self.count)
         mean_square = float(host["sumsq"].sum() / self.count)
         skewness, kurtosis = self.moments.shape_moments()
@@ -453,11 +490,12 @@ class TensorSummary:
             saturated = host["saturated"] / positions
         finite_values = values[np.isfinite(values)]
         lo, hi = float(host["min"].min()), float(host["max"].max())
+        variance = float(_within_half_range(np.float64(mean_square - mean * mean), lo, hi))
         return Distribution(
             count=self.count,
             units=self.units,
             mean=mean,
-            std=math.sqrt(max(mean_square - mean * mean, 0.0)),
+            std=math.sqrt(max(variance, 0.0)),
             rms=math.sqrt(mean_square),
             min=lo,
             max=hi,
@@ -480,6 +518,19 @@ class TensorSummary:
             quantiles=_quantiles(finite_values, lo, hi),
             sample_size=min(sample_n, self.count),
         )
+
+
+def _within_half_range(variance: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Cap a variance at the square of half the range, which no distribution exceeds.
+
+    ``E[x²] - E[x]²`` loses the variance of values that hardly vary to rounding (float32
+    squares keep 7 digits): a constant layer would get a small positive std. The exact
+    extremes bound it, and make it exactly 0 when every value is the same.
+    """
+    half = (np.asarray(hi, dtype=np.float64) - np.asarray(lo, dtype=np.float64)) / 2
+    with np.errstate(over="ignore", invalid="ignore"):
+        capped = np.minimum(variance, half * half)
+    return np.where(np.isfinite(half), capped, variance)
 
 
 _MERGED_FIELDS = (
@@ -553,7 +604,8 @@ def _quantiles(values: np.ndarray, lo: float, hi: float) -> tuple[float, ...] | 
 class GradientSummary:
     """Running sums of squares and magnitudes of a gradient stream (float64)."""
 
-    def __init__(self) -> None:
+    def __init__(self, precise: bool = False) -> None:
+        self.precise = precise
         self.count = 0
         self.sumsq: torch.Tensor | None = None
         self.sumabs: torch.Tensor | None = None
@@ -562,9 +614,7 @@ class GradientSummary:
 
     def update(self, grads: Sequence[torch.Tensor]) -> None:
         for g in grads:
-            g = g.detach()
-            if g.dtype in (torch.float16, torch.bfloat16):
-                g = g.float()
+            g = _widened(g.detach(), self.precise)
             scratch = _workspace(self._scratch, g)
             sumsq = torch.mul(g, g, out=scratch).sum().to(torch.float64)
             sumabs = torch.abs(g, out=scratch).sum().to(torch.float64)
@@ -586,6 +636,14 @@ class GradientSummary:
         if self.sumabs is None:
             return torch.zeros((), dtype=torch.bool)
         return ~torch.isfinite(self.sumabs)
+
+    def range_flag(self) -> torch.Tensor:
+        """True when float32 squares could not hold these gradients (see _widened)."""
+        if self.sumabs is None or self.precise:
+            return torch.zeros((), dtype=torch.bool)
+        # No extremes are kept for gradients: the mean magnitude bounds them well enough
+        # from below, and an infinite sum of finite squares shows an overflow.
+        return _outside_square_range(self.sumabs / self.count, self.sumsq, self.sumabs)
 
     def finalize(self) -> GradientStats | None:
         if self.count == 0:
@@ -609,10 +667,8 @@ def fan_in(shape: Sequence[int]) -> int | None:
 class ParameterSummary:
     """One parameter, reduced on its device when first seen and read at the end."""
 
-    def __init__(self, name: str, p: torch.Tensor) -> None:
-        p = p.detach()
-        if p.dtype in (torch.float16, torch.bfloat16):
-            p = p.float()
+    def __init__(self, name: str, p: torch.Tensor, precise: bool = False) -> None:
+        p = _widened(p.detach(), precise)
         self.name, self.shape = name, tuple(p.shape)
         if p.numel() == 0 or not p.is_floating_point():
             self.values = None
@@ -621,6 +677,14 @@ class ParameterSummary:
         self.values = torch.stack(
             [mean, std, p.min(), p.max(), (~torch.isfinite(p)).sum().to(p.dtype)]
         ).to(torch.float64)
+
+    def range_flag(self) -> torch.Tensor:
+        if self.values is None:
+            return torch.zeros((), dtype=torch.bool)
+        mean, std, lo, hi, _ = self.values
+        largest = torch.maximum(lo.abs(), hi.abs())
+        largest = torch.where(torch.isfinite(largest), largest, 0)
+        return _outside_square_range(largest, std * std, mean)
 
     def finalize(self) -> ParameterStats | None:
         if self.values is None:
@@ -677,30 +741,42 @@ class _LayerState:
         "parameters",
     )
 
-    def __init__(self, info: LayerInfo, sampler: Sampler, parameters, buffers) -> None:
+    def __init__(
+        self, info: LayerInfo, sampler: Sampler, parameters, buffers, precise: bool
+    ) -> None:
         self.info = info
         self.calls = 0
         self.activation = TensorSummary(
             sampler,
             activity=info.family in ACTIVITY_FAMILIES,
             saturation=info.saturation,
+            precise=precise,
         )
-        self.output_grad = GradientSummary()
-        self.param_grad = GradientSummary()
-        self.parameters = [ParameterSummary(n, p) for n, p in parameters.items()]
+        self.output_grad = GradientSummary(precise)
+        self.param_grad = GradientSummary(precise)
+        self.parameters = [ParameterSummary(n, p, precise) for n, p in parameters.items()]
         self.buffers_nonfinite = [
             (~torch.isfinite(b)).sum() for b in buffers.values() if b.is_floating_point()
         ]
 
 
 class StatsCollector:
-    """The Observer of a run: one summary per layer, merged per batch and per rank."""
+    """The Observer of a run: one summary per layer, merged per batch and per rank.
 
-    def __init__(self, sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = 0) -> None:
+    Squares are taken in float32 (or wider), which holds magnitudes within SQUARE_RANGE.
+    A run that saw values outside it says so (``out_of_square_range``), and the engine
+    runs again with ``precise=True``, taking squares in float64: exact for every finite
+    value, and paid for only by models that need it.
+    """
+
+    def __init__(
+        self, sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = 0, precise: bool = False
+    ) -> None:
         self.sampler = Sampler(sample_size, seed)
+        self.precise = precise
         self.layers: dict[str, _LayerState] = {}
-        self.input = TensorSummary(self.sampler)
-        self.output = TensorSummary(self.sampler)
+        self.input = TensorSummary(self.sampler, precise=precise)
+        self.output = TensorSummary(self.sampler, precise=precise)
         self.argmax: torch.Tensor | None = None
 
     def on_layer(
@@ -709,7 +785,9 @@ class StatsCollector:
         parameters: Mapping[str, torch.Tensor],
         buffers: Mapping[str, torch.Tensor],
     ) -> None:
-        self.layers[layer.name] = _LayerState(layer, self.sampler, parameters, buffers)
+        self.layers[layer.name] = _LayerState(
+            layer, self.sampler, parameters, buffers, self.precise
+        )
 
     def on_activation(self, layer: LayerInfo, output: torch.Tensor, unit_dim: int) -> None:
         state = self.layers[layer.name]
@@ -741,6 +819,20 @@ class StatsCollector:
             flags += [
                 state.activation.finite_flag().cpu(),
                 state.output_grad.finite_flag().cpu(),
+            ]
+        return bool(torch.stack(flags).any())
+
+    def out_of_square_range(self) -> bool:
+        """One host read: did float32 squares fail some value (see SQUARE_RANGE)?"""
+        if self.precise:
+            return False
+        flags = [self.input.range_flag().cpu(), self.output.range_flag().cpu()]
+        for state in self.layers.values():
+            flags += [
+                state.activation.range_flag().cpu(),
+                state.output_grad.range_flag().cpu(),
+                state.param_grad.range_flag().cpu(),
+                *(p.range_flag().cpu() for p in state.parameters),
             ]
         return bool(torch.stack(flags).any())
 
