@@ -1,20 +1,24 @@
 """Run the model over probe batches and report what each layer does: the capture stage.
 
 Forward hooks see every recorded module (leaves, and modules that own parameters
-directly); a TorchFunctionMode sees the functional activations a ``forward`` calls
-(``F.relu(self.fc1(x))`` has no ReLU module to hook). Tensor hooks see the gradient
-of each layer's output, and ``torch.autograd.grad`` returns parameter gradients
-without touching ``.grad``. Everything is attached for the run and removed after it;
+directly), and blocks whose output no recorded layer produced (a residual sum); a
+TorchFunctionMode sees the functional activations a ``forward`` calls
+(``F.relu(self.fc1(x))`` has no ReLU module to hook). Compiled models, which hooks cannot
+see into, are recorded by ``capture_graph`` through the same Observer calls. Tensor hooks
+see the gradient of each layer's output, and ``torch.autograd.grad`` returns parameter
+gradients without touching ``.grad``. Everything is attached for the run and removed after it;
 ``preserved`` restores what the run could change. What is seen goes to an Observer:
 this stage computes no statistics itself.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import inspect
 import math
 import random
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from modelcheck.errors import CaptureError, ProbeError
+from modelcheck.errors import BatchOutOfMemory, CaptureError, ProbeError
 from modelcheck.probe import Batch
 
 LOSSES = ("auto", "cross_entropy", "mse", "bce")
@@ -55,6 +59,8 @@ class CaptureRun:
     train_mode: bool
     device: str
     dtype: str
+    output_key: str = ""  # which part of the model's output the loss used, e.g. "['logits']"
+    notes: tuple[str, ...] = ()  # what the run did differently from a plain forward, and why
 
 
 class Observer(Protocol):
@@ -96,6 +102,7 @@ _MODULE_FAMILIES: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.LayerNorm, "norm"),
     (nn.Embedding, "embedding"),
     (nn.RNNBase, "rnn"),
+    (nn.RNNCellBase, "rnn"),
     (nn.MultiheadAttention, "attention"),
     (nn.modules.dropout._DropoutNd, "dropout"),
     (nn.modules.pooling._MaxPoolNd, "pool"),
@@ -141,10 +148,52 @@ _FUNCTIONS: dict[Any, str] = {
 
 
 def module_family(module: nn.Module) -> str:
-    for cls, family in _MODULE_FAMILIES:
-        if isinstance(module, cls):
-            return family
-    return "other"
+    family = _class_family(type(module))
+    return family if family != "other" else family_from_type_name(type(module).__name__)
+
+
+def _class_family(cls: type) -> str:
+    return next((family for base, family in _MODULE_FAMILIES if issubclass(cls, base)), "other")
+
+
+# Name patterns of layers re-implemented outside torch.nn (Hugging Face's GELUActivation,
+# LlamaRMSNorm, T5LayerNorm, ...), and of torch.nn layers in compiled models, which keep
+# only the class name.
+_NAME_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("relu6", "relu6"),
+    ("leakyrelu", "leaky_relu"),
+    ("relu", "relu"),
+    ("gelu", "gelu"),
+    ("silu", "silu"),
+    ("swish", "silu"),
+    ("softplus", "softplus"),
+    ("tanh", "tanh"),
+    ("sigmoid", "sigmoid"),
+    ("rmsnorm", "norm"),
+    ("layernorm", "norm"),
+    ("batchnorm", "norm"),
+    ("groupnorm", "norm"),
+)
+
+
+def family_from_type_name(name: str) -> str:
+    """The family of a layer known only by its class name."""
+    cls = getattr(nn, name, None)
+    if isinstance(cls, type) and issubclass(cls, nn.Module) and _class_family(cls) != "other":
+        return _class_family(cls)
+    lowered = name.lower()
+    if lowered.startswith("conv"):
+        return "conv"
+    return next((family for part, family in _NAME_PATTERNS if part in lowered), "other")
+
+
+def channel_first_name(name: str) -> bool:
+    """Whether a layer class, known by name, has its units on dim 1 of (N, C, ...)."""
+    cls = getattr(nn, name, None)
+    if isinstance(cls, type) and issubclass(cls, nn.Module):
+        return issubclass(cls, _CHANNEL_FIRST) or _class_family(cls) == "pool"
+    lowered = name.lower()
+    return lowered.startswith("conv") or "batchnorm" in lowered or "groupnorm" in lowered
 
 
 def _module_saturation(module: nn.Module, family: str) -> tuple[float, float] | None:
@@ -162,15 +211,31 @@ def _functional_saturation(family: str, args: tuple, kwargs: dict) -> tuple[floa
 
 
 def recorded_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules whose outputs are layers: leaves, and modules owning parameters directly
-    (MultiheadAttention computes with its own in_proj_weight, not with a child)."""
+    """Modules whose outputs are layers: leaves, and modules owning parameters or
+    floating-point buffers directly (MultiheadAttention computes with its own
+    in_proj_weight, not with a child; an STFT front end with a fixed basis buffer)."""
     chosen = []
     for name, module in model.named_modules():
         is_leaf = next(module.children(), None) is None
-        owns = next(module.parameters(recurse=False), None) is not None
+        owns = owns_tensors(module)
         if is_leaf or owns:
             chosen.append((name or type(module).__name__, module))
     return chosen
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def block_layer(name: str, type_name: str) -> LayerInfo:
+    """A non-leaf module recorded at block level (family "block")."""
+    return LayerInfo(name, type_name, "block", False, None, ())
+
+
+def owns_tensors(module: nn.Module) -> bool:
+    """Whether the module computes with parameters or float buffers of its own."""
+    return next(module.parameters(recurse=False), None) is not None or any(
+        b.is_floating_point() for b in module.buffers(recurse=False)
+    )
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
@@ -189,6 +254,72 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
+# Keys that name a model's prediction in the output containers of common libraries, in order
+# of preference: Hugging Face puts a loss first when given labels, and a sentence-transformers
+# model returns its token ids and mask alongside the embedding.
+_PREFERRED_KEYS = ("logits", "sentence_embedding", "last_hidden_state", "prediction_logits")
+
+
+def select_output(value: Any, key: str | None = None) -> tuple[torch.Tensor | None, str]:
+    """The output the loss starts from, and where it was found (``"['logits']"``, ``"[0]"``).
+
+    ``key`` names it: a mapping key or attribute (``logits``), or an index (``0``). Without a
+    key: the tensor itself; a preferred key of a mapping or model output; else the first
+    floating-point tensor with at least one dimension, depth first.
+    """
+    if key is not None:
+        return _by_key(value, key), _path_text(key)
+    if isinstance(value, torch.Tensor):
+        return value, ""
+    items = _items(value)
+    for preferred in _PREFERRED_KEYS:
+        for name, item in items:
+            if name == preferred and _is_float(item):
+                return item, _path_text(name)
+    for name, item in items:
+        found, inner = select_output(item) if not isinstance(item, torch.Tensor) else (item, "")
+        if _is_float(found) and found.dim() > 0:
+            return found, _path_text(name) + inner
+    return None, ""
+
+
+def _items(value: Any) -> list[tuple[str | int, Any]]:
+    if isinstance(value, nn.utils.rnn.PackedSequence):
+        return [("data", value.data)]
+    if isinstance(value, Mapping):  # Hugging Face ModelOutput is an OrderedDict too
+        return [(k, v) for k, v in value.items() if v is not None]
+    if isinstance(value, (tuple, list)):
+        return list(enumerate(value))
+    return []
+
+
+def _by_key(value: Any, key: str) -> torch.Tensor:
+    item: Any = None
+    if isinstance(value, Mapping):
+        item = value.get(key)
+    elif isinstance(value, (tuple, list)) and key.lstrip("-").isdigit():
+        index = int(key)
+        item = value[index] if -len(value) <= index < len(value) else None
+    if item is None and not key.isdigit():
+        item = getattr(value, key, None)
+    if isinstance(item, nn.utils.rnn.PackedSequence):
+        item = item.data
+    if not _is_float(item):
+        keys = [name for name, _ in _items(value)]
+        what = f"has parts {keys}" if keys else f"is a {type(value).__name__}"
+        raise ProbeError(
+            f"output key {key!r} does not name a floating-point tensor of the model's output, "
+            f"which {what}"
+        )
+    return item
+
+
+def _path_text(key: str | int) -> str:
+    if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+        return f"[{key}]"
+    return f"[{key!r}]"
+
+
 def _is_float(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()
 
@@ -198,9 +329,18 @@ def _is_float(t: Any) -> bool:
 
 @contextmanager
 def preserved(model: nn.Module) -> Iterator[None]:
-    """Restore train/eval flags, buffers and every RNG the run could advance."""
+    """Restore train/eval flags, buffers and every RNG the run could advance.
+
+    A buffer is restored both in value and in identity: a forward may update it in place
+    (BatchNorm) or rebind the name to a new tensor (``self.steps = self.steps + 1``).
+    """
     flags = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    buffers = [
+        (module, name, b, b.detach().clone())
+        for module in model.modules()
+        for name, b in module._buffers.items()
+        if b is not None
+    ]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     np_rng = np.random.get_state()
@@ -211,7 +351,8 @@ def preserved(model: nn.Module) -> Iterator[None]:
         for module, training in flags:
             module.training = training
         with torch.no_grad():
-            for buffer, saved in buffers:
+            for module, name, buffer, saved in buffers:
+                module._buffers[name] = buffer
                 buffer.copy_(saved)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
@@ -226,13 +367,17 @@ def preserved(model: nn.Module) -> Iterator[None]:
 class _Recorder(TorchFunctionMode):
     """Hooks and function mode of one run; holds no statistics, only names and order."""
 
-    def __init__(self, model: nn.Module, observer: Observer, gradients: bool) -> None:
+    def __init__(
+        self, model: nn.Module, observer: Observer, gradients: bool, axes: UnitAxes | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.observer = observer
         self.gradients = gradients
+        self.axes = axes or UnitAxes({})
         self.layers: dict[str, LayerInfo] = {}
         self.module_layers: dict[nn.Module, LayerInfo] = {}
+        self.block_layers: dict[nn.Module, LayerInfo] = {}
         self.stack: list[tuple[nn.Module, str, tuple]] = []
         self.producers: dict[int, tuple[weakref.ref, str, int]] = {}
         self.occurrences: dict[str, int] = {}
@@ -250,10 +395,15 @@ class _Recorder(TorchFunctionMode):
                 handles.append(module.register_forward_hook(self._leave))
                 if module in self.recorded:
                     handles.append(module.register_forward_hook(self._module_output))
+                elif module is not self.model and not isinstance(module, _CONTAINERS):
+                    handles.append(module.register_forward_hook(self._block_output))
             yield
         finally:
             for handle in handles:
                 handle.remove()
+
+    def call(self, model: nn.Module, inputs: Any, extra: Mapping[str, Any]) -> Any:
+        return call_model(model, inputs, extra)
 
     def start_batch(self) -> None:
         self.stack.clear()
@@ -272,6 +422,19 @@ class _Recorder(TorchFunctionMode):
                 del self.stack[depth:]
                 return
 
+    def _block_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """A block whose output no recorded layer produced — the sum of a residual
+        connection, typically — is recorded too, so the residual stream shows with depth."""
+        tensor, _ = select_output(output)
+        if not _is_float(tensor) or self._producer(tensor) is not None:
+            return
+        layer = self.block_layers.get(module)
+        if layer is None:
+            layer = block_layer(self._names[module], type(module).__name__)
+            self.block_layers[module] = layer
+            self._first_sight(layer, None)
+        self._observe(layer, tensor, _default_dim(tensor))
+
     def _module_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         # The hook's own tensor calls (dim, is_floating_point, ...) would otherwise each
         # pass through this recorder's __torch_function__.
@@ -279,7 +442,7 @@ class _Recorder(TorchFunctionMode):
             self._record_module_output(module, args, output)
 
     def _record_module_output(self, module: nn.Module, args: tuple, output: Any) -> None:
-        tensor = first_tensor(output)
+        tensor, _ = select_output(output)
         if not _is_float(tensor):
             return
         layer = self.module_layers.get(module)
@@ -354,6 +517,7 @@ class _Recorder(TorchFunctionMode):
         )
 
     def _observe(self, layer: LayerInfo, out: torch.Tensor, unit_dim: int) -> None:
+        unit_dim = self.axes.resolve(layer.name, out, unit_dim)
         with torch._C.DisableTorchFunction():
             self.observer.on_activation(layer, out, unit_dim)
             if self.gradients and out.requires_grad:
@@ -398,14 +562,17 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     for tensor in (*model.parameters(), *model.buffers()):
         if tensor.is_floating_point():
             return tensor.dtype, tensor.device
-    tensor = next((*model.parameters(), *model.buffers()), None)
+    tensor = next(iter((*model.parameters(), *model.buffers())), None)
     return torch.float32, tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _prepare(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
-        value = value.to(device)
-        return value.to(dtype) if value.is_floating_point() else value
+        moved = value.to(device)
+        moved = moved.to(dtype) if moved.is_floating_point() else moved
+        # A forward may write into its input (ReLU(inplace=True) first): never into the
+        # caller's probe data, which the batch may share memory with.
+        return moved.clone() if moved is value else moved
     if isinstance(value, tuple):
         return tuple(_prepare(v, dtype, device) for v in value)
     if isinstance(value, dict):
@@ -421,12 +588,35 @@ def _float_inputs(inputs: Any) -> list[torch.Tensor]:
     return [t for t in inputs if _is_float(t)]
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
+def call_model(model: nn.Module, inputs: Any, extra: Mapping[str, Any] | None = None) -> Any:
+    """Call the model on one batch: a tuple is positional arguments; a dict is keyword
+    arguments, unless the forward takes the whole dict as its one positional argument
+    (a sentence-transformers model takes ``{"input_ids": ..., "attention_mask": ...}``).
+    ``extra`` keyword arguments go to every call (Silero VAD's ``sr=16000``)."""
+    extra = dict(extra or {})
     if isinstance(inputs, dict):
-        return model(**inputs)
+        if _takes_dict_positionally(model, inputs):
+            return model(inputs, **extra)
+        return model(**inputs, **extra)
     if isinstance(inputs, tuple):
-        return model(*inputs)
-    return model(inputs)
+        return model(*inputs, **extra)
+    return model(inputs, **extra)
+
+
+def _takes_dict_positionally(model: nn.Module, inputs: Mapping[str, Any]) -> bool:
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a builtin or compiled forward says nothing
+        return False
+    named = {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    if set(inputs) <= named:
+        return False
+    required = [
+        p
+        for p in parameters
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return len(required) == 1 and required[0].name not in inputs
 
 
 def compute_loss(
@@ -472,8 +662,53 @@ def _auto_loss(output: torch.Tensor, target: torch.Tensor) -> str:
     )
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# How allocators word running out of memory: CUDA and MPS raise torch.OutOfMemoryError,
+# the CPU allocator a RuntimeError, Python itself MemoryError.
+_OOM_WORDS = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def _raise_if_out_of_memory(error: BaseException, inputs: Any, stage: str) -> None:
+    """Turn running out of memory into BatchOutOfMemory, which the engine retries smaller."""
+    oom = isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and any(w in str(error).lower() for w in _OOM_WORDS)
+    )
+    if not oom:
+        return
+    leaf = first_tensor(inputs)
+    rows = leaf.shape[0] if leaf is not None and leaf.dim() else 1
+    raise BatchOutOfMemory(
+        f"the {stage} pass ran out of memory on a batch of {rows} sample{'s' * (rows != 1)}: "
+        f"{_first_line(error)}",
+        rows,
+    ) from error
+
+
+def _loss(
+    output: torch.Tensor,
+    target: torch.Tensor | None,
+    kind: str,
+    direction: torch.Tensor | None,
+    inputs: Any,
+) -> tuple[torch.Tensor, str]:
+    try:
+        return compute_loss(output, target, kind, direction)
+    except ProbeError:
+        raise
+    except Exception as error:  # e.g. a class index beyond the output's classes
+        _raise_if_out_of_memory(error, inputs, "loss")
+        raise ProbeError(
+            f"the labels do not fit the output of shape {tuple(output.shape)} for loss "
+            f"{kind!r}: {_first_line(error)}"
+        ) from error
+
+
 def _describe_failure(recorder: _Recorder, error: BaseException) -> str:
-    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    cause = _first_line(error)
     if not recorder.stack:
         return f"the model's forward raised {type(error).__name__}: {cause}"
     module, name, args = recorder.stack[-1]
@@ -494,24 +729,38 @@ def run(
     train_mode: bool = False,
     gradients: bool = True,
     seed: int = 0,
+    output_key: str | None = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
+    unit_axes: Mapping[str, int] | None = None,
+    recorder_factory: Callable[..., Any] | None = None,
 ) -> CaptureRun:
     """Run every batch forward (and backward unless ``gradients`` is False).
 
     The model runs in eval mode unless ``train_mode``; its flags, buffers and the RNG
-    states come back as they were, and ``.grad`` is never written.
+    states come back as they were, and ``.grad`` is never written. ``output_key`` names
+    the part of the output the loss starts from; ``forward_kwargs`` go to every forward
+    call; ``unit_axes`` maps layer-name patterns to the axis of their units.
+    ``recorder_factory`` builds the recorder for models that forward hooks cannot see into
+    (``capture_graph.GraphRecorder`` for TorchScript and torch.export).
     """
     if loss not in LOSSES:
         raise ProbeError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     dtype, device = _model_dtype_device(model)
-    recorder = _Recorder(model, observer, gradients)
+    axes = UnitAxes(unit_axes or {})
+    recorder = (recorder_factory or _Recorder)(model, observer, gradients, axes)
     trainable = [p for p in model.parameters() if p.requires_grad]
     owners = _parameter_owners(recorder)
     n_batches = n_samples = 0
     loss_name = "none"
+    output_path = ""
     direction: dict[tuple, torch.Tensor] = {}
+    notes = list(getattr(recorder, "notes", ()))
     with ExitStack() as stack:
         stack.enter_context(preserved(model))
-        model.train(train_mode)
+        _set_mode(model, train_mode)
+        if _uses_fast_path(model):
+            stack.enter_context(_fast_path_disabled())
+            notes.append(FAST_PATH_NOTE)
         stack.enter_context(recorder.attached())
         for batch in batches:
             recorder.start_batch()
@@ -522,18 +771,23 @@ def run(
                 observer.on_input(leaves)
             need_input_grad = gradients and not trainable
             if need_input_grad:
-                inputs = _detached_requiring_grad(inputs)
-                leaves = _float_inputs(inputs)
+                inputs, leaves = _grad_leaves(inputs)
             grad_context = torch.enable_grad() if gradients else torch.no_grad()
             try:
                 with grad_context, recorder:
-                    output = first_tensor(_call(model, inputs))
-            except (KeyboardInterrupt, ProbeError):
+                    output, output_path = select_output(
+                        recorder.call(model, inputs, forward_kwargs or {}), output_key
+                    )
+            except (KeyboardInterrupt, ProbeError, CaptureError):
                 raise
             except Exception as error:
+                _raise_if_out_of_memory(error, inputs, "forward")
                 raise CaptureError(_describe_failure(recorder, error)) from error
             if not _is_float(output):
-                raise CaptureError("the model returned no floating-point tensor to check")
+                raise CaptureError(
+                    "the model returned no floating-point tensor to check; name the output "
+                    "to use with --output-key (output_key=)"
+                )
             observer.on_output(output.detach())
             n_batches += 1
             n_samples += output.shape[0] if output.dim() else 1
@@ -543,8 +797,8 @@ def run(
                     key = tuple(output.shape[1:])
                     if target is None and key not in direction:
                         direction[key] = _direction(output, seed)
-                    value, loss_name = compute_loss(output, target, loss, direction.get(key))
-                    grads = torch.autograd.grad(value, wrt, allow_unused=True)
+                    value, loss_name = _loss(output, target, loss, direction.get(key), inputs)
+                    grads = _backward(value, wrt, inputs)
                     if trainable:
                         _report_param_grads(recorder, owners, trainable, grads)
     return CaptureRun(
@@ -556,17 +810,105 @@ def run(
         train_mode=train_mode,
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
+        output_key=output_path,
+        notes=tuple(notes),
     )
 
 
-def _detached_requiring_grad(inputs: Any) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.detach().requires_grad_(inputs.is_floating_point())
-    if isinstance(inputs, tuple):
-        return tuple(_detached_requiring_grad(v) for v in inputs)
-    if isinstance(inputs, dict):
-        return {k: _detached_requiring_grad(v) for k, v in inputs.items()}
-    return inputs
+def _backward(
+    value: torch.Tensor, wrt: Sequence[torch.Tensor], inputs: Any
+) -> tuple[torch.Tensor | None, ...]:
+    try:
+        return torch.autograd.grad(value, wrt, allow_unused=True)
+    except Exception as error:
+        _raise_if_out_of_memory(error, inputs, "backward")
+        raise CaptureError(
+            f"the backward pass failed: {type(error).__name__}: {_first_line(error)}"
+        ) from error
+
+
+def _grad_leaves(inputs: Any) -> tuple[Any, list[torch.Tensor]]:
+    """Inputs to differentiate with respect to, as (what the model gets, the leaves).
+
+    The model gets a copy of each leaf: autograd forbids writing in place into a leaf
+    that requires grad, and a forward may do so (ReLU(inplace=True) first).
+    """
+    leaves: list[torch.Tensor] = []
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            leaf = value.detach().requires_grad_(True)
+            leaves.append(leaf)
+            return leaf.clone()
+        if isinstance(value, tuple):
+            return tuple(convert(v) for v in value)
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(inputs), leaves
+
+
+def _set_mode(model: nn.Module, train_mode: bool) -> None:
+    try:
+        model.train(train_mode)
+    except NotImplementedError:  # a torch.export program keeps the mode it was exported in
+        if train_mode:
+            raise ProbeError(
+                "a torch.export program runs in the mode it was exported in; export it in "
+                "train mode, or check it without --train-mode"
+            ) from None
+
+
+FAST_PATH_NOTE = (
+    "the fused fast path of nn.TransformerEncoder/MultiheadAttention was turned off for the "
+    "check: it computes a whole layer in one kernel that no hook sees into"
+)
+
+
+def _uses_fast_path(model: nn.Module) -> bool:
+    kinds = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention)
+    return any(isinstance(m, kinds) for m in model.modules())
+
+
+@contextmanager
+def _fast_path_disabled() -> Iterator[None]:
+    """Make TransformerEncoder(Layer) and MultiheadAttention run their unfused code, whose
+    submodules (linear1, norm1, ...) are called and so recorded. The result is the same up
+    to rounding."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+class UnitAxes:
+    """Per-layer overrides of the unit axis: the first glob pattern matching a layer name
+    wins; a negative axis counts from the end, as in torch."""
+
+    def __init__(self, patterns: Mapping[str, int]) -> None:
+        self.patterns = tuple(patterns.items())
+        self._cache: dict[str, int | None] = {}
+
+    def resolve(self, name: str, tensor: torch.Tensor, default: int) -> int:
+        if not self.patterns:
+            return default
+        if name not in self._cache:
+            self._cache[name] = next(
+                (axis for pattern, axis in self.patterns if fnmatch.fnmatchcase(name, pattern)),
+                None,
+            )
+        axis = self._cache[name]
+        if axis is None or tensor.dim() == 0:
+            return default
+        if not -tensor.dim() <= axis < tensor.dim():
+            raise ProbeError(
+                f"unit axis {axis} for layer {name} is out of range for its output of shape "
+                f"{tuple(tensor.shape)}"
+            )
+        return axis % tensor.dim()
 
 
 def _direction(output: torch.Tensor, seed: int) -> torch.Tensor:

@@ -1,18 +1,23 @@
 """The ``modelcheck`` command: flags mapped onto ``modelcheck.check()``, linter-style.
 
 Exit codes: 0 nothing at or above ``--fail-on``; 1 findings at or above it; 2 the check
-could not run (one line on stderr, a traceback only with ``--debug``); 130 interrupted.
+could not run (one line on stderr, a traceback only with ``--debug``); 130 interrupted
+(Ctrl-C); 143 terminated (SIGTERM). A run that does not finish writes no file.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import signal
 import sys
 import textwrap
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,6 +32,7 @@ from modelcheck.renderers import (
     FORMATS,
     STATISTICS_FORMATS,
     format_number,
+    printable,
     render,
     render_statistics,
 )
@@ -45,21 +51,60 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
 
 
+class _Terminated(BaseException):
+    """SIGTERM (a cancelled CI job), raised like Ctrl-C so that clean-up code runs."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        if argv and argv[0] in COMMANDS:
-            return _COMMANDS[argv[0]](argv[1:])
-        return _check_command(argv)
+        with _termination_raises():
+            if argv and argv[0] in COMMANDS:
+                return _COMMANDS[argv[0]](argv[1:])
+            return _check_command(argv)
     except ModelcheckError as error:
-        if debug:
-            traceback.print_exc()
-        print(f"modelcheck: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {error}", debug)
     except KeyboardInterrupt:
         print("modelcheck: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("modelcheck: terminated", file=sys.stderr)
+        return 143
+    except BrokenPipeError:  # stdout closed early (`modelcheck ... | head -1`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as error:  # a bug of ours: still one line, and exit 2 (no verdict)
+        return _fail(
+            f"internal error: {type(error).__name__}: {error} (a bug in modelcheck; "
+            "--debug shows the traceback to report)",
+            debug,
+        )
+
+
+def _fail(message: str, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    # Messages quote file contents (keys, module names): escape control characters, so
+    # that the line stays one line and cannot drive the terminal or a CI log parser.
+    print(f"modelcheck: {printable(message)}", file=sys.stderr)
+    return 2
+
+
+@contextmanager
+def _termination_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # -- modelcheck MODEL ------------------------------------------------------------------------
@@ -98,7 +143,10 @@ def _check_parser() -> argparse.ArgumentParser:
         "`modelcheck rule CODE`.",
     )
     parser.add_argument(
-        "model", nargs="?", help="model file: a state_dict (with --arch) or a pickled module"
+        "model",
+        nargs="?",
+        help="model file: TorchScript, torch.export (.pt2), a state_dict or safetensors file "
+        "(with --arch), or a pickled module (with --trust); recognised by content",
     )
     parser.add_argument("--version", action="version", version=f"modelcheck {__version__}")
     settings = parser.add_argument_group("settings")
@@ -142,6 +190,23 @@ def _check_parser() -> argparse.ArgumentParser:
     run.add_argument("--train-mode", action="store_true", help="run in train mode")
     run.add_argument("--no-gradients", action="store_true", help="forward pass only")
     run.add_argument(
+        "--output-key",
+        metavar="KEY",
+        help="part of the model's output to check: a key, attribute or index (default: logits, "
+        "sentence_embedding or last_hidden_state, else the first float tensor)",
+    )
+    run.add_argument(
+        "--forward-kwargs",
+        metavar="JSON",
+        help="keyword arguments for every forward call, e.g. '{\"sr\": 16000}'",
+    )
+    run.add_argument(
+        "--unit-axis",
+        metavar="PATTERN=AXIS",
+        action="append",
+        help="axis of the units of layers matching PATTERN (repeatable), e.g. 'rnn*=-1'",
+    )
+    run.add_argument(
         "--device",
         metavar="DEVICE",
         help="run the check on this device (cpu, cuda, cuda:1); default: where the model is",
@@ -165,6 +230,12 @@ def _cli_values(args: argparse.Namespace) -> dict[str, object]:
         values["train_mode"] = True
     if getattr(args, "no_gradients", False):
         values["gradients"] = False
+    if getattr(args, "output_key", None) is not None:
+        values["output_key"] = args.output_key
+    if getattr(args, "forward_kwargs", None) is not None:
+        values["forward_kwargs"] = _json_object(args.forward_kwargs, "--forward-kwargs")
+    if getattr(args, "unit_axis", None):
+        values["unit_axes"] = dict(_unit_axis(text) for text in args.unit_axis)
     if getattr(args, "quiet", False):
         values["progress"] = False
     return values
@@ -172,6 +243,16 @@ def _cli_values(args: argparse.Namespace) -> dict[str, object]:
 
 def _settings_from(args: argparse.Namespace, base: Settings | None = None) -> Settings:
     return (base or Settings()).updated(_cli_values(args), "command line")
+
+
+def _unit_axis(text: str) -> tuple[str, int]:
+    pattern, _, axis = text.rpartition("=")
+    try:
+        return pattern, int(axis)
+    except ValueError:
+        raise ConfigError(
+            f"--unit-axis {text!r} must be PATTERN=AXIS, e.g. 'encoder.*=-1'"
+        ) from None
 
 
 def _check_command(argv: list[str]) -> int:
@@ -187,22 +268,30 @@ def _check_command(argv: list[str]) -> int:
     if args.model is None:
         parser.error("the following arguments are required: model")
     _check_output_flags(args)
-    _refuse_to_overwrite(args.output, [args.model])
-    _check_html_path(args.html, [args.model, args.output])
+    spec = args.probe or settings.probe or "random"
+    rule_files = (f for pattern in settings.extend_rules for f in glob.glob(pattern))
+    inputs = [args.model, spec, *rule_files, configured.path and str(configured.path)]
+    _check_output(args.output, inputs)  # before the work, not after it
+    _check_html_path(args.html, [*inputs, args.output])
     with launched(_device(args.device)) as device:  # under torchrun: one rank each
-        report = _check_file(args, settings, device)
-        return _emit(report, args)
+        return _check_file(args, settings, spec, inputs, device)
 
 
 def _check_file(
-    args: argparse.Namespace, settings: Settings, device: torch.device | None
-) -> Report:
+    args: argparse.Namespace,
+    settings: Settings,
+    spec: str,
+    inputs: list[str | None],
+    device: torch.device | None,
+) -> int:
     loaded = load_model(
         args.model, arch=args.arch, arch_kwargs=_json_kwargs(args.arch_kwargs), trust=args.trust
     )
     if device is not None:
         loaded.module.to(device)  # the CLI loaded this model: moving it is ours to do
-    spec = args.probe or settings.probe or "random"
+    if args.arch:
+        inputs.append(getattr(sys.modules.get(args.arch.partition(":")[0]), "__file__", None))
+    args.inputs = inputs
     shape = _shape(args.input_shape)
     if spec == "random" and shape is None:
         shape = infer_input_shape(loaded.module)
@@ -215,7 +304,10 @@ def _check_file(
         seed=settings.seed,
         standardize=not args.no_standardize,
     )
-    return check(loaded, probe, settings=settings)
+    report = check(loaded, probe, settings=settings)
+    # The format found, first, where a reader (not a parser) reads the output.
+    readable = args.format == "text" and not args.statistics
+    return _emit(report, args, f"{args.model}: {loaded.description}\n" if readable else "")
 
 
 def _check_output_flags(args: argparse.Namespace) -> None:
@@ -233,13 +325,21 @@ def _emit(report: Report, args: argparse.Namespace, preface: str = "") -> int:
         text = render_statistics(report, args.format)
     else:
         text = render(report, args.format, show_fixes=args.show_fixes)
+    inputs = getattr(args, "inputs", ())  # with the --arch module, known only now
+    _check_output(args.output, inputs)
+    _check_html_path(args.html, [*inputs, args.output])
     if args.html:
         try:
             report.write_html(args.html)
         except OSError as error:
             raise ConfigError(f"--html {args.html}: cannot write it ({error.strerror})") from None
     if args.output:
-        write_atomic(args.output, text)
+        try:
+            write_atomic(args.output, text)
+        except OSError as error:
+            raise ConfigError(
+                f"--output {args.output} could not be written ({error.strerror or error})"
+            ) from None
     else:
         sys.stdout.write(preface + text)
     if args.html:
@@ -267,11 +367,23 @@ def _check_html_path(path: str | None, inputs: Sequence[str | None]) -> None:
             raise ConfigError(f"--html {path} would overwrite {other}")
 
 
-def _refuse_to_overwrite(output: str | None, inputs: Sequence[str]) -> None:
+def _check_output(output: str | None, inputs: Sequence[str | None]) -> None:
+    """Refuse an output path that cannot be written or would replace one of the inputs
+    (the model, the probe, the configuration and rule files, the --arch module)."""
     if output is None:
         return
+    if os.path.isdir(output):
+        raise ConfigError(f"--output {output} is a directory; give a file name")
+    parent = os.path.dirname(output) or "."
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--output {output}: the directory {parent} does not exist")
     for path in inputs:
-        if os.path.exists(path) and os.path.exists(output) and os.path.samefile(output, path):
+        if (
+            path
+            and os.path.exists(path)
+            and os.path.exists(output)
+            and os.path.samefile(output, path)
+        ):
             raise ConfigError(f"--output {output} would overwrite the input file {path}")
 
 
@@ -301,14 +413,16 @@ def _available(device: torch.device) -> bool:
 
 
 def _json_kwargs(text: str | None) -> dict | None:
-    if text is None:
-        return None
+    return None if text is None else _json_object(text, "--arch-kwargs")
+
+
+def _json_object(text: str, flag: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ConfigError(f"--arch-kwargs is not valid JSON: {error.msg} at {error.pos}") from None
+        raise ConfigError(f"{flag} is not valid JSON: {error.msg} at {error.pos}") from None
     if not isinstance(value, dict):
-        raise ConfigError("--arch-kwargs must be a JSON object, e.g. '{\"width\": 64}'")
+        raise ConfigError(f"{flag} must be a JSON object, e.g. '{{\"width\": 64}}'")
     return value
 
 

@@ -9,17 +9,25 @@ from __future__ import annotations
 import datetime as _dt
 import fnmatch
 import glob
-from collections.abc import Mapping, Sequence
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from modelcheck import capture, distributed, progress, rules
-from modelcheck.errors import ConfigError
+from modelcheck import capture, capture_graph, distributed, progress, rules
+from modelcheck.errors import BatchOutOfMemory, CaptureError, ConfigError
 from modelcheck.metrics import derive
-from modelcheck.probe import Probe, infer_input_shape, probe_from_data, probe_from_spec
+from modelcheck.probe import (
+    Batch,
+    Probe,
+    infer_input_shape,
+    probe_from_data,
+    probe_from_spec,
+    split_batches,
+)
 from modelcheck.report import ModelInfo, ProbeInfo, Report
 from modelcheck.rules import Finding, Rule
 from modelcheck.settings import Settings
@@ -50,6 +58,8 @@ def check(
     settings = (settings or Settings()).updated(options, "check()")
     loaded = model if isinstance(model, LoadedModel) else None
     module = loaded.module if loaded else model
+    if isinstance(module, torch.export.ExportedProgram):
+        module = module.module()
     if not isinstance(module, nn.Module):
         raise ConfigError(f"check(): model must be a torch.nn.Module, not {type(module).__name__}")
     chosen = select_rules(settings)
@@ -72,7 +82,7 @@ def check(
         model=ModelInfo(
             source=loaded.source if loaded else "<in-memory module>",
             format=loaded.format if loaded else "module",
-            type=type(module).__name__,
+            type=getattr(module, "original_name", None) or type(module).__name__,
             parameters=parameters,
             trainable_parameters=sum(p.numel() for p in module.parameters() if p.requires_grad),
             dtype=run.dtype,
@@ -88,6 +98,8 @@ def check(
             train_mode=run.train_mode,
             gradients=run.gradients,
             sample_size=settings.sample_size,
+            output_key=run.output_key,
+            notes=run.notes + measured.notes,
         ),
         layers=stats.layers,
         input=stats.input,
@@ -123,6 +135,7 @@ class _Measured:
     stats: RunStats
     samples: int
     batches: int
+    notes: tuple[str, ...]
 
 
 def _measure(
@@ -134,33 +147,13 @@ def _measure(
 ) -> _Measured:
     """Run this process's batches (its shard, under torch.distributed) and summarise them;
     with a group, the summaries come back merged over every rank."""
-    batches = probe.batches
-    if group is not None:
-        batches = distributed.shard(batches, group, presharded=_presharded(probe_data))
-    collector = StatsCollector(settings.sample_size, settings.seed)
-    run_options = {
-        "loss": settings.loss,
-        "train_mode": settings.train_mode,
-        "gradients": settings.gradients,
-        "seed": settings.seed,
-    }
-    show = settings.progress and (group is None or group.rank == 0)
-    with progress.bar(batches, show, _batch_count(probe_data, probe, batches, settings)) as shown:
-        run = capture.run(module, shown, collector, **run_options)
-    if group is not None:
-        distributed.check_shards(run.batches, group)
-    nonfinite = collector.saw_nonfinite()
-    if group is not None:
-        nonfinite = distributed.any_rank(nonfinite, group)
-    if nonfinite:
-        counter = NonfiniteCounter()
-        capture.run(module, batches, counter, **run_options)
-        collector.add_nonfinite_counts(counter)
+    presharded = _presharded(probe_data)
+    run, collector, notes = _observe(module, probe, probe_data, settings, group, presharded)
     if group is None:
-        return _Measured(run, collector.finalize(run.layers), run.samples, run.batches)
+        return _Measured(run, collector.finalize(run.layers), run.samples, run.batches, notes)
     layers = distributed.merge(collector, run.layers, group)
     samples, batch_count = distributed.sum_ints([run.samples, run.batches], group)
-    return _Measured(run, collector.finalize(layers), samples, batch_count)
+    return _Measured(run, collector.finalize(layers), samples, batch_count, notes)
 
 
 def _presharded(data: object) -> bool:
@@ -181,6 +174,104 @@ def _batch_count(data: object, probe: Probe, batches: object, settings: Settings
     if probe.samples is None:
         return None
     return -(-probe.samples // settings.batch_size)
+
+
+def _observe(
+    module: nn.Module,
+    probe: Probe,
+    probe_data: object,
+    settings: Settings,
+    group: distributed.Group | None,
+    presharded: bool,
+) -> tuple[capture.CaptureRun, StatsCollector, tuple[str, ...]]:
+    """Run the probe through the model, in smaller batches if a batch runs out of memory.
+
+    Each attempt starts afresh, so no half-observed batch reaches the statistics, and a
+    smaller batch gives the same numbers as asking for that batch size in the first place.
+    Under torch.distributed a rank cannot retry alone (the others would wait for it in a
+    collective), so there the error ends the check.
+    """
+    batches, tried = probe.batches, []
+    while True:
+        mine = batches if group is None else distributed.shard(batches, group, presharded)
+        total = _batch_count(probe_data, probe, mine, settings) if not tried else None
+        try:
+            run, collector = _observe_batches(module, mine, settings, group, total)
+        except BatchOutOfMemory as error:
+            tried.append(error.rows)
+            if error.rows <= 1 or group is not None:
+                raise CaptureError(
+                    f"{error} (after retrying in batches of {', '.join(map(str, tried))}); "
+                    "free memory, or check a smaller model or on a larger device"
+                ) from None
+            batches = split_batches(probe.batches, error.rows // 2)
+            _release_memory(error)
+            del error
+            continue
+        notes = ()
+        if tried:
+            notes = (
+                f"ran out of memory on a batch of {tried[0]} samples, so the probe ran in "
+                f"batches of at most {tried[-1] // 2} (as with --batch-size {tried[-1] // 2})",
+            )
+        return run, collector, notes
+
+
+def _observe_batches(
+    module: nn.Module,
+    batches: Iterable[Batch],
+    settings: Settings,
+    group: distributed.Group | None,
+    total: int | None,
+) -> tuple[capture.CaptureRun, StatsCollector]:
+    """One pass over this process's batches (with a progress bar), then the reruns that
+    precision or non-finite values call for, agreed by every rank."""
+    options = {
+        "loss": settings.loss,
+        "train_mode": settings.train_mode,
+        "gradients": settings.gradients,
+        "seed": settings.seed,
+        "output_key": settings.output_key,
+        "forward_kwargs": settings.forward_kwargs,
+        "unit_axes": settings.unit_axes,
+        "recorder_factory": capture_graph.GraphRecorder if capture_graph.handles(module) else None,
+    }
+    collector = StatsCollector(settings.sample_size, settings.seed)
+    show = settings.progress and (group is None or group.rank == 0)
+    with progress.bar(batches, show, total) as shown:
+        run = capture.run(module, shown, collector, **options)
+    if group is not None:
+        distributed.check_shards(run.batches, group)
+    if _on_any_rank(collector.out_of_square_range(), group):
+        collector = StatsCollector(settings.sample_size, settings.seed, precise=True)
+        run = capture.run(module, batches, collector, **options)
+    if _on_any_rank(collector.saw_nonfinite(), group):
+        counter = NonfiniteCounter()
+        capture.run(module, batches, counter, **options)
+        collector.add_nonfinite_counts(counter)
+    return run, collector
+
+
+def _on_any_rank(flag: bool, group: distributed.Group | None) -> bool:
+    return flag if group is None else distributed.any_rank(flag, group)
+
+
+def _release_memory(error: BaseException) -> None:
+    """Free what the failed attempt held before the next one starts.
+
+    The tracebacks' frames hold the attempt's tensors, and each frame that caught an error
+    references it in turn: a cycle that only a full (slow) garbage collection would find.
+    Clearing the frames frees the tensors at once.
+    """
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for link in chain:
+        if link.__traceback__ is not None:
+            traceback.clear_frames(link.__traceback__)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def load_rule_set(settings: Settings) -> tuple[Rule, ...]:

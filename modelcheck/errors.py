@@ -29,3 +29,11 @@ class RuleError(ModelcheckError, ValueError):
 
 class CaptureError(ModelcheckError):
     """The model failed while modelcheck was running it."""
+
+
+class BatchOutOfMemory(CaptureError):
+    """A batch of ``rows`` samples did not fit in memory; the engine retries smaller ones."""
+
+    def __init__(self, message: str, rows: int) -> None:
+        super().__init__(message)
+        self.rows = rows

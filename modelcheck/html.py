@@ -13,13 +13,13 @@ import datetime as _dt
 import functools
 import math
 import string
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import jinja2
 import numpy as np
 
-from modelcheck.metrics import ACTIVATION_FAMILIES
+from modelcheck.metrics import ACTIVATION_FAMILIES, reference_values
 from modelcheck.renderers import format_number
 from modelcheck.report import Report
 from modelcheck.rules import Finding, Rule, severity_rank
@@ -553,12 +553,11 @@ def _overview(report: Report, flags: Sequence[_Flag]) -> tuple[Strip, ...]:
     dead = [None if a is None else a.dead_fraction for a in act]
     zeros = [a.zero_fraction if a is not None and i in hidden else None for i, a in enumerate(act)]
     sat = [None if a is None else a.saturated_fraction for a in act]
-    rms_ref = _first_positive(rms)
-    grad_ref = _first_positive(grads[::-1])  # the last parametrised layer, as the rules use
+    rms_ref, grad_ref = reference_values(layers)  # the layers the rules divide by
     specs = [
         (
             "Activation rms",
-            "log scale; lines: rule thresholds relative to the first layer",
+            "log scale; lines: rule thresholds relative to the first layer with weights",
             [_Series(rms, "s-main", "output rms", "output rms")],
             True,
             _ratio_lines(rules, rms_ref, "exploding-activations", "vanishing-activations"),
@@ -599,7 +598,7 @@ def _overview(report: Report, flags: Sequence[_Flag]) -> tuple[Strip, ...]:
         (
             "Gradient rms",
             "log scale; rms of each layer's parameter gradients and of the gradient at its "
-            "output; thresholds relative to the last layer's",
+            "output; thresholds relative to the last weight layer's",
             [
                 _Series(out_grads, "s-soft", "at the output", "output-gradient rms", marks=False),
                 _Series(grads, "s-main", "parameters", "parameter-gradient rms"),
@@ -619,10 +618,6 @@ def _overview(report: Report, flags: Sequence[_Flag]) -> tuple[Strip, ...]:
         svg = _strip_svg(layers, series, log, lines, slugs, flags, title) if has_data else None
         strips.append(Strip(title, note, legend, svg, empty))
     return tuple(strips)
-
-
-def _first_positive(values: Iterable[float | None]) -> float | None:
-    return next((v for v in values if v is not None and math.isfinite(v) and v > 0), None)
 
 
 def _plottable(v: float | None, log: bool) -> bool:

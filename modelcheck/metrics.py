@@ -32,7 +32,7 @@ ACTIVATION_FAMILIES = frozenset(
 )
 # He gain for the ReLU family, LeCun (1) otherwise: std * sqrt(fan_in) a layer should start at.
 _HE_FAMILIES = frozenset({"relu", "relu6", "leaky_relu", "elu", "gelu", "silu"})
-_PASS_THROUGH = frozenset({"dropout", "other", "pool"})
+_PASS_THROUGH = frozenset({"dropout", "other", "pool", "block"})
 _WEIGHTED_FAMILIES = frozenset({"linear", "conv", "rnn", "attention"})
 
 MODEL_METRICS: Mapping[str, str] = {
@@ -80,26 +80,27 @@ LAYER_METRICS: Mapping[str, str] = {
     "kurtosis": "excess kurtosis of the output values (0 for a Gaussian)",
     "zero_fraction": "share of output values exactly zero",
     "nonfinite": "NaN or Inf output values",
-    "dead_fraction": "share of units active (> 0) on under 1% of positions (ReLU family)",
+    "dead_fraction": "share of units active (> 0) on under 1% of positions (ReLU, GELU, SiLU)",
     "dead_units": "number of such dead units",
     "saturated_fraction": "share of units in the flat region on at least 95% of positions",
     "saturated_units": "number of such saturated units",
     "saturated_value_fraction": "share of output values in the flat region",
-    "unit_active_fraction": "per unit: share of positions where it is > 0 (ReLU family)",
+    "unit_active_fraction": "per unit: share of positions where it is > 0 (ReLU, GELU, SiLU)",
     "unit_saturated_fraction": "per unit: share of positions in the flat region",
     "unit_std": "per unit: standard deviation over positions",
     "unit_mean": "per unit: mean over positions",
-    "rms_ratio": "output rms relative to the first layer's",
+    "rms_ratio": "output rms relative to the first layer with weights (None before it)",
     "reference_layer": "the layer rms_ratio is relative to",
     "grad_rms": "rms of the gradient of the loss with respect to the layer output",
     "param_grad_rms": "rms of the gradients of the layer's own parameters",
     "param_grad_mean_abs": "mean |gradient| of the layer's own parameters",
-    "param_grad_ratio": "param_grad_rms relative to the last parametrised layer's",
+    "param_grad_ratio": "param_grad_rms relative to the last weight layer's (linear, conv, ...)",
     "grad_reference_layer": "the layer param_grad_ratio is relative to",
     "param_nonfinite": "NaN or Inf values in the layer's parameters",
     "buffer_nonfinite": "NaN or Inf values in the layer's buffers",
     "grad_nonfinite": "the layer's output or parameter gradients hold NaN or Inf",
     "has_norm_before": "a normalisation layer ran just before this one",
+    "has_parameters": "the layer computes with weights of its own",
 }
 
 PARAMETER_METRICS: Mapping[str, str] = {
@@ -127,7 +128,7 @@ class Metrics:
 def derive(run: RunStats, *, parameters: int, loss: str) -> Metrics:
     layers = [_layer_metrics(layer, i, len(run.layers)) for i, layer in enumerate(run.layers)]
     _add_relative(layers, "rms", "rms_ratio", "reference_layer", first=True)
-    _add_relative(layers, "param_grad_rms", "param_grad_ratio", "grad_reference_layer", first=False)
+    _add_gradient_ratios(layers)
     _add_context(layers)
     model = _model_metrics(run, layers, parameters=parameters, loss=loss)
     params = []
@@ -218,19 +219,67 @@ def _layer_metrics(layer: LayerStats, depth: int, total: int) -> dict[str, objec
         "param_nonfinite": sum(p.nonfinite for p in layer.parameters),
         "buffer_nonfinite": layer.buffer_nonfinite,
         "grad_nonfinite": grad_nonfinite,
+        "has_parameters": bool(layer.parameters),
     }
     return metrics
 
 
 def _add_relative(layers: list[dict], key: str, ratio: str, reference: str, *, first: bool):
-    """Divide ``key`` by the first (or last) layer's positive finite value of it."""
+    """Divide ``key`` by the first (or last) layer's positive finite value of it.
+
+    The first layer with weights of its own is preferred: a padding or reshaping layer in
+    front of it carries the scale of the raw input (audio at 0.07 rms), not of the network,
+    and gets no ratio, since growth is measured from the reference on.
+    """
     candidates = [m for m in layers if _finite(m[key]) and m[key] > 0]
+    weighted = [m for m in candidates if m["has_parameters"]]
+    candidates = weighted if first and weighted else candidates
     ref = (candidates[0] if first else candidates[-1]) if candidates else None
     for m in layers:
-        if ref is None or m[key] is None:
+        if ref is None or m[key] is None or (first and m["depth"] < ref["depth"]):
             m[ratio], m[reference] = None, None
         else:
             m[ratio], m[reference] = m[key] / ref[key], ref["name"]
+
+
+def reference_values(layers: Sequence[LayerStats]) -> tuple[float | None, float | None]:
+    """The output rms and the parameter-gradient rms that the depth rules divide by: the first
+    layer with weights (else the first layer) and the last weight layer. Renderers that draw
+    the rules' thresholds use these, so their lines match the findings."""
+    rms = [
+        (bool(layer.parameters), layer.activation.rms)
+        for layer in layers
+        if layer.activation is not None
+        and _finite(layer.activation.rms)
+        and layer.activation.rms > 0
+    ]
+    first = next((v for weighted, v in rms if weighted), rms[0][1] if rms else None)
+    grads = [
+        layer.param_grad.rms
+        for layer in layers
+        if layer.family in _WEIGHTED_FAMILIES
+        and layer.param_grad is not None
+        and _finite(layer.param_grad.rms)
+        and layer.param_grad.rms > 0
+    ]
+    return first, grads[-1] if grads else None
+
+
+def _add_gradient_ratios(layers: list[dict]) -> None:
+    """Divide each weight layer's parameter-gradient rms by the last weight layer's.
+
+    Only layers with weight matrices or kernels are compared: a norm gain's gradient sums over
+    every position and an embedding's falls on the few rows a probe uses, so neither is on
+    the same scale (in all-MiniLM-L6-v2 the last LayerNorm's is ×14 the last Linear's, and
+    the word embeddings' ×0.004).
+    """
+    weighted = [m for m in layers if m["family"] in _WEIGHTED_FAMILIES]
+    _add_relative(
+        weighted, "param_grad_rms", "param_grad_ratio", "grad_reference_layer", first=False
+    )
+    for m in layers:
+        if m["family"] not in _WEIGHTED_FAMILIES:
+            m["param_grad_ratio"], m["grad_reference_layer"] = None, None
 
 
 def _add_context(layers: list[dict]) -> None:
@@ -319,10 +368,12 @@ def _input_metrics(d: Distribution | None) -> dict[str, object]:
             "input_features": None,
             "input_nonfinite": 0,
         }
+    # A feature seen once has no spread to measure (one sample of a vector probe).
+    spread = d.count // max(d.units, 1) >= 2
     return {
         "input_float": True,
         "input_mean_abs": float(np.median(np.abs(d.unit_mean))),
-        "input_std": float(np.median(d.unit_std)),
+        "input_std": float(np.median(d.unit_std)) if spread else None,
         "input_features": d.units,
         "input_nonfinite": d.nonfinite,
     }

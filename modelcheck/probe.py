@@ -13,6 +13,8 @@ import os
 import pickle
 import random
 import re
+import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from modelcheck.errors import ConfigError, ProbeError
+from modelcheck.source import verify_archive
 
 __all__ = [
     "DATASETS",
@@ -30,6 +33,7 @@ __all__ = [
     "infer_input_shape",
     "probe_from_data",
     "probe_from_spec",
+    "split_batches",
 ]
 
 DATASETS = ("iris", "digits", "wine", "breast_cancer")
@@ -144,14 +148,30 @@ def probe_from_data(
     return Probe(stream, source, _loader_samples(data, max_samples), first.target is not None)
 
 
+def split_batches(batches: Iterable[Batch], max_rows: int) -> Iterable[Batch]:
+    """The same samples in the same order, in batches of at most ``max_rows`` rows.
+
+    The engine falls back on this when a batch does not fit in memory.
+    """
+    _check_positive(max_rows=max_rows)
+    return _SplitBatches(batches, max_rows)
+
+
 def infer_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
     """The shape of one sample, as told by the model's first layer (in registration order).
 
     Only a Linear says it fully; for other first layers the message says what to pass instead.
+    An exported program knows the shape it was exported for; a TorchScript module keeps its
+    layers' class names.
     """
+    exported = _exported_input_shape(model)
+    if exported is not None:
+        return exported
     for name, layer in model.named_modules():
         label = name or type(model).__name__
         kind = type(layer).__name__
+        if getattr(layer, "original_name", None) == "Linear":  # a compiled nn.Linear
+            return (int(layer.weight.shape[1]),)
         if isinstance(layer, torch.nn.Linear):
             if torch.nn.parameter.is_lazy(layer.weight):
                 raise ProbeError(
@@ -182,6 +202,19 @@ def infer_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
         f"cannot infer the input shape of {type(model).__name__}: it has no Linear, Conv or "
         "Embedding layer of known size; pass --input-shape or a probe file"
     )
+
+
+def _exported_input_shape(model: torch.nn.Module) -> tuple[int, ...] | None:
+    if not isinstance(model, torch.fx.GraphModule):
+        return None
+    values = [node.meta.get("val") for node in model.graph.nodes if node.op == "placeholder"]
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if len(tensors) != 1 or tensors[0].dim() < 2 or not tensors[0].is_floating_point():
+        return None
+    try:
+        return tuple(int(size) for size in tensors[0].shape[1:])
+    except TypeError:  # a symbolic (dynamic) size other than the batch
+        return None
 
 
 # --- batch iterables -------------------------------------------------------------------------
@@ -223,6 +256,22 @@ class _RandomBatches:
 
     def __len__(self) -> int:
         return -(-self.samples // self.batch_size)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _SplitBatches:
+    """Each batch of another iterable, cut into pieces of at most ``max_rows`` rows."""
+
+    batches: Iterable[Batch]
+    max_rows: int
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.batches:
+            rows = _rows_of(batch.inputs)
+            for start in range(0, rows, self.max_rows):
+                piece = slice(start, min(start + self.max_rows, rows))
+                target = None if batch.target is None else batch.target[piece]
+                yield Batch(_take(batch.inputs, piece), target)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -493,8 +542,12 @@ def _read_file(path: str, suffix: str, target: str | None) -> tuple[_Rows, objec
 
 
 def _read_torch(path: str) -> tuple[_Rows, object]:
+    if zipfile.is_zipfile(path):
+        verify_archive(path, ProbeError)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # about odd files, before the error that says it all
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         held = f"holds {found.group(1)}, not only tensors" if found else "holds more than tensors"
@@ -510,29 +563,47 @@ def _read_torch(path: str) -> tuple[_Rows, object]:
         return _as_inputs(loaded[0], path), loaded[1] if len(loaded) == 2 else None
     if isinstance(loaded, Mapping) and "x" in loaded:
         return _as_inputs(loaded["x"], path), loaded.get("y")
+    if isinstance(loaded, Mapping) and loaded:  # keyword inputs: input_ids, attention_mask, ...
+        return _as_inputs(loaded, path), None
     raise ProbeError(
-        f"{path} holds a {type(loaded).__name__}; expected a tensor x, a pair (x, y) or a dict "
-        "with 'x' and optional 'y'"
+        f"{path} holds a {type(loaded).__name__}; expected a tensor x, a pair (x, y), a dict "
+        "with 'x' and optional 'y', or a dict of keyword inputs (input_ids, attention_mask, ...)"
     )
 
 
 def _read_npy(path: str) -> np.ndarray:
+    _expect_header(path, (b"\x93NUMPY",), "a NumPy .npy file")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as error:
         raise _numpy_error(path, error) from None
 
 
+def _expect_header(path: str, magics: tuple[bytes, ...], kind: str) -> None:
+    # numpy reads any file without its header as a pickle, and then says it holds objects.
+    try:
+        with open(path, "rb") as file:
+            head = file.read(8)
+    except OSError as error:
+        raise ProbeError(f"{path} cannot be read ({error.strerror or error})") from None
+    if not head.startswith(magics):
+        raise ProbeError(f"{path} is not {kind} (it does not start with the format's header)")
+
+
 def _read_npz(path: str) -> tuple[_Rows, object]:
+    _expect_header(path, (b"PK\x03\x04", b"PK\x05\x06"), "a NumPy .npz archive")
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = list(archive.files)
-            if "x" not in names:
-                raise ProbeError(
-                    f"{path} holds arrays {names}; expected 'x' and optional 'y' "
-                    "(np.savez(path, x=..., y=...))"
-                )
-            return archive["x"], archive["y"] if "y" in names else None
+            if "x" in names:
+                return archive["x"], archive["y"] if "y" in names else None
+            if names and not any(re.fullmatch(r"arr_\d+", name) for name in names):
+                # keyword inputs, as np.savez(path, input_ids=..., attention_mask=...)
+                return {name: archive[name] for name in names}, None
+            raise ProbeError(
+                f"{path} holds arrays {names}; expected 'x' and optional 'y' "
+                "(np.savez(path, x=..., y=...)) or named keyword inputs (input_ids=..., ...)"
+            )
     except ProbeError:
         raise
     except Exception as error:

@@ -38,6 +38,21 @@ def render(report: Report, fmt: str, *, show_fixes: bool = False) -> str:
     return renderer(report)
 
 
+def printable(text: str) -> str:
+    """``text`` with control and invisible characters written as escapes (``\\n``,
+    ``\\x1b``, ``\\u202e``).
+
+    Module names, keys and class names come from the model file. Shown raw, a newline
+    could forge a second line (a ``::error::`` command to a CI log reader) and an escape
+    sequence could rewrite the terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
 def format_number(value: float | None) -> str:
     """Three significant digits, scientific outside [1e-3, 1e4)."""
     if value is None:
@@ -99,8 +114,9 @@ def render_text(report: Report, *, show_fixes: bool = False, max_fixes: int | No
         lines.append(finding_line(f, width))
         if show_fixes:
             lines += [f"{'':{width}}    fix: {fix}" for fix in f.fixes[:max_fixes]]
+    lines += [f"note: {note}" for note in report.probe.notes]
     lines.append(summary_line(report))
-    return "\n".join(lines) + "\n"
+    return "".join(printable(line) + "\n" for line in lines)
 
 
 # -- concise: one grep-able line per finding ------------------------------------------------
@@ -117,7 +133,7 @@ def render_concise(report: Report) -> str:
     lines.append(
         f"Found {counts_text(report.summary)}." if report.findings else "All checks passed!"
     )
-    return "\n".join(lines) + "\n"
+    return "".join(printable(line) + "\n" for line in lines)
 
 
 # -- statistics: how often each rule fired ------------------------------------------------
@@ -163,7 +179,7 @@ def render_github(report: Report) -> str:
             text += f"\nfix: {f.fixes[0]}"
         props = ",".join(f"{k}={_escape_property(v)}" for k, v in properties.items())
         lines.append(f"::{_GITHUB_LEVEL[f.severity]} {props}::{_escape_data(text)}")
-    return "".join(line + "\n" for line in lines)
+    return "".join(printable(line) + "\n" for line in lines)
 
 
 def _escape_data(text: str) -> str:

@@ -7,11 +7,12 @@ why), so any JSON parser can read it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import secrets
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,8 @@ class ProbeInfo:
     train_mode: bool
     gradients: bool
     sample_size: int
+    output_key: str = ""  # where in the model's output the checked output was, e.g. "['logits']"
+    notes: tuple[str, ...] = ()  # how the run differed from a plain forward, and why
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,9 @@ class Report:
         raise KeyError(f"no layer named {name!r}; layers: {', '.join(layer_names(self))}")
 
     def to_dict(self) -> dict:
+        return _finite_or_null(self._as_dict())
+
+    def _as_dict(self) -> dict:
         return {
             "version": self.version,
             "tool": {
@@ -124,6 +130,18 @@ def number(value: float | None) -> float | None:
     """A JSON-safe number: NaN and infinities become None."""
     if value is None or not math.isfinite(value):
         return None
+    return value
+
+
+def _finite_or_null(value: object) -> object:
+    """``value`` with every NaN and infinity, however deeply nested, replaced by None:
+    NaN in the probe reaches quantiles and extremes, and must not break the JSON."""
+    if isinstance(value, float):
+        return number(value)
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
     return value
 
 
@@ -204,25 +222,38 @@ def _finding_dict(f: Finding) -> dict:
 
 def write_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it into place,
-    so a reader never sees half a report and a failure leaves nothing behind."""
+    so a reader never sees half a report and a failure (or Ctrl-C) leaves nothing behind.
+
+    The rename replaces a symlink at ``path`` rather than writing through it, and the
+    file keeps the mode of the report it replaces, or gets the umask's like any new file
+    (mkstemp's would be owner-only).
+    """
     target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    fd, tmp = _create_beside(target)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            _keep_mode(handle.fileno(), target)
             handle.write(text)
-        os.chmod(tmp, _file_mode(target))  # mkstemp's 0600 would hide a report from others
+            handle.flush()
+            os.fsync(handle.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-def _file_mode(target: Path) -> int:
-    """The mode ``open(target, "w")`` would leave: the old file's, or 0666 less the umask."""
-    try:
-        return stat.S_IMODE(target.stat().st_mode)
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+def _create_beside(target: Path) -> tuple[int, Path]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _keep_mode(fd: int, target: Path) -> None:
+    """Give a replacement report the mode of the one it replaces (a new one has the
+    umask's, from os.open)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.fchmod(fd, stat.S_IMODE(target.stat().st_mode))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -160,23 +161,110 @@ def builtin_rules_dir() -> Path:
 
 
 def load_rule_file(path: Path) -> Rule:
-    where = str(path)
+    """The rule in ``path``, parsed once per version of the file (rules are immutable data,
+    and a test session checks many models against the same files)."""
+    try:
+        stat = Path(path).stat()
+    except OSError as error:
+        raise RuleError(f"{path}: cannot read rule file ({error.strerror or error})") from None
+    return _load_rule_file(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=512)
+def _load_rule_file(where: str, mtime_ns: int, size: int) -> Rule:
+    path = Path(where)
     try:
         text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
     except OSError as error:
         raise RuleError(f"{where}: cannot read rule file ({error.strerror or error})") from None
-    return _parse_rule_text(where, text)
-
-
-@functools.lru_cache(maxsize=256)
-def _parse_rule_text(where: str, text: str) -> Rule:
-    # Parsing the rule pack costs more than checking a small model; a Rule is frozen,
-    # so a file read again with the same text gives the same Rule.
-    try:
-        data = tomllib.loads(text)
+    except UnicodeDecodeError as error:
+        raise RuleError(f"{where}: not a TOML rule file (not UTF-8 text: {error.reason})") from None
     except tomllib.TOMLDecodeError as error:
-        raise RuleError(f"{where}: invalid TOML: {error}") from None
-    return parse_rule(data, where)
+        found = re.search(r" \(at line (\d+), column \d+\)", str(error))
+        if found is None:
+            raise RuleError(f"{where}: invalid TOML: {error}") from None
+        reason = str(error).replace(found.group(0), "")
+        raise RuleError(f"{where}:{found.group(1)}: invalid TOML: {reason}") from None
+    try:
+        return parse_rule(data, where)
+    except (RuleError, ConfigError) as error:
+        raise type(error)(_with_line(str(error), where, text)) from None
+
+
+# What a parse_rule message says after "FILE: ": an optional array entry ("checks[1]: "),
+# then the key it is about, in one of the few ways the messages name one.
+_ENTRY = re.compile(r"(checks|fixes)\[(\d+)\]: ")
+_NAMED_KEY = re.compile(
+    r"unknown (?:check )?key '(?P<a>[\w-]+)'|missing or empty '(?P<b>[\w-]+)'"
+    r"|^'(?P<c>[\w-]+)' must|^(?P<d>[\w-]+)(?:\.(?P<sub>[\w-]+))?\b"
+)
+
+
+def _with_line(message: str, where: str, text: str) -> str:
+    """``message`` as ``FILE:LINE: ...`` when the line of the key it names can be found."""
+    if not message.startswith(where + ": "):
+        return message
+    rest = message[len(where) + 2 :]
+    entry = _ENTRY.match(rest)
+    named = _NAMED_KEY.search(rest[entry.end() :] if entry else rest)
+    key = sub = None
+    if named:
+        key = named.group("a") or named.group("b") or named.group("c") or named.group("d")
+        sub = named.group("sub")
+    if key not in _RULE_KEYS | _CHECK_KEYS and not (named and named.group("a")):
+        key = sub = None  # a word of the message, not a key
+    section = (entry.group(1), int(entry.group(2))) if entry else None
+    line = _line_of(text.splitlines(), section, key, sub)
+    return message if line is None else f"{where}:{line}: {rest}"
+
+
+def _line_of(
+    lines: list[str], section: tuple[str, int] | None, key: str | None, sub: str | None
+) -> int | None:
+    """1-based line of ``key`` (or ``key.sub``) in a rule file, found the way TOML lays out
+    a rule: top-level keys, ``[table]`` headers, and ``[[checks]]``/``[[fixes]]`` entries."""
+    code = _code_lines(lines)
+    start, end = 0, len(lines)
+    if section is not None:
+        name, index = section
+        entries = [i for i in code if lines[i].strip() == f"[[{name}]]"]
+        if index >= len(entries):
+            return None
+        start = entries[index]
+        end = next((i for i in code if i > start and lines[i].lstrip().startswith("[[")), end)
+    else:
+        end = next((i for i in code if lines[i].lstrip().startswith("[")), end)
+    if key is None:
+        return start + 1 if section else None
+    prefix = f"{section[0]}." if section else ""
+    table = next((i for i in code if lines[i].strip() == f"[{prefix}{key}]" and i >= start), None)
+    if table is not None:
+        after = next((i for i in code if i > table and lines[i].lstrip().startswith("[")), None)
+        found = _assignment(lines, code, sub, table + 1, after or len(lines)) if sub else None
+        return (found if found is not None else table) + 1
+    found = _assignment(lines, code, key, start, end)
+    if found is None:
+        return start + 1 if section else None
+    return found + 1
+
+
+def _assignment(lines: list[str], code: list[int], key: str, start: int, end: int) -> int | None:
+    pattern = re.compile(rf"\s*[\"']?{re.escape(key)}[\"']?\s*=")
+    return next((i for i in code if start <= i < end and pattern.match(lines[i])), None)
+
+
+def _code_lines(lines: list[str]) -> list[int]:
+    """Indices of lines that are not inside a multi-line string."""
+    code, inside = [], None
+    for i, line in enumerate(lines):
+        if inside is None:
+            code.append(i)
+        for quote in ('"""', "'''"):
+            if (inside in (None, quote)) and line.count(quote) % 2 == 1:
+                inside = None if inside == quote else quote
+                break
+    return code
 
 
 def parse_rule(data: Mapping[str, object], where: str) -> Rule:

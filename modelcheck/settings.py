@@ -38,6 +38,9 @@ class Settings:
     rules: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     per_layer_ignores: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     extend_rules: tuple[str, ...] = ()
+    output_key: str | None = None
+    forward_kwargs: Mapping[str, object] = field(default_factory=dict)
+    unit_axes: Mapping[str, int] = field(default_factory=dict)
     progress: bool = True
 
     def updated(self, values: Mapping[str, object], where: str) -> Settings:
@@ -125,6 +128,25 @@ def _layer_ignores(value: object, where: str) -> dict[str, tuple[str, ...]]:
     return {str(glob): _names(rules, f"{where}.{glob}") for glob, rules in value.items()}
 
 
+def _keywords(value: object, where: str) -> dict[str, object]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(
+            f"{where}: expected a table of argument name -> value, e.g. {{ sr = 16000 }}"
+        )
+    return dict(value)
+
+
+def _unit_axes(value: object, where: str) -> dict[str, int]:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+        for k, v in value.items()
+    ):
+        raise ConfigError(
+            f'{where}: expected a table of layer pattern -> axis, e.g. {{ "rnn*" = -1 }}'
+        )
+    return dict(value)
+
+
 OPTIONS: Mapping[str, Option] = {
     "select": Option(
         "rules to check: codes, code prefixes or slugs (default: all)", _optional_names
@@ -150,6 +172,20 @@ OPTIONS: Mapping[str, Option] = {
         'rules ignored on matching layers, e.g. "head.*" = ["saturation"]', _layer_ignores
     ),
     "extend_rules": Option("extra rule files (globs) to load beside the built-in ones", _names),
+    "output_key": Option(
+        "part of the model's output the loss uses: a key, attribute or index (default: "
+        "logits, sentence_embedding or last_hidden_state, else the first float tensor)",
+        _optional_text,
+    ),
+    "forward_kwargs": Option(
+        'keyword arguments for every forward call besides the probe, e.g. {"sr": 16000}',
+        _keywords,
+    ),
+    "unit_axes": Option(
+        'axis of the units per layer pattern, e.g. "encoder.*" = -1 (default: features of '
+        "Linear, channels of Conv/BatchNorm, last dim of sequence layers)",
+        _unit_axes,
+    ),
     "progress": Option(
         "progress bar on stderr for checks over a second (never off a terminal or in pytest)",
         _boolean,

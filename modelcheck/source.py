@@ -7,23 +7,29 @@ loaded with ``weights_only=True`` into a module built by a factory the user name
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import itertools
+import logging
 import os
 import pickle
 import pickletools
 import re
 import struct
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 
-from modelcheck.errors import SourceError
+from modelcheck.errors import ModelcheckError, SourceError
 
-__all__ = ["LoadedModel", "import_factory", "load_model"]
+__all__ = ["LoadedModel", "import_factory", "load_model", "verify_archive"]
 
 # Keys under which training scripts commonly nest the state_dict of a checkpoint.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -54,7 +60,7 @@ class LoadedModel:
 
     module: torch.nn.Module
     source: str  # the path as the user gave it
-    format: str  # "state_dict" | "pickled-module"
+    format: str  # "torchscript" | "torch-export" | "safetensors" | "state_dict" | "pickled-module"
     description: str  # one line for the report
 
 
@@ -72,6 +78,13 @@ def load_model(
     """
     shown = os.fspath(path)
     kind = _sniff(shown)
+    if kind == "torchscript":
+        return _load_torchscript(shown)
+    if kind == "torch-export":
+        return _load_exported(shown, trust)
+    if kind == "safetensors":
+        state = _read_safetensors(shown)
+        return _load_state_dict(shown, state, None, arch, arch_kwargs, "safetensors")
     loaded = _load_pickle(shown, trust) if kind == "pickle" else _torch_load(shown, trust)
     payload, wrapper = _unwrap(loaded)
     if isinstance(payload, torch.nn.Module):
@@ -116,7 +129,8 @@ def import_factory(spec: str) -> Callable[..., torch.nn.Module]:
 
 
 def _sniff(path: str) -> str:
-    """Classify the file as "torch" (torch.save output) or "pickle" (a plain pickle).
+    """Classify the file: "torchscript", "torch-export", "safetensors", "torch" (torch.save
+    output) or "pickle" (a plain pickle).
 
     Everything else is refused here, before any unpickling, with the reason it was recognised.
     """
@@ -136,13 +150,11 @@ def _sniff(path: str) -> str:
         if head.startswith(signature):
             raise SourceError(f"{path} is not a PyTorch file (looks like {what})")
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        _check_archive(path)
-        return "torch"
+        kind = _archive_kind(path)
+        verify_archive(path)  # torch.save, TorchScript and torch.export archives alike
+        return kind
     if _looks_like_safetensors(head, size):
-        raise SourceError(
-            f"{path}: safetensors files are not supported yet; load the tensors into your model "
-            f"and {_STATE_DICT_ROUTE}"
-        )
+        return "safetensors"
     # torch.save always writes pickle protocol 2 or later, whose first byte is PROTO (0x80);
     # protocol 0 text pickles are not worth mistaking every text file for a model.
     if not head.startswith(pickle.PROTO):
@@ -152,24 +164,150 @@ def _sniff(path: str) -> str:
     return "torch" if _is_legacy_torch_file(path) else "pickle"
 
 
-def _check_archive(path: str) -> None:
-    """Refuse zip archives that torch.load cannot turn into a module: broken ones, TorchScript and
-    torch.export programs (whose loaders are not wired in yet) and zips torch.save did not write."""
+def _archive_kind(path: str) -> str:
+    """Tell the zip archives torch writes apart by what they hold: TorchScript (code/ and
+    constants.pkl), torch.export (archive_format, models/), torch.save (data.pkl)."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError):
         raise SourceError(f"{path} is truncated or corrupted (incomplete zip archive)") from None
     if any(n.endswith("/archive_format") or "serialized_exported_program" in n for n in names):
-        raise SourceError(
-            f"{path}: torch.export programs (.pt2) are not supported yet; {_STATE_DICT_ROUTE}"
-        )
+        return "torch-export"
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-        raise SourceError(
-            f"{path}: TorchScript archives are not supported yet; {_STATE_DICT_ROUTE}"
-        )
+        return "torchscript"
     if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         raise SourceError(f"{path} is a zip archive but not a PyTorch file (no data.pkl inside)")
+    return "torch"
+
+
+def _load_torchscript(path: str) -> LoadedModel:
+    # TorchScript archives hold TorchScript code and tensors, read by torch's own loader,
+    # not by Python's pickle: no --trust needed.
+    try:
+        with warnings.catch_warnings():  # torch's advice to move to torch.export, not ours
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(path, map_location="cpu")
+    except Exception as error:
+        raise SourceError(
+            f"{path} is a TorchScript archive that torch.jit.load cannot read "
+            f"({type(error).__name__}: {_brief(error)})"
+        ) from None
+    name = getattr(module, "original_name", type(module).__name__)
+    return LoadedModel(module, path, "torchscript", f"TorchScript module {name}")
+
+
+def _load_exported(path: str, trust: bool) -> LoadedModel:
+    try:
+        with warnings.catch_warnings(), _quiet_torch_logs():  # torch's own deprecations
+            warnings.simplefilter("ignore")
+            with contextlib.nullcontext() if trust else _plain_tensors_only():
+                program = torch.export.load(path)
+            module = program.module()
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", _ANSI.sub("", str(error)))
+        raise _unsafe(path, found.group(1) if found else "a pickled object") from None
+    except Exception as error:
+        raise SourceError(
+            f"{path} is a torch.export program that torch.export.load cannot read "
+            f"({type(error).__name__}: {_brief(error)})"
+        ) from None
+    signature = ", ".join(
+        f"{tuple(s.shape)}" for s in _example_inputs(program) if isinstance(s, torch.Tensor)
+    )
+    shapes = f" exported for inputs {signature}" if signature else ""
+    return LoadedModel(module, path, "torch-export", f"torch.export program{shapes}")
+
+
+@contextmanager
+def _plain_tensors_only() -> Iterator[None]:
+    """Inside, torch.load reads plain tensors only and pickle.loads refuses.
+
+    torch.export.load unpickles parts of a .pt2 archive with weights_only=False (weights
+    and constants marked as pickled, opaque constants) and falls back to it when the
+    example inputs fail a weights-only load, so a crafted archive runs code on loading.
+    The archive's own format needs neither; its TorchScript objects go through torch's
+    C++ unpickler, which resolves no Python globals.
+    """
+    real_load = torch.load
+
+    def weights_only(*args: object, **kwargs: object) -> object:
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise pickle.UnpicklingError("the archive holds a pickled object, which could run code")
+
+    with mock.patch.object(torch, "load", weights_only), mock.patch.object(pickle, "loads", refuse):
+        yield
+
+
+@contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    # torch.export.load logs (and, with a malformed log call, prints a traceback) when it
+    # falls back to a full unpickling: the one-line error says what matters.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _example_inputs(program: object) -> list[object]:
+    example = getattr(program, "example_inputs", None)
+    if not example:
+        return []
+    args, kwargs = example
+    return [*args, *kwargs.values()]
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file: a JSON header and raw data, no code to run."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise SourceError(
+            f"{path} is a safetensors file; reading it needs the safetensors package "
+            "(pip install safetensors)"
+        ) from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as error:
+        raise SourceError(
+            f"{path} is truncated or corrupted (safetensors: {_brief(error)})"
+        ) from None
+
+
+# torch.save stores its records uncompressed; a re-zipped file may deflate them, but a
+# ratio beyond this is a decompression bomb, not a model.
+_MAX_EXPANSION = 100
+
+
+def verify_archive(path: str, error: type[ModelcheckError] = SourceError) -> None:
+    """Check every record of a zip archive against its CRC-32 before anything unpickles it,
+    and refuse a decompression bomb; raise ``error`` with one line if the file fails.
+
+    torch.load reads records without checking their checksums, so a flipped byte in the
+    weights would be checked as if it were the model. Reading the file once more costs
+    about as much as loading it. The probe stage checks ``.pt`` probes the same way.
+    """
+    try:
+        size = os.stat(path).st_size
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+            if declared > _MAX_EXPANSION * size + 2**20:
+                raise error(
+                    f"{path} declares {declared / 2**30:.1f} GiB of records in a "
+                    f"{size / 2**20:.1f} MiB file; refusing to decompress it"
+                )
+            damaged = archive.testzip()
+    except ModelcheckError:
+        raise
+    except Exception as failure:  # zipfile raises several types for broken records
+        raise error(f"{path} is truncated or corrupted ({_brief(failure)})") from None
+    if damaged is not None:
+        raise error(f"{path} is corrupted: its record {damaged} fails its checksum")
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -204,7 +342,10 @@ def _is_legacy_torch_file(path: str) -> bool:
 
 def _torch_load(path: str, trust: bool) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
+        with warnings.catch_warnings():
+            # torch warns about odd files before failing on them; the error says it all.
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as error:
         if trust:
             raise SourceError(f"{path} could not be unpickled ({_brief(error)})") from None
@@ -231,10 +372,13 @@ def _refusal(path: str, error: pickle.UnpicklingError) -> SourceError:
     """Explain why the weights-only unpickler stopped, naming the global it was asked for."""
     message = _ANSI.sub("", str(error))
     found = re.search(r"GLOBAL ([\w.]+)", message)
+    imported, damage = _scan_pickles(path)
     if found:
         wanted = found.group(1)
         # torch prints builtins unqualified ("exec"); say where they come from.
-        return _unsafe(path, wanted if "." in wanted else f"builtins.{wanted}")
+        return _unsafe(path, wanted if "." in wanted else f"builtins.{wanted}", imported)
+    if damage:  # not a security question: --trust would not help
+        return SourceError(f"{path} is truncated or corrupted (not a valid pickle: {damage})")
     detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", message)
     reason = detail.group(1).strip() if detail else _brief(error)
     return SourceError(
@@ -243,8 +387,10 @@ def _refusal(path: str, error: pickle.UnpicklingError) -> SourceError:
     )
 
 
-def _unsafe(path: str, wanted: str | None) -> SourceError:
-    what = f"needs to unpickle {wanted}" if wanted else "is a plain pickle"
+def _unsafe(path: str, wanted: str | None, found: list[str] | None = None) -> SourceError:
+    what = (
+        f"needs to unpickle {_worst_first(wanted, found or [])}" if wanted else "is a plain pickle"
+    )
     return SourceError(
         f"{path} {what}, and unpickling can run arbitrary code; {_TRUST_HINT}, "
         f"or {_STATE_DICT_ROUTE}"
@@ -254,7 +400,10 @@ def _unsafe(path: str, wanted: str | None) -> SourceError:
 def _load_pickle(path: str, trust: bool) -> object:
     """A plain pickle (pickle.dump, not torch.save) is code to run: refuse it unless trusted."""
     if not trust:
-        raise _unsafe(path, _first_global(path))
+        imported, damage = _scan_pickles(path)
+        if damage:
+            raise SourceError(f"{path} is truncated or corrupted (not a valid pickle: {damage})")
+        raise _unsafe(path, imported[0] if imported else None, imported)
     try:
         with open(path, "rb") as file:
             return pickle.load(file)
@@ -264,15 +413,50 @@ def _load_pickle(path: str, trust: bool) -> object:
         ) from None
 
 
-def _first_global(path: str) -> str | None:
-    """The first module-level name a pickle imports, read from its opcodes without running it."""
+# Globals a weights-only load of a torch file may need anyway; anything else is named first.
+_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "__builtin__.set")
+_SHOWN_GLOBALS = 4
+
+
+def _worst_first(wanted: str, found: list[str]) -> str:
+    """The globals a file imports, the ones that have nothing to do with tensors first:
+    deciding whether to pass --trust, ``posix.system`` says more than the model class."""
+    names = list(dict.fromkeys([*found, wanted]))
+    names.sort(key=lambda name: name.startswith(_TENSOR_GLOBALS))
+    shown = ", ".join(names[:_SHOWN_GLOBALS])
+    more = len(names) - _SHOWN_GLOBALS
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def _scan_pickles(path: str) -> tuple[list[str], str | None]:
+    """Read a file's pickles as opcodes, without running them: every module-level name
+    they import, and why the first one is not a valid pickle (None if it is).
+
+    A zip archive's pickle is its ``data.pkl``; a legacy torch file holds four pickles
+    before its raw tensor data, a plain pickle one.
+    """
+    imported: list[str] = []
     try:
-        with open(path, "rb") as file:
-            for name in _globals(pickletools.genops(file)):
-                return name
-    except Exception:  # a damaged pickle: we only wanted a better message
-        return None
-    return None
+        stream = _pickle_stream(path)
+    except Exception as error:
+        return imported, _brief(error)
+    with stream:
+        for index in range(4):
+            try:
+                imported += _globals(pickletools.genops(stream))
+            except Exception as error:  # the end of the pickles, or damage in the first
+                if index == 0:
+                    return list(dict.fromkeys(imported)), _brief(error)
+                break
+    return list(dict.fromkeys(imported)), None
+
+
+def _pickle_stream(path: str) -> io.BufferedIOBase:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+            return io.BytesIO(archive.read(name))
+    return open(path, "rb")  # the caller closes it
 
 
 def _globals(ops: Iterator[tuple[pickletools.OpcodeInfo, object, int | None]]) -> Iterator[str]:
@@ -336,8 +520,9 @@ def _load_state_dict(
     wrapper: str | None,
     arch: str | None,
     arch_kwargs: Mapping[str, object] | None,
+    fmt: str = "state_dict",
 ) -> LoadedModel:
-    held = f"state_dict ({len(state)} tensors)"
+    held = f"{'safetensors file' if fmt == 'safetensors' else 'state_dict'} ({len(state)} tensors)"
     if wrapper:
         held = f"state_dict ({len(state)} tensors, under the checkpoint key '{wrapper}')"
     if arch is None:
@@ -348,6 +533,9 @@ def _load_state_dict(
     kwargs = dict(arch_kwargs or {})
     call = f"{arch}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
     module = _build(import_factory(arch), call, kwargs)
+    # Checkpoints written before a buffer became non-persistent still hold it (Hugging Face
+    # BERT's embeddings.position_ids): the module rebuilds it, so the file's copy is not needed.
+    state = {k: v for k, v in state.items() if k not in _non_persistent_buffers(module)}
     mismatch = _first_mismatch(state, module.state_dict())
     if mismatch:
         raise SourceError(f"{path} does not fit --arch {arch}: {mismatch}")
@@ -355,7 +543,15 @@ def _load_state_dict(
         module.load_state_dict(state, strict=True)
     except Exception as error:  # e.g. a custom _load_from_state_dict that refuses the values
         raise SourceError(f"{path} does not fit --arch {arch}: {_brief(error)}") from None
-    return LoadedModel(module, path, "state_dict", f"{held} loaded into {call}")
+    return LoadedModel(module, path, fmt, f"{held} loaded into {call}")
+
+
+def _non_persistent_buffers(module: torch.nn.Module) -> set[str]:
+    return {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, sub in module.named_modules()
+        for name in getattr(sub, "_non_persistent_buffers_set", ())
+    }
 
 
 def _build(factory: Callable[..., object], call: str, kwargs: dict[str, object]) -> torch.nn.Module:

@@ -25,7 +25,8 @@ import torch
 from modelcheck.capture import LayerInfo
 
 DEAD_BELOW = 0.01
-"""A ReLU unit is dead when it is active (> 0) on fewer than this fraction of positions."""
+"""A ReLU, GELU or SiLU unit is dead when it is active (> 0) on fewer than this fraction
+of positions."""
 
 SATURATED_FROM = 0.95
 """A bounded unit is saturated when it sits in its flat region on at least this fraction."""
@@ -37,7 +38,7 @@ RESERVOIR_SIZE = 4_096
 """Values per layer kept for histograms and quantiles: plenty for 50 bins and 101 quantiles."""
 
 # Families whose per-unit activity (> 0) decides dead units.
-ACTIVITY_FAMILIES = frozenset({"relu", "relu6"})
+ACTIVITY_FAMILIES = frozenset({"relu", "relu6", "gelu", "silu"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +135,33 @@ def _three_axes(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
     outer = math.prod(shape[:unit_dim])
     inner = math.prod(shape[unit_dim + 1 :])
     return x.reshape(outer, shape[unit_dim], inner)
+
+
+# Magnitudes whose float32 squares (and sums of them) stay normal and finite, with room
+# for sums over many values: beyond them a summary is recomputed in float64.
+SQUARE_RANGE = (1e-18, 1e18)
+
+
+def _widened(x: torch.Tensor, precise: bool) -> torch.Tensor:
+    """``x`` in the dtype its squares are taken in: float64 when ``precise`` and for half
+    values (their squares overflow above 256, and float64 keeps their sums exact for the
+    cost of converting a two-byte tensor), the input dtype otherwise."""
+    if x.is_floating_point() and (precise or x.dtype in (torch.float16, torch.bfloat16)):
+        return x.to(torch.float64)
+    return x
+
+
+def _outside_square_range(
+    largest: torch.Tensor, sumsq: torch.Tensor, total: torch.Tensor
+) -> torch.Tensor:
+    """Device bool: values of magnitude ``largest`` lose their squares in float32.
+
+    Either the squares overflowed though the values are finite, or every value is so
+    small that its square underflows. Float64 values never need this.
+    """
+    low, high = SQUARE_RANGE
+    overflow = ~torch.isfinite(sumsq) & torch.isfinite(total)
+    return overflow | (largest > high) | ((largest > 0) & (largest < low))
 
 
 _POSITIONS = (0, 2)
@@ -350,10 +378,12 @@ class TensorSummary:
         activity: bool = False,
         saturation: tuple[float, float] | None = None,
         scratch: dict | None = None,
+        precise: bool = False,
     ) -> None:
         self.sampler = sampler
         self.activity = activity
         self.saturation = saturation
+        self.precise = precise
         self.count = 0
         self.units = 0
         self.unit_shift: torch.Tensor | None = None
@@ -378,11 +408,7 @@ class TensorSummary:
 
     def update(self, x: torch.Tensor, unit_dim: int) -> None:
         """Fold one batch in: a handful of reductions, no host synchronisation."""
-        x = x.detach()
-        if x.dtype in (torch.float16, torch.bfloat16):
-            # Squares of half values overflow above 256, and float64 keeps their sums
-            # exact for the cost of a conversion of a two-byte tensor.
-            x = x.double()
+        x = _widened(x.detach(), self.precise)
         if x.dim() == 0:
             x, unit_dim = x.reshape(1), 0
         x3 = _three_axes(x, unit_dim)
@@ -540,6 +566,14 @@ class TensorSummary:
         self.sample_nonzero.add_(other.sample_nonzero)
         self.reservoir.merge(other.reservoir)
 
+    def range_flag(self) -> torch.Tensor:
+        """A device bool that is True when float32 squares could not hold these values."""
+        if self.unit_sum is None or self.precise:
+            return torch.zeros((), dtype=torch.bool)
+        extremes = torch.cat([self.unit_min, self.unit_max]).abs()
+        largest = torch.where(torch.isfinite(extremes), extremes, 0).max()
+        return _outside_square_range(largest, self.unit_dsumsq.sum(), self.unit_sum.sum())
+
     def finite_flag(self) -> torch.Tensor:
         """A device bool that is True when some value seen so far was NaN or infinite.
 
@@ -561,9 +595,12 @@ class TensorSummary:
         d_mean = host["sum"] / positions - host["shift"]
         unit_mean = host["shift"] + d_mean
         unit_var = np.maximum(host["dsumsq"] / positions - d_mean**2, 0.0)
+        lo, hi = float(host["min"].min()), float(host["max"].max())
+        unit_var = _within_half_range(unit_var, lo, hi)
         mean = float(unit_mean.mean())
         # Total spread = spread within units + spread of the unit means: no cancellation.
         variance = float(np.mean(unit_var) + np.mean((unit_mean - mean) ** 2))
+        variance = float(_within_half_range(np.float64(variance), lo, hi))
         skewness, kurtosis = self.moments.shape_moments()
         sample_n = self.moments.n
         values = host["sample"]
@@ -575,7 +612,6 @@ class TensorSummary:
         if host.get("saturated") is not None:
             saturated = host["saturated"] / positions
         finite_values = values[np.isfinite(values)]
-        lo, hi = float(host["min"].min()), float(host["max"].max())
         return Distribution(
             count=self.count,
             units=self.units,
@@ -603,6 +639,18 @@ class TensorSummary:
             quantiles=_quantiles(finite_values, lo, hi),
             sample_size=min(sample_n, self.count),
         )
+
+
+def _within_half_range(variance: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Cap a variance at the square of half the range, which no distribution exceeds.
+
+    The layer's exact extremes bound any rounding left in a variance, and make it exactly
+    0 when every value is the same.
+    """
+    half = (np.float64(hi) - np.float64(lo)) / 2
+    with np.errstate(over="ignore", invalid="ignore"):
+        capped = np.minimum(variance, half * half)
+    return np.where(np.isfinite(half), capped, variance)
 
 
 _UNIT_FIELDS = ("shift", "sum", "dsumsq", "min", "max", "active", "saturated")
@@ -678,8 +726,11 @@ class GradientSummary:
     and each kept sum is another pass over a tensor as large as the activation.
     """
 
-    def __init__(self, magnitudes: bool = True, scratch: dict | None = None) -> None:
+    def __init__(
+        self, magnitudes: bool = True, scratch: dict | None = None, precise: bool = False
+    ) -> None:
         self.magnitudes = magnitudes
+        self.precise = precise
         self.count = 0
         self.sumsq: torch.Tensor | None = None
         self.sumabs: torch.Tensor | None = None
@@ -688,9 +739,7 @@ class GradientSummary:
 
     def update(self, grads: Sequence[torch.Tensor]) -> None:
         for g in grads:
-            g = g.detach()
-            if g.dtype in (torch.float16, torch.bfloat16):
-                g = g.float()
+            g = _widened(g.detach(), self.precise)
             if self.sumsq is None:
                 self._start(g.device)
             scratch = _workspace(self._scratch, g)
@@ -720,6 +769,16 @@ class GradientSummary:
             return torch.zeros((), dtype=torch.bool)
         return ~torch.isfinite(self.sumabs if self.magnitudes else self.sumsq)
 
+    def range_flag(self) -> torch.Tensor:
+        """True when float32 squares could not hold these gradients (see _widened)."""
+        if self.sumsq is None or self.precise:
+            return torch.zeros((), dtype=torch.bool)
+        # No extremes are kept for gradients: their rms bounds the largest from below, an
+        # infinite rms of finite values (an overflow) included.
+        rms = torch.sqrt(self.sumsq / self.count)
+        total = self.sumabs if self.magnitudes else torch.zeros_like(self.sumsq)
+        return _outside_square_range(rms, self.sumsq, total)
+
     def finalize(self) -> GradientStats | None:
         if self.count == 0:
             return None
@@ -748,10 +807,10 @@ class ParameterSummary:
     only when the sums show there are some.
     """
 
-    def __init__(self, name: str, p: torch.Tensor, scratch: dict | None = None) -> None:
-        p = p.detach()
-        if p.dtype in (torch.float16, torch.bfloat16):
-            p = p.float()
+    def __init__(
+        self, name: str, p: torch.Tensor, scratch: dict | None = None, precise: bool = False
+    ) -> None:
+        p = _widened(p.detach(), precise)
         self.name, self.shape = name, tuple(p.shape)
         self._tensor = p
         if p.numel() == 0 or not p.is_floating_point():
@@ -763,6 +822,14 @@ class ParameterSummary:
         dsumsq = d.mul_(d).sum()
         lo, hi = torch.aminmax(flat)
         self.values = torch.stack([flat[0], dsum, dsumsq, lo, hi]).to(torch.float64)
+
+    def range_flag(self) -> torch.Tensor:
+        if self.values is None:
+            return torch.zeros((), dtype=torch.bool)
+        _, dsum, dsumsq, lo, hi = self.values
+        largest = torch.maximum(lo.abs(), hi.abs())
+        largest = torch.where(torch.isfinite(largest), largest, 0)
+        return _outside_square_range(largest, dsumsq, dsum)
 
     def finalize(self) -> ParameterStats | None:
         if self.values is None:
@@ -825,7 +892,7 @@ class _LayerState:
     )
 
     def __init__(
-        self, info: LayerInfo, sampler: Sampler, scratch: dict, parameters, buffers
+        self, info: LayerInfo, sampler: Sampler, scratch: dict, parameters, buffers, precise: bool
     ) -> None:
         self.info = info
         self.calls = 0
@@ -834,24 +901,34 @@ class _LayerState:
             activity=info.family in ACTIVITY_FAMILIES,
             saturation=info.saturation,
             scratch=scratch,
+            precise=precise,
         )
-        self.output_grad = GradientSummary(magnitudes=False, scratch=scratch)
-        self.param_grad = GradientSummary(scratch=scratch)
-        self.parameters = [ParameterSummary(n, p, scratch) for n, p in parameters.items()]
+        self.output_grad = GradientSummary(magnitudes=False, scratch=scratch, precise=precise)
+        self.param_grad = GradientSummary(scratch=scratch, precise=precise)
+        self.parameters = [ParameterSummary(n, p, scratch, precise) for n, p in parameters.items()]
         self.buffers_nonfinite = [
             (~torch.isfinite(b)).sum() for b in buffers.values() if b.is_floating_point()
         ]
 
 
 class StatsCollector:
-    """The Observer of a run: one summary per layer, merged per batch and per rank."""
+    """The Observer of a run: one summary per layer, merged per batch and per rank.
 
-    def __init__(self, sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = 0) -> None:
+    Squares are taken in float32 (or wider), which holds magnitudes within SQUARE_RANGE.
+    A run that saw values outside it says so (``out_of_square_range``), and the engine
+    runs again with ``precise=True``, taking squares in float64: exact for every finite
+    value, and paid for only by models that need it.
+    """
+
+    def __init__(
+        self, sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = 0, precise: bool = False
+    ) -> None:
         self.sampler = Sampler(sample_size, seed)
+        self.precise = precise
         self.scratch: dict = {}
         self.layers: dict[str, _LayerState] = {}
-        self.input = TensorSummary(self.sampler, scratch=self.scratch)
-        self.output = TensorSummary(self.sampler, scratch=self.scratch)
+        self.input = TensorSummary(self.sampler, scratch=self.scratch, precise=precise)
+        self.output = TensorSummary(self.sampler, scratch=self.scratch, precise=precise)
         self.argmax: torch.Tensor | None = None
 
     def on_layer(
@@ -861,7 +938,7 @@ class StatsCollector:
         buffers: Mapping[str, torch.Tensor],
     ) -> None:
         self.layers[layer.name] = _LayerState(
-            layer, self.sampler, self.scratch, parameters, buffers
+            layer, self.sampler, self.scratch, parameters, buffers, self.precise
         )
 
     def on_activation(self, layer: LayerInfo, output: torch.Tensor, unit_dim: int) -> None:
@@ -894,6 +971,20 @@ class StatsCollector:
             flags += [
                 state.activation.finite_flag().cpu(),
                 state.output_grad.finite_flag().cpu(),
+            ]
+        return bool(torch.stack(flags).any())
+
+    def out_of_square_range(self) -> bool:
+        """One host read: did float32 squares fail some value (see SQUARE_RANGE)?"""
+        if self.precise:
+            return False
+        flags = [self.input.range_flag().cpu(), self.output.range_flag().cpu()]
+        for state in self.layers.values():
+            flags += [
+                state.activation.range_flag().cpu(),
+                state.output_grad.range_flag().cpu(),
+                state.param_grad.range_flag().cpu(),
+                *(p.range_flag().cpu() for p in state.parameters),
             ]
         return bool(torch.stack(flags).any())
 

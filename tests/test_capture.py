@@ -70,7 +70,9 @@ def test_activation_applied_to_an_unrecorded_tensor_is_named_after_its_scope():
             return self.block(x)
 
     report = modelcheck.check(Net(), gaussian(features=4))
-    assert layer_names(report) == ["block.fc", "block.tanh", "block.tanh_1"]
+    # the block's own output, a sum no layer produced, is recorded at block level
+    assert layer_names(report) == ["block.fc", "block.tanh", "block.tanh_1", "block"]
+    assert report.layer("block").family == "block"
     assert report.layer("block.tanh").activation.saturated_fraction is not None
 
 

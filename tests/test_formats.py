@@ -273,7 +273,9 @@ def test_junit_model_wide_finding_fails_the_model_case():
 def test_github_annotations_escape_what_would_end_a_workflow_command():
     lines = render(nulls_report(), "github").splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith('::notice title=MC999 made-up (odd<&>"\x01%3Aname%2C%25)::')
+    # Control characters are shown escaped, as in the text format: a raw ESC would drive
+    # the log viewer's terminal emulation.
+    assert lines[0].startswith('::notice title=MC999 made-up (odd<&>"\\x01%3Aname%2C%25)::')
     assert "100%25 odd: a%0Asecond line" in lines[0]
     assert lines[1].startswith("::warning title=MC999 made-up (model)::<model>: ")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import sys
@@ -255,47 +254,6 @@ def test_trusted_pickle_whose_class_cannot_be_imported_says_so(
     message = error_line(excinfo)
     assert "No module named 'gone_net'" in message
     assert "must be importable" in message
-
-
-# --- archives that are not (yet) supported ---------------------------------------------------
-
-
-@pytest.mark.filterwarnings("ignore")
-def test_torchscript_archive_is_refused_and_suggests_the_state_dict_route(tmp_path: Path) -> None:
-    path = tmp_path / "scripted.pt"
-    torch.jit.script(archs.make_mlp()).save(str(path))
-
-    with pytest.raises(SourceError) as excinfo:
-        load_model(path, arch=MLP_SPEC)
-
-    message = error_line(excinfo)
-    assert message.startswith(f"{path}: TorchScript archives are not supported yet")
-    assert "state_dict" in message and "--arch" in message
-
-
-@pytest.mark.filterwarnings("ignore")
-def test_torch_export_archive_is_refused_and_suggests_the_state_dict_route(tmp_path: Path) -> None:
-    path = tmp_path / "exported.pt2"
-    model = nn.Linear(4, 2)
-    torch.export.save(torch.export.export(model, (torch.zeros(1, 4),)), path)
-
-    with pytest.raises(SourceError) as excinfo:
-        load_model(path)
-
-    message = error_line(excinfo)
-    assert message.startswith(f"{path}: torch.export programs (.pt2) are not supported yet")
-    assert "--arch" in message
-
-
-def test_safetensors_file_is_reported_as_not_supported_yet(tmp_path: Path) -> None:
-    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
-
-    with pytest.raises(SourceError) as excinfo:
-        load_model(path)
-
-    assert error_line(excinfo).startswith(f"{path}: safetensors files are not supported yet")
 
 
 # --- files that are not models ---------------------------------------------------------------

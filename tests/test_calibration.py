@@ -1,0 +1,108 @@
+"""The defaults that the two pretrained models calibrated (figures in the README): each
+adjusted rule still fires on the fault it is for, and stays quiet on the healthy phenomenon
+that made it move."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import badly_initialised, gaussian, mlp
+from torch import nn
+
+import modelcheck
+
+
+def findings_of(report, rule: str):
+    return [f for f in report.findings if f.rule == rule]
+
+
+class Scale(nn.Module):
+    """A weightless front end, like the padding before Silero VAD's STFT."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def test_growth_is_measured_from_the_first_layer_with_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(Scale(0.005), nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    report = modelcheck.check(model, gaussian())
+    assert findings_of(report, "exploding-activations") == []
+    assert findings_of(report, "vanishing-activations") == []
+    torch.manual_seed(0)
+    exploding = nn.Sequential(Scale(0.005), *mlp([8, 32, 32, 4]))
+    with torch.no_grad():
+        exploding[3].weight.mul_(20_000.0)
+    finding = findings_of(modelcheck.check(exploding, gaussian()), "exploding-activations")[0]
+    assert (finding.layer, finding.severity) == ("3", "error")
+    assert "'1'" in finding.message  # measured against the first Linear, not the front end
+
+
+def test_weights_fifty_times_off_their_scale_are_an_error():
+    report = modelcheck.check(badly_initialised(200.0), gaussian())  # default init is ×0.41
+    finding = findings_of(report, "poor-initialization")[0]
+    assert (finding.layer, finding.severity) == ("2", "error")
+    assert finding.threshold == 50
+
+
+@pytest.mark.parametrize(("scale", "warns"), [(0.05, False), (0.003, True)])
+def test_raw_audio_levels_are_scaled_but_vanishing_inputs_are_not(scale, warns):
+    report = modelcheck.check(mlp([8, 16, 4]), gaussian() * scale)
+    assert bool(findings_of(report, "unscaled-input")) == warns
+
+
+def test_sparse_embedding_gradients_are_not_vanishing_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5000, 16), nn.Flatten(), nn.Linear(48, 4))
+    report = modelcheck.check(model, torch.randint(0, 5000, (64, 3)))
+    ratio = report.layer("0").param_grad.rms / report.layer("2").param_grad.rms
+    assert ratio < 1e-2  # most rows get no gradient at all from 64 samples
+    assert findings_of(report, "vanishing-gradients") == []
+
+
+def test_gradients_are_compared_among_weight_layers_only():
+    from modelcheck.metrics import derive
+    from modelcheck.stats import RunStats
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 16), nn.LayerNorm(16))
+    report = modelcheck.check(model, gaussian())
+    stats = RunStats(report.layers, report.input, report.output, None, 16384)
+    layers = {m["name"]: m for m in derive(stats, parameters=1, loss="x").layers}
+    assert layers["0"]["grad_reference_layer"] == "2"  # the last Linear, not the last norm
+    assert layers["0"]["param_grad_ratio"] == pytest.approx(
+        report.layer("0").param_grad.rms / report.layer("2").param_grad.rms
+    )
+    assert layers["1"]["param_grad_ratio"] is None and layers["3"]["param_grad_ratio"] is None
+
+
+@pytest.mark.parametrize("activation", [nn.GELU, nn.SiLU])
+def test_gelu_and_silu_units_that_never_fire_are_dead(activation):
+    torch.manual_seed(1)
+    model = mlp([8, 32, 32, 4], activation=activation)
+    with torch.no_grad():
+        model[2].bias[:24] = -100.0
+    finding = findings_of(modelcheck.check(model, gaussian()), "dead-units")[0]
+    assert (finding.layer, finding.severity) == ("3", "error")
+    assert "24 of 32 units" in finding.message
+    assert (
+        findings_of(modelcheck.check(mlp([8, 32, 32, 4], activation), gaussian()), "dead-units")
+        == []
+    )
+
+
+def test_renderers_get_the_same_reference_layers_as_the_rules():
+    from modelcheck.metrics import reference_values
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Scale(0.1), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.LayerNorm(4)
+    )
+    report = modelcheck.check(model, gaussian())
+    rms, grad = reference_values(report.layers)
+    assert rms == report.layer("1").activation.rms  # not the weightless front end
+    assert grad == report.layer("3").param_grad.rms  # not the final LayerNorm
