@@ -675,12 +675,6 @@ def _reshifted_part(part: dict, shift: torch.Tensor) -> dict:
     )
 
 
-def _copy_res(r: Reservoir) -> Reservoir:
-    copy = Reservoir(r.capacity, r.device)
-    copy.merge(r)
-    return copy
-
-
 def _collapse_units(part: dict) -> dict:
     """One unit holding a layer's totals: every unit re-expressed around a common shift."""
     common = part["shift"].to(torch.float64).mean().reshape(1)
