@@ -436,6 +436,12 @@ class _Recorder(TorchFunctionMode):
         self._observe(layer, tensor, _default_dim(tensor))
 
     def _module_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        # The hook's own tensor calls (dim, is_floating_point, ...) would otherwise each
+        # pass through this recorder's __torch_function__.
+        with torch._C.DisableTorchFunction():
+            self._record_module_output(module, args, output)
+
+    def _record_module_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         tensor, _ = select_output(output)
         if not _is_float(tensor):
             return

@@ -20,8 +20,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from modelcheck import config
 from modelcheck import rules as rules_module
+from modelcheck.distributed import current_group, launched
 from modelcheck.engine import __version__, check, load_rule_set
 from modelcheck.errors import ConfigError, ModelcheckError
 from modelcheck.probe import infer_input_shape, probe_from_spec
@@ -203,6 +206,12 @@ def _check_parser() -> argparse.ArgumentParser:
         action="append",
         help="axis of the units of layers matching PATTERN (repeatable), e.g. 'rnn*=-1'",
     )
+    run.add_argument(
+        "--device",
+        metavar="DEVICE",
+        help="run the check on this device (cpu, cuda, cuda:1); default: where the model is",
+    )
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar on stderr")
     _rule_options(parser)
     _output_options(parser)
     return parser
@@ -227,6 +236,8 @@ def _cli_values(args: argparse.Namespace) -> dict[str, object]:
         values["forward_kwargs"] = _json_object(args.forward_kwargs, "--forward-kwargs")
     if getattr(args, "unit_axis", None):
         values["unit_axes"] = dict(_unit_axis(text) for text in args.unit_axis)
+    if getattr(args, "quiet", False):
+        values["progress"] = False
     return values
 
 
@@ -262,9 +273,22 @@ def _check_command(argv: list[str]) -> int:
     inputs = [args.model, spec, *rule_files, configured.path and str(configured.path)]
     _check_output(args.output, inputs)  # before the work, not after it
     _check_html_path(args.html, [*inputs, args.output])
+    with launched(_device(args.device)) as device:  # under torchrun: one rank each
+        return _check_file(args, settings, spec, inputs, device)
+
+
+def _check_file(
+    args: argparse.Namespace,
+    settings: Settings,
+    spec: str,
+    inputs: list[str | None],
+    device: torch.device | None,
+) -> int:
     loaded = load_model(
         args.model, arch=args.arch, arch_kwargs=_json_kwargs(args.arch_kwargs), trust=args.trust
     )
+    if device is not None:
+        loaded.module.to(device)  # the CLI loaded this model: moving it is ours to do
     if args.arch:
         inputs.append(getattr(sys.modules.get(args.arch.partition(":")[0]), "__file__", None))
     args.inputs = inputs
@@ -294,6 +318,9 @@ def _check_output_flags(args: argparse.Namespace) -> None:
 
 
 def _emit(report: Report, args: argparse.Namespace, preface: str = "") -> int:
+    group = current_group()
+    if group is not None and group.rank != 0:  # under torchrun, rank 0 alone writes
+        return 0 if report.ok or args.exit_zero else 1
     if args.statistics:
         text = render_statistics(report, args.format)
     else:
@@ -358,6 +385,31 @@ def _check_output(output: str | None, inputs: Sequence[str | None]) -> None:
             and os.path.samefile(output, path)
         ):
             raise ConfigError(f"--output {output} would overwrite the input file {path}")
+
+
+def _device(text: str | None) -> torch.device | None:
+    """The --device to run on, refused early when it cannot be used here."""
+    if text is None:
+        return None
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {text}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type != "cpu" and not _available(device):
+        raise ConfigError(f"--device {text}: no {device.type} device is available")
+    return device
+
+
+def _available(device: torch.device) -> bool:
+    backend = getattr(torch, device.type, None)
+    return bool(backend is not None and getattr(backend, "is_available", lambda: False)())
 
 
 def _json_kwargs(text: str | None) -> dict | None:

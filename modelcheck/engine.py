@@ -11,12 +11,13 @@ import fnmatch
 import glob
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from modelcheck import capture, capture_graph, rules
+from modelcheck import capture, capture_graph, distributed, progress, rules
 from modelcheck.errors import BatchOutOfMemory, CaptureError, ConfigError
 from modelcheck.metrics import derive
 from modelcheck.probe import (
@@ -31,7 +32,7 @@ from modelcheck.report import ModelInfo, ProbeInfo, Report
 from modelcheck.rules import Finding, Rule
 from modelcheck.settings import Settings
 from modelcheck.source import LoadedModel
-from modelcheck.stats import NonfiniteCounter, StatsCollector
+from modelcheck.stats import NonfiniteCounter, RunStats, StatsCollector
 
 __version__ = "0.1.0"
 
@@ -62,20 +63,18 @@ def check(
     if not isinstance(module, nn.Module):
         raise ConfigError(f"check(): model must be a torch.nn.Module, not {type(module).__name__}")
     chosen = select_rules(settings)
+    probe_data = probe
     probe = _as_probe(probe, labels, module, settings, input_shape)
-
-    run, collector, notes = _observe(module, probe, settings)
-    stats = collector.finalize(run.layers)
+    group = distributed.current_group()
+    measured = _measure(module, probe, probe_data, settings, group)
+    run, stats = measured.run, measured.stats
 
     parameters = sum(p.numel() for p in module.parameters())
-    metrics = derive(stats, parameters=parameters, loss=run.loss)
-    findings = _without_layer_ignores(rules.evaluate(chosen, metrics), settings)
-    slugs = {r.code: r.slug for r in chosen}
-    checked = tuple(
-        (code, layer)
-        for code, layer in rules.applicable(chosen, metrics)
-        if not _ignored_here(code, slugs[code], layer, settings.per_layer_ignores)
-    )
+    if group is None:
+        findings, checked = _evaluate(chosen, stats, parameters, run.loss, settings)
+    else:  # rank 0 evaluates the rules; every rank returns the same report
+        mine = _evaluate(chosen, stats, parameters, run.loss, settings) if group.rank == 0 else None
+        findings, checked = distributed.broadcast(mine, group)
     return Report(
         version=__version__,
         torch_version=torch.__version__,
@@ -92,15 +91,15 @@ def check(
         ),
         probe=ProbeInfo(
             source=probe.source,
-            samples=run.samples,
-            batches=run.batches,
+            samples=measured.samples,
+            batches=measured.batches,
             labels=probe.has_labels,
             loss=run.loss,
             train_mode=run.train_mode,
             gradients=run.gradients,
             sample_size=settings.sample_size,
             output_key=run.output_key,
-            notes=run.notes + notes,
+            notes=run.notes + measured.notes,
         ),
         layers=stats.layers,
         input=stats.input,
@@ -112,21 +111,95 @@ def check(
     )
 
 
+def _evaluate(
+    chosen: tuple[Rule, ...], stats: RunStats, parameters: int, loss: str, settings: Settings
+) -> tuple[list[Finding], tuple[tuple[str, str | None], ...]]:
+    """The findings, and which (rule, layer) pairs were checked at all."""
+    metrics = derive(stats, parameters=parameters, loss=loss)
+    findings = _without_layer_ignores(rules.evaluate(chosen, metrics), settings)
+    slugs = {r.code: r.slug for r in chosen}
+    checked = tuple(
+        (code, layer)
+        for code, layer in rules.applicable(chosen, metrics)
+        if not _ignored_here(code, slugs[code], layer, settings.per_layer_ignores)
+    )
+    return findings, checked
+
+
+@dataclass(frozen=True, slots=True)
+class _Measured:
+    """What running the probe gave: the capture run, the stats, and the probe's totals
+    over every rank."""
+
+    run: capture.CaptureRun
+    stats: RunStats
+    samples: int
+    batches: int
+    notes: tuple[str, ...]
+
+
+def _measure(
+    module: nn.Module,
+    probe: Probe,
+    probe_data: object,
+    settings: Settings,
+    group: distributed.Group | None,
+) -> _Measured:
+    """Run this process's batches (its shard, under torch.distributed) and summarise them;
+    with a group, the summaries come back merged over every rank."""
+    presharded = _presharded(probe_data)
+    run, collector, notes = _observe(module, probe, probe_data, settings, group, presharded)
+    if group is None:
+        return _Measured(run, collector.finalize(run.layers), run.samples, run.batches, notes)
+    layers = distributed.merge(collector, run.layers, group)
+    samples, batch_count = distributed.sum_ints([run.samples, run.batches], group)
+    return _Measured(run, collector.finalize(layers), samples, batch_count, notes)
+
+
+def _presharded(data: object) -> bool:
+    """A DataLoader over a DistributedSampler already gives each rank its own share."""
+    sampler = getattr(data, "sampler", None)
+    return isinstance(data, torch.utils.data.DataLoader) and isinstance(
+        sampler, torch.utils.data.distributed.DistributedSampler
+    )
+
+
+def _batch_count(data: object, probe: Probe, batches: object, settings: Settings) -> int | None:
+    """How many batches this process will run, when that is known (for the progress bar)."""
+    for sized in (batches, data if isinstance(data, torch.utils.data.DataLoader) else None):
+        try:
+            return len(sized)  # type: ignore[arg-type]
+        except TypeError:
+            continue
+    if probe.samples is None:
+        return None
+    return -(-probe.samples // settings.batch_size)
+
+
 def _observe(
-    module: nn.Module, probe: Probe, settings: Settings
+    module: nn.Module,
+    probe: Probe,
+    probe_data: object,
+    settings: Settings,
+    group: distributed.Group | None,
+    presharded: bool,
 ) -> tuple[capture.CaptureRun, StatsCollector, tuple[str, ...]]:
     """Run the probe through the model, in smaller batches if a batch runs out of memory.
 
     Each attempt starts afresh, so no half-observed batch reaches the statistics, and a
     smaller batch gives the same numbers as asking for that batch size in the first place.
+    Under torch.distributed a rank cannot retry alone (the others would wait for it in a
+    collective), so there the error ends the check.
     """
     batches, tried = probe.batches, []
     while True:
+        mine = batches if group is None else distributed.shard(batches, group, presharded)
+        total = _batch_count(probe_data, probe, mine, settings) if not tried else None
         try:
-            run, collector = _observe_batches(module, batches, settings)
+            run, collector = _observe_batches(module, mine, settings, group, total)
         except BatchOutOfMemory as error:
             tried.append(error.rows)
-            if error.rows <= 1:
+            if error.rows <= 1 or group is not None:
                 raise CaptureError(
                     f"{error} (after retrying in batches of {', '.join(map(str, tried))}); "
                     "free memory, or check a smaller model or on a larger device"
@@ -145,8 +218,14 @@ def _observe(
 
 
 def _observe_batches(
-    module: nn.Module, batches: Iterable[Batch], settings: Settings
+    module: nn.Module,
+    batches: Iterable[Batch],
+    settings: Settings,
+    group: distributed.Group | None,
+    total: int | None,
 ) -> tuple[capture.CaptureRun, StatsCollector]:
+    """One pass over this process's batches (with a progress bar), then the reruns that
+    precision or non-finite values call for, agreed by every rank."""
     options = {
         "loss": settings.loss,
         "train_mode": settings.train_mode,
@@ -158,15 +237,23 @@ def _observe_batches(
         "recorder_factory": capture_graph.GraphRecorder if capture_graph.handles(module) else None,
     }
     collector = StatsCollector(settings.sample_size, settings.seed)
-    run = capture.run(module, batches, collector, **options)
-    if collector.out_of_square_range():
+    show = settings.progress and (group is None or group.rank == 0)
+    with progress.bar(batches, show, total) as shown:
+        run = capture.run(module, shown, collector, **options)
+    if group is not None:
+        distributed.check_shards(run.batches, group)
+    if _on_any_rank(collector.out_of_square_range(), group):
         collector = StatsCollector(settings.sample_size, settings.seed, precise=True)
         run = capture.run(module, batches, collector, **options)
-    if collector.saw_nonfinite():
+    if _on_any_rank(collector.saw_nonfinite(), group):
         counter = NonfiniteCounter()
         capture.run(module, batches, counter, **options)
         collector.add_nonfinite_counts(counter)
     return run, collector
+
+
+def _on_any_rank(flag: bool, group: distributed.Group | None) -> bool:
+    return flag if group is None else distributed.any_rank(flag, group)
 
 
 def _release_memory(error: BaseException) -> None:

@@ -41,6 +41,7 @@ class Settings:
     output_key: str | None = None
     forward_kwargs: Mapping[str, object] = field(default_factory=dict)
     unit_axes: Mapping[str, int] = field(default_factory=dict)
+    progress: bool = True
 
     def updated(self, values: Mapping[str, object], where: str) -> Settings:
         """A copy with ``values`` (snake_case or kebab-case keys) validated and applied."""
@@ -184,5 +185,9 @@ OPTIONS: Mapping[str, Option] = {
         'axis of the units per layer pattern, e.g. "encoder.*" = -1 (default: features of '
         "Linear, channels of Conv/BatchNorm, last dim of sequence layers)",
         _unit_axes,
+    ),
+    "progress": Option(
+        "progress bar on stderr for checks over a second (never off a terminal or in pytest)",
+        _boolean,
     ),
 }

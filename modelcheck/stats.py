@@ -78,11 +78,12 @@ class Distribution:
 
 @dataclass(frozen=True, slots=True)
 class GradientStats:
-    """Root mean square and mean magnitude of a gradient over every batch."""
+    """Root mean square and mean magnitude of a gradient over every batch (the
+    magnitude is kept for parameter gradients only)."""
 
     count: int
     rms: float
-    mean_abs: float
+    mean_abs: float | None
     nonfinite: int
 
 
@@ -100,16 +101,32 @@ class ParameterStats:
     nonfinite: int
 
 
-def _workspace(cache: dict, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A reusable scratch tensor shaped like ``like``: a fresh large allocation per
+def _buffer(
+    cache: dict, size: int, dtype: torch.dtype, device: torch.device, key: str = ""
+) -> torch.Tensor:
+    """A reusable flat scratch tensor of ``size`` values: a fresh large allocation per
     layer costs page faults comparable to the reduction itself."""
-    dtype = dtype or like.dtype
-    key = (dtype, like.device)
-    flat = cache.get(key)
-    if flat is None or flat.numel() < like.numel():
-        flat = torch.empty(like.numel(), dtype=dtype, device=like.device)
-        cache[key] = flat
-    return flat[: like.numel()].view(like.shape)
+    slot = (key, dtype, device)
+    flat = cache.get(slot)
+    if flat is None or flat.numel() < size:
+        flat = cache[slot] = torch.empty(size, dtype=dtype, device=device)
+    return flat[:size]
+
+
+def _ones(cache: dict, size: int, device: torch.device) -> torch.Tensor:
+    slot = ("ones", device)
+    ones = cache.get(slot)
+    if ones is None or ones.numel() < size:
+        ones = cache[slot] = torch.ones(size, dtype=torch.float64, device=device)
+    return ones[:size]
+
+
+def _workspace(
+    cache: dict, like: torch.Tensor, dtype: torch.dtype | None = None, key: str = ""
+) -> torch.Tensor:
+    """A reusable scratch tensor shaped like ``like`` (see ``_buffer``)."""
+    flat = _buffer(cache, like.numel(), dtype or like.dtype, like.device, key)
+    return flat.view(like.shape)
 
 
 def _three_axes(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
@@ -126,12 +143,11 @@ SQUARE_RANGE = (1e-18, 1e18)
 
 
 def _widened(x: torch.Tensor, precise: bool) -> torch.Tensor:
-    """``x`` in the dtype its squares are taken in: float64 when ``precise``, and at
-    least float32 (squares of half values overflow above 256)."""
-    if precise and x.is_floating_point():
+    """``x`` in the dtype its squares are taken in: float64 when ``precise`` and for half
+    values (their squares overflow above 256, and float64 keeps their sums exact for the
+    cost of converting a two-byte tensor), the input dtype otherwise."""
+    if x.is_floating_point() and (precise or x.dtype in (torch.float16, torch.bfloat16)):
         return x.to(torch.float64)
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return x.float()
     return x
 
 
@@ -148,79 +164,97 @@ def _outside_square_range(
     return overflow | (largest > high) | ((largest > 0) & (largest < low))
 
 
-def _per_unit_sum(x3: torch.Tensor) -> torch.Tensor:
-    # Reduce the contiguous inner axis in the input dtype (torch sums it pairwise),
-    # then accumulate the short outer axis in float64.
-    return x3.sum(dim=2).to(torch.float64).sum(dim=0)
+_POSITIONS = (0, 2)
+"""The axes of a (outer, units, inner) view that hold positions, reduced in one call."""
+
+_EXACT_FLOAT32_COUNT = 1 << 24
+"""0/1 flags summed in float32 stay exact integers up to here (torch sums pairwise)."""
+
+
+def _flags_workspace(cache: dict, x3: torch.Tensor) -> torch.Tensor:
+    # Counting through a float workspace and a float sum is several times faster than
+    # summing a bool tensor into int64; float64 takes over where float32 stops being exact.
+    positions = x3.numel() // max(x3.shape[1], 1)
+    exact = x3.dtype == torch.float64 or positions < _EXACT_FLOAT32_COUNT
+    return _workspace(cache, x3, x3.dtype if exact else torch.float64)
 
 
 class MomentSample:
-    """Central moments to the fourth of a growing sample, merged exactly (Pébay 2008)."""
+    """Power sums of a growing sample around a fixed shift: central moments to the fourth.
 
-    __slots__ = ("m2", "m3", "m4", "mean", "n")
+    ``sums[k-1]`` is the sum of (value - shift)^k. A batch costs a few fused reductions
+    and merges by addition. The shift is the first batch's mean, so the sums stay well
+    conditioned: their rounding is about eps * (1 + ((mean - shift) / std)^4) relative.
+    Two samples with different shifts (two ranks) merge by re-expanding one around the
+    other's shift (binomial theorem), which is exact algebra.
+    """
+
+    __slots__ = ("n", "shift", "sums")
 
     def __init__(self, device: torch.device) -> None:
-        zero = torch.zeros((), dtype=torch.float64, device=device)
         self.n = 0
-        self.mean, self.m2, self.m3, self.m4 = zero, zero.clone(), zero.clone(), zero.clone()
+        self.shift = torch.zeros((), dtype=torch.float64, device=device)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
 
-    @classmethod
-    def of(cls, values: torch.Tensor) -> MomentSample:
-        """Moments of a 1-D float64 tensor, computed centred for accuracy."""
-        sample = cls(values.device)
-        if values.numel():
-            sample.n = values.numel()
-            sample.mean = values.mean()
-            d = values - sample.mean
-            d2 = d * d
-            sample.m2, sample.m3, sample.m4 = d2.sum(), (d2 * d).sum(), (d2 * d2).sum()
-        return sample
+    def add(self, values: torch.Tensor, scratch: dict) -> None:
+        """Fold in a 1-D float64 tensor: two elementwise ops and two matrix-vector sums
+        into the running sums, with temporaries in the caller's ``scratch``."""
+        n = values.numel()
+        if n == 0:
+            return
+        if self.n == 0:
+            self.shift = values.mean()
+        powers = _buffer(scratch, 2 * n, torch.float64, values.device, "powers").view(2, n)
+        torch.sub(values, self.shift, out=powers[0])
+        torch.mul(powers[0], powers[0], out=powers[1])
+        # [sum d, sum d²] = powers @ 1 and [sum d³, sum d⁴] = powers @ d².
+        self.sums[:2].addmv_(powers, _ones(scratch, n, values.device))
+        self.sums[2:].addmv_(powers, powers[1])
+        self.n += n
 
     def merge(self, other: MomentSample) -> None:
         if other.n == 0:
             return
         if self.n == 0:
-            self.n, self.mean, self.m2, self.m3, self.m4 = (
-                other.n,
-                other.mean,
-                other.m2,
-                other.m3,
-                other.m4,
-            )
+            self.n, self.shift, self.sums = other.n, other.shift.clone(), other.sums.clone()
             return
-        na, nb = self.n, other.n
-        n = na + nb
-        delta = other.mean - self.mean
-        d_n = delta / n
-        m4 = (
-            self.m4
-            + other.m4
-            + delta * d_n**3 * na * nb * (na * na - na * nb + nb * nb)
-            + 6 * d_n**2 * (na * na * other.m2 + nb * nb * self.m2)
-            + 4 * d_n * (na * other.m3 - nb * self.m3)
-        )
-        m3 = (
-            self.m3
-            + other.m3
-            + delta * d_n**2 * na * nb * (na - nb)
-            + 3 * d_n * (na * other.m2 - nb * self.m2)
-        )
-        self.m2 = self.m2 + other.m2 + delta * d_n * na * nb
-        self.m3, self.m4 = m3, m4
-        self.mean = self.mean + d_n * nb
-        self.n = n
+        self.sums.add_(_reshifted(other.sums, other.n, other.shift - self.shift))
+        self.n += other.n
+
+    def central(self) -> tuple[float, float, float, float]:
+        """(mean, m2, m3, m4): the mean and the biased central moments, on the host."""
+        n = self.n
+        s1, s2, s3, s4 = (v / n for v in self.sums.tolist())
+        m2 = s2 - s1 * s1
+        m3 = s3 - 3 * s1 * s2 + 2 * s1**3
+        m4 = s4 - 4 * s1 * s3 + 6 * s1 * s1 * s2 - 3 * s1**4
+        return float(self.shift) + s1, m2, m3, m4
 
     def shape_moments(self) -> tuple[float | None, float | None]:
         """(skewness, excess kurtosis) as scipy.stats computes them with bias=True."""
-        n, m2, mean = self.n, float(self.m2), float(self.mean)
+        if self.n < 2:
+            return None, None
+        mean, m2, m3, m4 = self.central()
         # Values equal up to rounding have no shape: their spread is float noise.
-        if n < 2 or not math.isfinite(m2) or m2 / n <= (1e-12 * mean) ** 2 or m2 <= 0:
+        if not math.isfinite(m2) or m2 <= (1e-12 * mean) ** 2 or m2 <= 0:
             return None, None
         # Divide step by step: m2**1.5 and m2**2 underflow for tiny values.
         root = math.sqrt(m2)
-        skew = float(self.m3) / root / root / root * math.sqrt(n)
-        kurt = float(self.m4) / m2 / m2 * n - 3.0
-        return _finite_or_none(skew), _finite_or_none(kurt)
+        return _finite_or_none(m3 / root / root / root), _finite_or_none(m4 / m2 / m2 - 3.0)
+
+
+def _reshifted(sums: torch.Tensor, n: int, delta: torch.Tensor) -> torch.Tensor:
+    """Power sums around ``shift`` re-expressed around ``shift - delta``."""
+    s1, s2, s3, s4 = sums.unbind()
+    d2 = delta * delta
+    return torch.stack(
+        (
+            s1 + n * delta,
+            s2 + 2 * delta * s1 + n * d2,
+            s3 + 3 * delta * s2 + 3 * d2 * s1 + n * d2 * delta,
+            s4 + 4 * delta * s3 + 6 * d2 * s2 + 4 * d2 * delta * s1 + n * d2 * d2,
+        )
+    )
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -230,24 +264,47 @@ def _finite_or_none(value: float) -> float | None:
 class Reservoir:
     """A bounded weighted sample of values for histograms and quantiles.
 
-    Each kept value carries the key log(u)/w (Efraimidis-Spirakis); merging keeps the
-    largest keys, so batches and ranks combine without growing. Nothing is dropped
-    while the total stays within the capacity, which makes small probes exact.
+    Each kept value carries the key log(u)/w (Efraimidis-Spirakis); keeping the largest
+    keys merges batches and ranks without growing. Candidates are gathered and cut back
+    to the capacity only every few batches, so a batch costs an append, not a top-k.
+    Nothing is dropped while the total stays within the capacity: small probes are exact.
     """
 
-    __slots__ = ("capacity", "keys", "values")
+    __slots__ = ("_keys", "_pending", "_values", "capacity", "device")
 
     def __init__(self, capacity: int, device: torch.device) -> None:
         self.capacity = capacity
-        self.values = torch.empty(0, dtype=torch.float64, device=device)
-        self.keys = torch.empty(0, dtype=torch.float64, device=device)
+        self.device = device
+        self._values: list[torch.Tensor] = []
+        self._keys: list[torch.Tensor] = []
+        self._pending = 0
 
     def add(self, values: torch.Tensor, keys: torch.Tensor) -> None:
-        self.values = torch.cat([self.values, values])
-        self.keys = torch.cat([self.keys, keys])
-        if self.values.numel() > self.capacity:
-            kept = torch.topk(self.keys, self.capacity, sorted=False).indices
-            self.values, self.keys = self.values[kept], self.keys[kept]
+        self._values.append(values)
+        self._keys.append(keys)
+        self._pending += values.numel()
+        if self._pending > 4 * self.capacity:
+            self._compact()
+
+    def _compact(self) -> None:
+        if not self._values:
+            empty = torch.empty(0, dtype=torch.float64, device=self.device)
+            self._values, self._keys = [empty], [empty.clone()]
+        values, keys = torch.cat(self._values), torch.cat(self._keys)
+        if values.numel() > self.capacity:
+            kept = torch.topk(keys, self.capacity, sorted=False).indices
+            values, keys = values[kept], keys[kept]
+        self._values, self._keys, self._pending = [values], [keys], values.numel()
+
+    @property
+    def values(self) -> torch.Tensor:
+        self._compact()
+        return self._values[0]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        self._compact()
+        return self._keys[0]
 
     def merge(self, other: Reservoir) -> None:
         self.add(other.values, other.keys)
@@ -267,27 +324,33 @@ class Sampler:
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def take(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(float64 sample of x, how many values each sampled value stands for)."""
+        """(a copy of at most ``sample_size`` values of x, how many values each stands for).
+
+        Always a copy, in x's dtype: the model may overwrite ``x`` in place later.
+        """
         flat = x.reshape(-1)
         if flat.numel() <= self.sample_size:
-            return flat.to(torch.float64), 1.0
+            return flat.clone(), 1.0
         key = (flat.numel(), flat.device)
         positions = self._positions.get(key)
         if positions is None:
             gen = torch.Generator(device=flat.device).manual_seed(self.seed + flat.numel())
-            drawn = torch.randint(
+            positions = self._positions[key] = torch.randint(
                 flat.numel(), (self.sample_size,), generator=gen, device=flat.device
             )
-            # Unsorted, so any prefix of the sample is itself a uniform sample.
-            positions = self._positions[key] = drawn
-        return flat[positions].to(torch.float64), flat.numel() / self.sample_size
+        return flat.index_select(0, positions), flat.numel() / self.sample_size
 
-    def keys(self, n: int, weight: float, device: torch.device) -> torch.Tensor:
+    def keys(self, n: int, device: torch.device) -> torch.Tensor:
+        """log(u) for n uniform u: divided by a value's weight, its reservoir key."""
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        u = torch.rand(n, dtype=torch.float64, generator=gen, device=device)
-        return torch.log(u.clamp_min(1e-300)) / weight
+        return torch.rand(n, dtype=torch.float64, generator=gen, device=device).log_()
+
+
+_SAMPLE_FLUSH = 65_536
+"""Sampled values a summary collects before folding them into its moments and reservoir:
+a few batches share those dozen small operations (a few hundred KiB at most per layer)."""
 
 
 class TensorSummary:
@@ -297,6 +360,15 @@ class TensorSummary:
     every other axis counts as positions. ``activity`` tracks, per unit, how often it is
     positive (ReLU family); ``saturation`` = (low, high) counts values at or beyond the
     flat regions of a bounded activation.
+
+    Per unit it keeps the sum of x and of (x - shift)², with the shift taken from the
+    first batch's unit means: a layer whose values sit far from zero (sigmoid outputs
+    near 1, a collapsed output) keeps its spread exactly instead of losing it to the
+    cancellation of sum(x²) - sum(x)²/n. Passes over each batch: sum; squared deviations
+    written into a shared workspace and summed; both extremes; plus a flag-and-count for
+    activity or saturation. Each reduction covers every position axis in one call in the
+    input's dtype (pairwise summation: float32 partial sums are good to ~1e-7), and only
+    the per-unit results are accumulated in float64.
     """
 
     def __init__(
@@ -305,6 +377,7 @@ class TensorSummary:
         *,
         activity: bool = False,
         saturation: tuple[float, float] | None = None,
+        scratch: dict | None = None,
         precise: bool = False,
     ) -> None:
         self.sampler = sampler
@@ -313,17 +386,23 @@ class TensorSummary:
         self.precise = precise
         self.count = 0
         self.units = 0
+        self.unit_shift: torch.Tensor | None = None
         self.unit_sum: torch.Tensor | None = None
-        self.unit_sumsq: torch.Tensor | None = None
-        self.unit_min: torch.Tensor | None = None
+        self.unit_dsumsq: torch.Tensor | None = None
+        self.unit_min: torch.Tensor | None = None  # the layer's minimum, shape (1,)
         self.unit_max: torch.Tensor | None = None
         self.unit_active: torch.Tensor | None = None
         self.unit_saturated: torch.Tensor | None = None
         self.nonfinite = 0
         self.moments: MomentSample | None = None
-        self.sample_zeros: torch.Tensor | None = None
+        self.sample_nonzero: torch.Tensor | None = None
         self.reservoir: Reservoir | None = None
-        self._scratch: dict = {}
+        self._pending: list[tuple[torch.Tensor, float]] = []
+        self._pending_values = 0
+        self._shift_like: dict[torch.dtype, torch.Tensor] = {}
+        # Workspaces shared by every summary of a run: one activation-sized buffer in
+        # all, not one per layer (which would hold a batch of every activation).
+        self._scratch = {} if scratch is None else scratch
 
     # -- streaming --------------------------------------------------------------------
 
@@ -335,55 +414,105 @@ class TensorSummary:
         x3 = _three_axes(x, unit_dim)
         part = self._batch_part(x3)
         if self.count == 0:
-            self._adopt(part, x3)
+            self._adopt(part, x3.device)
         else:
             self._absorb(part)
-        sample, weight = self.sampler.take(x)
-        self.moments.merge(MomentSample.of(sample))
-        self.sample_zeros = self.sample_zeros + (sample == 0).sum()
-        kept = sample[: self.reservoir.capacity]
-        weight *= sample.numel() / kept.numel()
-        self.reservoir.add(kept, self.sampler.keys(kept.numel(), weight, kept.device))
+        sample = self.sampler.take(x)
+        self._pending.append(sample)
+        self._pending_values += sample[0].numel()
+        if self._pending_values >= _SAMPLE_FLUSH:
+            self._flush_samples()
+
+    def _flush_samples(self) -> None:
+        """Fold the waiting samples into the moments, zero count and reservoir.
+
+        The reservoir is offered a prefix of each batch's sample (itself a uniform
+        sample, as positions are drawn unsorted) standing for the whole batch: selecting
+        among all sampled values would cost random keys and a top-k for every one.
+        """
+        if not self._pending:
+            return
+        values = torch.cat([sample for sample, _ in self._pending]).to(torch.float64)
+        self.moments.add(values, self._scratch)
+        if not self.activity:  # ReLU layers count their zeros exactly
+            self.sample_nonzero.add_(torch.count_nonzero(values))
+        # At most a reservoir's worth of candidates per flush, shared by the waiting batches
+        # in proportion to their samples (all of them when they fit).
+        total = values.numel()
+        share = min(1.0, self.reservoir.capacity / total)
+        offered, weights, start = [], [], 0
+        for sample, weight in self._pending:
+            kept = max(1, int(sample.numel() * share))
+            offered.append(values[start : start + kept])
+            weights.append((kept, weight * sample.numel() / kept))
+            start += sample.numel()
+        candidates = torch.cat(offered) if len(offered) > 1 else offered[0]
+        keys = self.sampler.keys(candidates.numel(), candidates.device)
+        if len({w for _, w in weights}) == 1:
+            keys.div_(weights[0][1])
+        else:  # a short batch: each of its values stands for fewer values
+            per_value = [torch.full((n,), w, dtype=torch.float64) for n, w in weights]
+            keys.div_(torch.cat(per_value).to(keys.device))
+        self.reservoir.add(candidates, keys)
+        self._pending, self._pending_values = [], 0
 
     def _batch_part(self, x3: torch.Tensor) -> dict[str, torch.Tensor | int]:
-        squares = torch.mul(x3, x3, out=_workspace(self._scratch, x3))
+        units = x3.shape[1]
+        if self.count and units == self.units:
+            shift, own = self._shift_in(x3.dtype), self.unit_shift
+        else:  # the first batch (or a differently shaped call) centres itself
+            shift = x3.mean(_POSITIONS, keepdim=True)
+            own = shift.reshape(units)
+        # (x - shift)² in one fused pass into the workspace (sub then square is two).
+        squares = torch._C._nn.mse_loss(
+            x3, shift.expand_as(x3), 0, out=_workspace(self._scratch, x3)
+        )
         part: dict[str, torch.Tensor | int] = {
             "count": x3.numel(),
-            "units": x3.shape[1],
-            "sum": _per_unit_sum(x3),
-            "sumsq": _per_unit_sum(squares),
-            "min": x3.amin(dim=(0, 2)).to(torch.float64),
-            "max": x3.amax(dim=(0, 2)).to(torch.float64),
+            "units": units,
+            "shift": own,
+            "sum": x3.sum(_POSITIONS),
+            "dsumsq": squares.sum(_POSITIONS),
         }
+        # The layer's extremes in one pass (per-unit extremes cost two slower ones).
+        part["min"], part["max"] = (t.reshape(1) for t in torch.aminmax(x3))
         if self.activity:
-            # sign() counts positives exactly for non-negative outputs; anything
-            # negative (a leaky variant) is subtracted out by the clamp.
-            signs = torch.sign(x3, out=_workspace(self._scratch, x3)).clamp_(min=0)
-            part["active"] = _per_unit_sum(signs)
+            flags = torch.gt(x3, 0, out=_flags_workspace(self._scratch, x3))
+            part["active"] = flags.sum(_POSITIONS)
         if self.saturation is not None:
             part["saturated"] = self._saturated_per_unit(x3)
         return part
 
+    def _shift_in(self, dtype: torch.dtype) -> torch.Tensor:
+        shift = self._shift_like.get(dtype)
+        if shift is None:
+            shift = self._shift_like[dtype] = self.unit_shift.to(dtype).reshape(1, -1, 1)
+        return shift
+
     def _saturated_per_unit(self, x3: torch.Tensor) -> torch.Tensor:
         low, high = self.saturation
-        flags = _workspace(self._scratch, x3, torch.bool)
+        flags = _flags_workspace(self._scratch, x3)
         if math.isinf(low):
             torch.ge(x3, high, out=flags)
         else:
             centre, half = (high + low) / 2, (high - low) / 2
-            shifted = torch.sub(x3, centre, out=_workspace(self._scratch, x3)).abs_()
-            torch.ge(shifted, half, out=flags)
-        return flags.sum(dim=2, dtype=torch.int32).sum(dim=0, dtype=torch.float64)
+            if centre == 0:
+                torch.abs(x3, out=flags)
+            else:
+                torch.sub(x3, centre, out=flags).abs_()
+            torch.ge(flags, half, out=flags)
+        return flags.sum(_POSITIONS)
 
-    def _adopt(self, part: dict, x3: torch.Tensor) -> None:
-        device = x3.device
+    def _adopt(self, part: dict, device: torch.device) -> None:
+        # Accumulators are float64 copies, updated in place from here on. The shift is
+        # kept exactly as the batch used it (a float32 shift is a float64 value too).
         self.count, self.units = part["count"], part["units"]
-        self.unit_sum, self.unit_sumsq = part["sum"], part["sumsq"]
-        self.unit_min, self.unit_max = part["min"], part["max"]
-        self.unit_active = part.get("active")
-        self.unit_saturated = part.get("saturated")
+        for name in _UNIT_FIELDS:
+            value = part.get(name)
+            setattr(self, "unit_" + name, None if value is None else _float64_copy(value))
+        self._shift_like = {}
         self.moments = MomentSample(device)
-        self.sample_zeros = torch.zeros((), dtype=torch.int64, device=device)
+        self.sample_nonzero = torch.zeros((), dtype=torch.int64, device=device)
         self.reservoir = Reservoir(min(RESERVOIR_SIZE, self.sampler.sample_size), device)
 
     def _absorb(self, part: dict) -> None:
@@ -391,34 +520,29 @@ class TensorSummary:
             # A module called with differently shaped inputs: keep only layer totals.
             part = _collapse_units(part)
             self._collapse_units()
+        if part["shift"] is not self.unit_shift:
+            part = _reshifted_part(part, self.unit_shift)
         self.count += part["count"]
-        self.unit_sum = self.unit_sum + part["sum"]
-        self.unit_sumsq = self.unit_sumsq + part["sumsq"]
-        self.unit_min = torch.minimum(self.unit_min, part["min"])
-        self.unit_max = torch.maximum(self.unit_max, part["max"])
+        self.unit_sum.add_(part["sum"])
+        self.unit_dsumsq.add_(part["dsumsq"])
+        torch.minimum(self.unit_min, part["min"], out=self.unit_min)
+        torch.maximum(self.unit_max, part["max"], out=self.unit_max)
         if self.unit_active is not None:
-            self.unit_active = self.unit_active + part["active"]
+            self.unit_active.add_(part["active"])
         if self.unit_saturated is not None:
-            self.unit_saturated = self.unit_saturated + part["saturated"]
+            self.unit_saturated.add_(part["saturated"])
+
+    def _state(self) -> dict:
+        state = {"count": self.count, "units": self.units}
+        state.update({name: getattr(self, "unit_" + name) for name in _UNIT_FIELDS})
+        return state
 
     def _collapse_units(self) -> None:
-        state = {
-            "units": self.units,
-            "sum": self.unit_sum,
-            "sumsq": self.unit_sumsq,
-            "min": self.unit_min,
-            "max": self.unit_max,
-        }
-        if self.unit_active is not None:
-            state["active"] = self.unit_active
-        if self.unit_saturated is not None:
-            state["saturated"] = self.unit_saturated
-        state = _collapse_units(state)
+        state = _collapse_units(self._state())
         self.units = 1
-        self.unit_sum, self.unit_sumsq = state["sum"], state["sumsq"]
-        self.unit_min, self.unit_max = state["min"], state["max"]
-        self.unit_active = state.get("active")
-        self.unit_saturated = state.get("saturated")
+        for name in _UNIT_FIELDS:
+            setattr(self, "unit_" + name, state.get(name))
+        self._shift_like = {}
 
     def add_nonfinite(self, count: int) -> None:
         self.nonfinite += count
@@ -427,25 +551,19 @@ class TensorSummary:
         """Fold another summary of the same stream in (another batch range or rank)."""
         if other.count == 0:
             return
+        self._flush_samples()
+        other._flush_samples()
         if self.count == 0:
-            for name in _MERGED_FIELDS:
-                setattr(self, name, getattr(other, name))
-            self.moments, self.reservoir = _copy_moments(other.moments), _copy_res(other.reservoir)
+            self._adopt(other._state(), other.unit_shift.device)
+            self.nonfinite = other.nonfinite
+            self.moments.merge(other.moments)
+            self.sample_nonzero.add_(other.sample_nonzero)
+            self.reservoir.merge(other.reservoir)
             return
-        part = {
-            "count": other.count,
-            "units": other.units,
-            "sum": other.unit_sum,
-            "sumsq": other.unit_sumsq,
-            "min": other.unit_min,
-            "max": other.unit_max,
-            "active": other.unit_active,
-            "saturated": other.unit_saturated,
-        }
-        self._absorb(part)
+        self._absorb(other._state())
         self.nonfinite += other.nonfinite
         self.moments.merge(other.moments)
-        self.sample_zeros = self.sample_zeros + other.sample_zeros
+        self.sample_nonzero.add_(other.sample_nonzero)
         self.reservoir.merge(other.reservoir)
 
     def range_flag(self) -> torch.Tensor:
@@ -454,7 +572,7 @@ class TensorSummary:
             return torch.zeros((), dtype=torch.bool)
         extremes = torch.cat([self.unit_min, self.unit_max]).abs()
         largest = torch.where(torch.isfinite(extremes), extremes, 0).max()
-        return _outside_square_range(largest, self.unit_sumsq.sum(), self.unit_sum.sum())
+        return _outside_square_range(largest, self.unit_dsumsq.sum(), self.unit_sum.sum())
 
     def finite_flag(self) -> torch.Tensor:
         """A device bool that is True when some value seen so far was NaN or infinite.
@@ -471,32 +589,35 @@ class TensorSummary:
     def finalize(self) -> Distribution | None:
         if self.count == 0:
             return None
+        self._flush_samples()
         host = _to_host(self)
         positions = self.count / self.units
-        unit_mean = host["sum"] / positions
-        unit_var = np.maximum(host["sumsq"] / positions - unit_mean**2, 0.0)
-        unit_var = _within_half_range(unit_var, host["min"], host["max"])
-        mean = float(host["sum"].sum() / self.count)
-        mean_square = float(host["sumsq"].sum() / self.count)
+        d_mean = host["sum"] / positions - host["shift"]
+        unit_mean = host["shift"] + d_mean
+        unit_var = np.maximum(host["dsumsq"] / positions - d_mean**2, 0.0)
+        lo, hi = float(host["min"].min()), float(host["max"].max())
+        unit_var = _within_half_range(unit_var, lo, hi)
+        mean = float(unit_mean.mean())
+        # Total spread = spread within units + spread of the unit means: no cancellation.
+        variance = float(np.mean(unit_var) + np.mean((unit_mean - mean) ** 2))
+        variance = float(_within_half_range(np.float64(variance), lo, hi))
         skewness, kurtosis = self.moments.shape_moments()
         sample_n = self.moments.n
         values = host["sample"]
         active = saturated = None
-        zero_fraction = float(host["sample_zeros"]) / sample_n if sample_n else 0.0
+        zero_fraction = 1.0 - float(host["sample_nonzero"]) / sample_n if sample_n else 0.0
         if host.get("active") is not None:
             active = host["active"] / positions
             zero_fraction = 1.0 - float(host["active"].sum()) / self.count
         if host.get("saturated") is not None:
             saturated = host["saturated"] / positions
         finite_values = values[np.isfinite(values)]
-        lo, hi = float(host["min"].min()), float(host["max"].max())
-        variance = float(_within_half_range(np.float64(mean_square - mean * mean), lo, hi))
         return Distribution(
             count=self.count,
             units=self.units,
             mean=mean,
-            std=math.sqrt(max(variance, 0.0)),
-            rms=math.sqrt(mean_square),
+            std=math.sqrt(variance) if variance >= 0 else math.nan,
+            rms=math.sqrt(variance + mean * mean) if variance >= 0 else math.nan,
             min=lo,
             max=hi,
             skewness=skewness,
@@ -520,48 +641,46 @@ class TensorSummary:
         )
 
 
-def _within_half_range(variance: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def _within_half_range(variance: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Cap a variance at the square of half the range, which no distribution exceeds.
 
-    ``E[x²] - E[x]²`` loses the variance of values that hardly vary to rounding (float32
-    squares keep 7 digits): a constant layer would get a small positive std. The exact
-    extremes bound it, and make it exactly 0 when every value is the same.
+    The layer's exact extremes bound any rounding left in a variance, and make it exactly
+    0 when every value is the same.
     """
-    half = (np.asarray(hi, dtype=np.float64) - np.asarray(lo, dtype=np.float64)) / 2
+    half = (np.float64(hi) - np.float64(lo)) / 2
     with np.errstate(over="ignore", invalid="ignore"):
         capped = np.minimum(variance, half * half)
     return np.where(np.isfinite(half), capped, variance)
 
 
-_MERGED_FIELDS = (
-    "count",
-    "units",
-    "unit_sum",
-    "unit_sumsq",
-    "unit_min",
-    "unit_max",
-    "unit_active",
-    "unit_saturated",
-    "nonfinite",
-    "sample_zeros",
-)
+_UNIT_FIELDS = ("shift", "sum", "dsumsq", "min", "max", "active", "saturated")
+"""Per-unit state, each a float64 vector (``active``/``saturated`` only where tracked;
+``min``/``max`` hold the layer's extremes, one value each)."""
 
 
-def _copy_moments(m: MomentSample) -> MomentSample:
-    copy = MomentSample(m.mean.device)
-    copy.merge(m)
-    return copy
+def _float64_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float64, copy=True)
 
 
-def _copy_res(r: Reservoir) -> Reservoir:
-    copy = Reservoir(r.capacity, r.values.device)
-    copy.merge(r)
-    return copy
+def _reshifted_part(part: dict, shift: torch.Tensor) -> dict:
+    """Per-unit squared deviations of ``part`` re-expressed around ``shift`` (binomial)."""
+    positions = part["count"] / part["units"]
+    old = part["shift"].to(torch.float64)
+    delta = old - shift
+    dsum = part["sum"].to(torch.float64) - positions * old
+    return dict(
+        part,
+        shift=shift,
+        dsumsq=part["dsumsq"] + 2 * delta * dsum + positions * delta * delta,
+    )
 
 
 def _collapse_units(part: dict) -> dict:
-    collapsed = dict(part, units=1)
-    for key in ("sum", "sumsq", "active", "saturated"):
+    """One unit holding a layer's totals: every unit re-expressed around a common shift."""
+    common = part["shift"].to(torch.float64).mean().reshape(1)
+    part = _reshifted_part(part, common)
+    collapsed = dict(part, units=1, shift=common)
+    for key in ("sum", "dsumsq", "active", "saturated"):
         if part.get(key) is not None:
             collapsed[key] = part[key].sum().reshape(1)
     collapsed["min"] = part["min"].min().reshape(1)
@@ -571,16 +690,9 @@ def _collapse_units(part: dict) -> dict:
 
 def _to_host(s: TensorSummary) -> dict[str, np.ndarray]:
     """Move every device tensor of a summary to the host in one go."""
-    tensors = {
-        "sum": s.unit_sum,
-        "sumsq": s.unit_sumsq,
-        "min": s.unit_min,
-        "max": s.unit_max,
-        "active": s.unit_active,
-        "saturated": s.unit_saturated,
-        "sample": s.reservoir.values,
-        "sample_zeros": s.sample_zeros,
-    }
+    tensors = {name: getattr(s, "unit_" + name) for name in _UNIT_FIELDS}
+    tensors["sample"] = s.reservoir.values
+    tensors["sample_nonzero"] = s.sample_nonzero
     return {k: None if v is None else v.detach().cpu().numpy() for k, v in tensors.items()}
 
 
@@ -602,57 +714,73 @@ def _quantiles(values: np.ndarray, lo: float, hi: float) -> tuple[float, ...] | 
 
 
 class GradientSummary:
-    """Running sums of squares and magnitudes of a gradient stream (float64)."""
+    """Running sums of squares (and, for parameters, magnitudes) of a gradient stream.
 
-    def __init__(self, precise: bool = False) -> None:
+    Output gradients keep only their sum of squares: nothing reads their mean magnitude,
+    and each kept sum is another pass over a tensor as large as the activation.
+    """
+
+    def __init__(
+        self, magnitudes: bool = True, scratch: dict | None = None, precise: bool = False
+    ) -> None:
+        self.magnitudes = magnitudes
         self.precise = precise
         self.count = 0
         self.sumsq: torch.Tensor | None = None
         self.sumabs: torch.Tensor | None = None
         self.nonfinite = 0
-        self._scratch: dict = {}
+        self._scratch = {} if scratch is None else scratch
 
     def update(self, grads: Sequence[torch.Tensor]) -> None:
         for g in grads:
             g = _widened(g.detach(), self.precise)
+            if self.sumsq is None:
+                self._start(g.device)
             scratch = _workspace(self._scratch, g)
-            sumsq = torch.mul(g, g, out=scratch).sum().to(torch.float64)
-            sumabs = torch.abs(g, out=scratch).sum().to(torch.float64)
-            self._add(g.numel(), sumsq, sumabs)
+            self.sumsq.add_(torch.mul(g, g, out=scratch).sum())
+            if self.magnitudes:
+                self.sumabs.add_(torch.abs(g, out=scratch).sum())
+            self.count += g.numel()
 
-    def _add(self, count: int, sumsq: torch.Tensor, sumabs: torch.Tensor) -> None:
-        if self.count == 0:
-            self.sumsq, self.sumabs = sumsq, sumabs
-        else:
-            self.sumsq, self.sumabs = self.sumsq + sumsq, self.sumabs + sumabs
-        self.count += count
+    def _start(self, device: torch.device) -> None:
+        self.sumsq = torch.zeros((), dtype=torch.float64, device=device)
+        if self.magnitudes:
+            self.sumabs = torch.zeros((), dtype=torch.float64, device=device)
 
     def merge(self, other: GradientSummary) -> None:
-        if other.count:
-            self._add(other.count, other.sumsq, other.sumabs)
-            self.nonfinite += other.nonfinite
+        if not other.count:
+            return
+        if self.sumsq is None:
+            self._start(other.sumsq.device)
+        self.sumsq.add_(other.sumsq)
+        if self.magnitudes:
+            self.sumabs.add_(other.sumabs)
+        self.count += other.count
+        self.nonfinite += other.nonfinite
 
     def finite_flag(self) -> torch.Tensor:
-        if self.sumabs is None:
+        if self.sumsq is None:
             return torch.zeros((), dtype=torch.bool)
-        return ~torch.isfinite(self.sumabs)
+        return ~torch.isfinite(self.sumabs if self.magnitudes else self.sumsq)
 
     def range_flag(self) -> torch.Tensor:
         """True when float32 squares could not hold these gradients (see _widened)."""
-        if self.sumabs is None or self.precise:
+        if self.sumsq is None or self.precise:
             return torch.zeros((), dtype=torch.bool)
-        # No extremes are kept for gradients: the mean magnitude bounds them well enough
-        # from below, and an infinite sum of finite squares shows an overflow.
-        return _outside_square_range(self.sumabs / self.count, self.sumsq, self.sumabs)
+        # No extremes are kept for gradients: their rms bounds the largest from below, an
+        # infinite rms of finite values (an overflow) included.
+        rms = torch.sqrt(self.sumsq / self.count)
+        total = self.sumabs if self.magnitudes else torch.zeros_like(self.sumsq)
+        return _outside_square_range(rms, self.sumsq, total)
 
     def finalize(self) -> GradientStats | None:
         if self.count == 0:
             return None
-        sumsq, sumabs = float(self.sumsq), float(self.sumabs)
+        sumsq = float(self.sumsq)
         return GradientStats(
             count=self.count,
             rms=math.sqrt(sumsq / self.count) if sumsq >= 0 else math.nan,
-            mean_abs=sumabs / self.count,
+            mean_abs=float(self.sumabs) / self.count if self.magnitudes else None,
             nonfinite=self.nonfinite,
         )
 
@@ -665,40 +793,56 @@ def fan_in(shape: Sequence[int]) -> int | None:
 
 
 class ParameterSummary:
-    """One parameter, reduced on its device when first seen and read at the end."""
+    """One parameter, reduced on its device when first seen and read at the end.
 
-    def __init__(self, name: str, p: torch.Tensor, precise: bool = False) -> None:
+    Sums of deviations from the first element (which sits inside the values, so the
+    spread survives even for all-equal weights) and the extremes, in four passes;
+    Welford's ``std_mean`` costs several times more. Non-finite values are counted
+    only when the sums show there are some.
+    """
+
+    def __init__(
+        self, name: str, p: torch.Tensor, scratch: dict | None = None, precise: bool = False
+    ) -> None:
         p = _widened(p.detach(), precise)
         self.name, self.shape = name, tuple(p.shape)
+        self._tensor = p
         if p.numel() == 0 or not p.is_floating_point():
             self.values = None
             return
-        std, mean = torch.std_mean(p, correction=0)
-        self.values = torch.stack(
-            [mean, std, p.min(), p.max(), (~torch.isfinite(p)).sum().to(p.dtype)]
-        ).to(torch.float64)
+        flat = p.reshape(-1)
+        d = torch.sub(flat, flat[0], out=_workspace({} if scratch is None else scratch, flat))
+        dsum = d.sum()
+        dsumsq = d.mul_(d).sum()
+        lo, hi = torch.aminmax(flat)
+        self.values = torch.stack([flat[0], dsum, dsumsq, lo, hi]).to(torch.float64)
 
     def range_flag(self) -> torch.Tensor:
         if self.values is None:
             return torch.zeros((), dtype=torch.bool)
-        mean, std, lo, hi, _ = self.values
+        _, dsum, dsumsq, lo, hi = self.values
         largest = torch.maximum(lo.abs(), hi.abs())
         largest = torch.where(torch.isfinite(largest), largest, 0)
-        return _outside_square_range(largest, std * std, mean)
+        return _outside_square_range(largest, dsumsq, dsum)
 
     def finalize(self) -> ParameterStats | None:
         if self.values is None:
             return None
-        mean, std, lo, hi, nonfinite = self.values.tolist()
+        shift, dsum, dsumsq, lo, hi = self.values.tolist()
+        n = self._tensor.numel()
+        nonfinite = 0
+        if not all(math.isfinite(v) for v in (dsum, dsumsq, lo, hi)):
+            nonfinite = int((~torch.isfinite(self._tensor)).sum())
+        d_mean = dsum / n
         return ParameterStats(
             name=self.name,
             shape=self.shape,
-            mean=mean,
-            std=std,
+            mean=shift + d_mean,
+            std=math.sqrt(max(dsumsq / n - d_mean * d_mean, 0.0)) if nonfinite == 0 else math.nan,
             min=lo,
             max=hi,
             fan_in=fan_in(self.shape),
-            nonfinite=int(nonfinite),
+            nonfinite=nonfinite,
         )
 
 
@@ -742,7 +886,7 @@ class _LayerState:
     )
 
     def __init__(
-        self, info: LayerInfo, sampler: Sampler, parameters, buffers, precise: bool
+        self, info: LayerInfo, sampler: Sampler, scratch: dict, parameters, buffers, precise: bool
     ) -> None:
         self.info = info
         self.calls = 0
@@ -750,11 +894,12 @@ class _LayerState:
             sampler,
             activity=info.family in ACTIVITY_FAMILIES,
             saturation=info.saturation,
+            scratch=scratch,
             precise=precise,
         )
-        self.output_grad = GradientSummary(precise)
-        self.param_grad = GradientSummary(precise)
-        self.parameters = [ParameterSummary(n, p, precise) for n, p in parameters.items()]
+        self.output_grad = GradientSummary(magnitudes=False, scratch=scratch, precise=precise)
+        self.param_grad = GradientSummary(scratch=scratch, precise=precise)
+        self.parameters = [ParameterSummary(n, p, scratch, precise) for n, p in parameters.items()]
         self.buffers_nonfinite = [
             (~torch.isfinite(b)).sum() for b in buffers.values() if b.is_floating_point()
         ]
@@ -774,9 +919,10 @@ class StatsCollector:
     ) -> None:
         self.sampler = Sampler(sample_size, seed)
         self.precise = precise
+        self.scratch: dict = {}
         self.layers: dict[str, _LayerState] = {}
-        self.input = TensorSummary(self.sampler, precise=precise)
-        self.output = TensorSummary(self.sampler, precise=precise)
+        self.input = TensorSummary(self.sampler, scratch=self.scratch, precise=precise)
+        self.output = TensorSummary(self.sampler, scratch=self.scratch, precise=precise)
         self.argmax: torch.Tensor | None = None
 
     def on_layer(
@@ -786,7 +932,7 @@ class StatsCollector:
         buffers: Mapping[str, torch.Tensor],
     ) -> None:
         self.layers[layer.name] = _LayerState(
-            layer, self.sampler, parameters, buffers, self.precise
+            layer, self.sampler, self.scratch, parameters, buffers, self.precise
         )
 
     def on_activation(self, layer: LayerInfo, output: torch.Tensor, unit_dim: int) -> None:

@@ -235,3 +235,104 @@ def test_nonfinite_values_raise_the_flag_without_a_count_pass():
     summary = summarise([data])
     assert bool(summary.finite_flag())
     assert not bool(summarise([torch.randn(20, 4)]).finite_flag())
+
+
+# -- sampled estimates: the bound stated in README.md, measured against exact values ---------
+
+SAMPLED_BOUNDS = {"skewness": 0.05, "kurtosis": 0.25, "quantile_rank": 0.03, "histogram_tv": 0.06}
+
+
+def _sampled_cases():
+    gen = torch.Generator().manual_seed(11)
+    shape = (12, 128, 256)  # 12 batches of 32,768 values, sampled 8,192 per batch
+    normal = torch.randn(shape, generator=gen, dtype=torch.float64)
+    yield "normal", normal
+    yield "relu", torch.relu(normal + 0.3)
+    yield "gamma", torch.distributions.Gamma(2.0, 1.0).sample(shape).double()
+    yield "saturated-tanh", torch.tanh(3 * normal)
+
+
+def _rank_error(sorted_values: np.ndarray, estimates, targets) -> float:
+    """How far (in fraction of values) each estimated quantile is from its target rank."""
+    low = np.searchsorted(sorted_values, estimates, side="left") / sorted_values.size
+    high = np.searchsorted(sorted_values, estimates, side="right") / sorted_values.size
+    return float(np.max(np.maximum(0, np.maximum(low - targets, targets - high))))
+
+
+@pytest.mark.parametrize("name", ["normal", "relu", "gamma", "saturated-tanh"])
+def test_sampled_estimates_stay_within_the_stated_error_bound(name):
+    torch.manual_seed(12)  # Gamma samples from the global generator
+    data = dict(_sampled_cases())[name]
+    dist = summarise(data, unit_dim=1, sample_size=8192).finalize()
+    flat = data.numpy().ravel()
+    assert dist.sample_size == 12 * 8192 < flat.size
+    assert abs(dist.skewness - scipy.stats.skew(flat)) < SAMPLED_BOUNDS["skewness"]
+    assert abs(dist.kurtosis - scipy.stats.kurtosis(flat)) < SAMPLED_BOUNDS["kurtosis"]
+    targets = np.linspace(0, 1, len(dist.quantiles))
+    assert _rank_error(np.sort(flat), dist.quantiles, targets) < SAMPLED_BOUNDS["quantile_rank"]
+    exact, _ = np.histogram(flat, bins=np.array(dist.histogram.edges))
+    tv = 0.5 * np.abs(np.array(dist.histogram.counts) - exact).sum() / flat.size
+    assert tv < SAMPLED_BOUNDS["histogram_tv"]
+    # What rules decide on stays exact however much is sampled.
+    assert dist.mean == pytest.approx(flat.mean(), rel=1e-9, abs=1e-12)
+    assert dist.std == pytest.approx(flat.std(), rel=1e-9)
+    assert dist.zero_fraction == pytest.approx(np.mean(flat == 0), abs=0.01)
+
+
+# -- the hot path's own promises ----------------------------------------------------------------
+
+
+def test_values_far_from_zero_keep_their_spread_exactly():
+    # sum(x²) - sum(x)²/n would lose every digit of this spread to cancellation.
+    gen = torch.Generator().manual_seed(4)
+    data = (1e4 + 1e-3 * torch.randn(400, 6, generator=gen, dtype=torch.float64)).split(100)
+    dist = summarise(data).finalize()
+    flat = torch.cat(data).numpy()
+    np.testing.assert_allclose(dist.unit_std, flat.std(axis=0), rtol=1e-6)
+    assert dist.std == pytest.approx(flat.std(), rel=1e-6)
+
+
+def test_a_collapsed_float32_layer_has_exactly_zero_spread():
+    data = torch.full((64, 10), 0.7310586, dtype=torch.float32)  # sigmoid(1), everywhere
+    dist = summarise(data.split(16)).finalize()
+    assert dist.std == 0.0
+    assert max(dist.unit_std) == 0.0
+
+
+def test_state_does_not_grow_with_the_number_of_batches():
+    summary = TensorSummary(Sampler(1024, seed=0), activity=True)
+    gen = torch.Generator().manual_seed(6)
+    sizes = []
+    for _ in range(60):
+        summary.update(torch.relu(torch.randn(64, 128, generator=gen)), 1)
+        held = sum(s.numel() for s, _ in summary._pending)
+        sizes.append(held + summary.reservoir.values.numel())
+    assert max(sizes) <= 65_536 + 1024 + 1024
+    assert summary.unit_sum.numel() == 128
+    assert summary.moments.sums.numel() == 4
+
+
+def test_output_gradients_keep_only_their_sum_of_squares():
+    summary = GradientSummary(magnitudes=False)
+    summary.update([torch.full((5, 3), -2.0, dtype=torch.float64)])
+    stats = summary.finalize()
+    assert stats.rms == 2.0
+    assert stats.mean_abs is None
+
+
+def test_parameter_with_a_nan_counts_it_and_has_no_spread():
+    p = torch.ones(4, 5)
+    p[1, 2] = math.nan
+    stats = ParameterSummary("weight", p).finalize()
+    assert stats.nonfinite == 1
+    assert math.isnan(stats.std)
+
+
+def test_summary_does_not_keep_a_view_of_a_tensor_the_model_overwrites():
+    x = torch.randn(8, 4, dtype=torch.float64)
+    expected = x.clone()
+    summary = summarise([x])
+    x.fill_(1e6)  # an in-place ReLU after the hook does this to the recorded output
+    dist = summary.finalize()
+    assert dist.max == pytest.approx(float(expected.max()))
+    assert max(dist.quantiles) == pytest.approx(float(expected.max()))
