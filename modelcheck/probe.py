@@ -64,7 +64,7 @@ class Probe:
     """Batches to run the model on; iterating ``batches`` again yields the same batches."""
 
     batches: Iterable[Batch]
-    source: str  # for the report, e.g. "iris (150 samples, standardised)"
+    source: str  # for the report, e.g. "iris, standardised"
     samples: int | None  # None when a user's iterable does not say how many it holds
     has_labels: bool
 
@@ -689,8 +689,10 @@ def _dataset_probe(name: str, standardize: bool, batch_size: int, max_samples: i
     inputs = StandardScaler().fit_transform(bunch.data) if standardize else bunch.data
     total = len(inputs)
     used = total if max_samples is None else min(total, max_samples)
-    count = f"{total} samples" if used == total else f"first {used} of {total} samples"
-    source = f"{name} ({count}, {'standardised' if standardize else 'not standardised'})"
+    scaling = "standardised" if standardize else "not standardised"
+    source = (
+        f"{name}, {scaling}" if used == total else f"{name}, first {used} of {total}, {scaling}"
+    )
     labels = bunch.target.astype(np.int64)
     return _rows_probe(inputs.astype(np.float32), labels, name, source, batch_size, max_samples)
 

@@ -92,13 +92,13 @@ def counts_text(counts: Mapping[str, int]) -> str:
 def summary_line(report: Report) -> str:
     model, probe = report.model, report.probe
     scope = (
-        f"{len(report.layers)} layers of {model.type} ({model.parameters:,} parameters) "
-        f"on {probe.source} ({probe.samples} samples, loss {probe.loss})"
+        f"{len(report.layers)} layers of {model.type} ({model.parameters:,} parameters); "
+        f"probe: {probe.source}, {probe.samples} samples, loss {probe.loss}"
     )
     verdict = "passed" if report.ok else f"failed at --fail-on {report.fail_on}"
     if not report.findings:
         return f"All checks passed: {scope}."
-    return f"Found {counts_text(report.summary)} in {scope}: {verdict}."
+    return f"Found {counts_text(report.summary)} in {scope} — {verdict}."
 
 
 def _plural(n: int, word: str) -> str:

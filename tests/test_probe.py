@@ -59,7 +59,7 @@ def test_iris_probe_is_standardised_like_the_seed_with_int64_labels() -> None:
     iris = load_iris()
     inputs, labels = stacked(probe)
     expected = torch.from_numpy(StandardScaler().fit_transform(iris.data)).float()
-    assert probe.source == "iris (150 samples, standardised)"
+    assert probe.source == "iris, standardised"
     assert probe.samples == 150 and probe.has_labels
     assert [len(batch.inputs) for batch in probe.batches] == [64, 64, 22]
     assert torch.allclose(inputs, expected)
@@ -73,7 +73,7 @@ def test_dataset_is_left_raw_when_standardize_is_false() -> None:
     probe = probe_from_spec("wine", standardize=False, max_samples=10)
 
     inputs, _ = stacked(probe)
-    assert probe.source == "wine (first 10 of 178 samples, not standardised)"
+    assert probe.source == "wine, first 10 of 178, not standardised"
     assert torch.allclose(inputs, torch.from_numpy(load_wine().data[:10]).float())
 
 
