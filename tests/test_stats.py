@@ -208,7 +208,7 @@ def test_merging_two_halves_equals_summarising_the_whole(values, cut):
 
 def test_gradient_rms_and_mean_magnitude_match_numpy():
     grads = [torch.randn(30, 7, dtype=torch.float64) * 1e-3 for _ in range(3)]
-    summary = GradientSummary()
+    summary = GradientSummary(Sampler(1 << 16, seed=0))
     for g in grads:
         summary.update([g])
     stats = summary.finalize()
@@ -216,6 +216,18 @@ def test_gradient_rms_and_mean_magnitude_match_numpy():
     assert stats.rms == pytest.approx(np.sqrt(np.mean(flat**2)), rel=RTOL)
     assert stats.mean_abs == pytest.approx(np.mean(np.abs(flat)), rel=RTOL)
     assert stats.count == flat.size
+
+
+def test_mean_gradient_magnitude_of_a_large_tensor_is_estimated_from_the_sample():
+    gen = torch.Generator().manual_seed(4)
+    grads = [torch.randn(1024, 512, generator=gen) * 1e-4 for _ in range(4)]
+    summary = GradientSummary(Sampler(16_384, seed=0))
+    for g in grads:
+        summary.update([g])
+    stats = summary.finalize()
+    flat = torch.cat([g.ravel() for g in grads]).double().numpy()
+    assert stats.rms == pytest.approx(np.sqrt(np.mean(flat**2)), rel=1e-6)  # exact
+    assert stats.mean_abs == pytest.approx(np.mean(np.abs(flat)), rel=0.02)  # 4 x 16,384
 
 
 def test_parameter_summary_matches_numpy_and_counts_fan_in_like_torch():
@@ -313,7 +325,7 @@ def test_state_does_not_grow_with_the_number_of_batches():
 
 
 def test_output_gradients_keep_only_their_sum_of_squares():
-    summary = GradientSummary(magnitudes=False)
+    summary = GradientSummary()
     summary.update([torch.full((5, 3), -2.0, dtype=torch.float64)])
     stats = summary.finalize()
     assert stats.rms == 2.0
