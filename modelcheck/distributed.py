@@ -195,7 +195,7 @@ def _agree_on_units(summaries: list[TensorSummary], group: Group) -> list[int]:
 
 def _prepare(summary: TensorSummary, units: int, device: torch.device) -> None:
     """Flush waiting samples; collapse or create state so every rank has ``units`` units."""
-    summary._flush_samples()
+    summary.flush()
     if summary.count and summary.units != units:
         summary._collapse_units()
     if summary.count == 0 and units:

@@ -32,7 +32,7 @@ from modelcheck.report import ModelInfo, ProbeInfo, Report
 from modelcheck.rules import Finding, Rule
 from modelcheck.settings import Settings
 from modelcheck.source import LoadedModel
-from modelcheck.stats import NonfiniteCounter, RunStats, StatsCollector
+from modelcheck.stats import NonfiniteCounter, RunStats, StatsCollector, batch_sample_size
 
 __version__ = "0.1.0"
 
@@ -97,7 +97,7 @@ def check(
             loss=run.loss,
             train_mode=run.train_mode,
             gradients=run.gradients,
-            sample_size=settings.sample_size,
+            sample_size=measured.sample_size,
             output_key=run.output_key,
             notes=run.notes + measured.notes,
         ),
@@ -135,6 +135,7 @@ class _Measured:
     stats: RunStats
     samples: int
     batches: int
+    sample_size: int  # values sampled per layer and batch
     notes: tuple[str, ...]
 
 
@@ -149,11 +150,14 @@ def _measure(
     with a group, the summaries come back merged over every rank."""
     presharded = _presharded(probe_data)
     run, collector, notes = _observe(module, probe, probe_data, settings, group, presharded)
+    sample_size = collector.sampler.sample_size
     if group is None:
-        return _Measured(run, collector.finalize(run.layers), run.samples, run.batches, notes)
+        stats = collector.finalize(run.layers)
+        return _Measured(run, stats, run.samples, run.batches, sample_size, notes)
     layers = distributed.merge(collector, run.layers, group)
     samples, batch_count = distributed.sum_ints([run.samples, run.batches], group)
-    return _Measured(run, collector.finalize(layers), samples, batch_count, notes)
+    stats = collector.finalize(layers)
+    return _Measured(run, stats, samples, batch_count, sample_size, notes)
 
 
 def _presharded(data: object) -> bool:
@@ -164,8 +168,13 @@ def _presharded(data: object) -> bool:
     )
 
 
-def _batch_count(data: object, probe: Probe, batches: object, settings: Settings) -> int | None:
-    """How many batches this process will run, when that is known (for the progress bar)."""
+def _batch_count(
+    data: object, probe: Probe, batches: object, settings: Settings, rows: int | None = None
+) -> int | None:
+    """How many of ``batches`` there are, when that is known; ``rows`` is the batch size
+    they were re-split to after running out of memory."""
+    if rows is not None:
+        return None if probe.samples is None else -(-probe.samples // rows)
     for sized in (batches, data if isinstance(data, torch.utils.data.DataLoader) else None):
         try:
             return len(sized)  # type: ignore[arg-type]
@@ -195,8 +204,14 @@ def _observe(
     while True:
         mine = batches if group is None else distributed.shard(batches, group, presharded)
         total = _batch_count(probe_data, probe, mine, settings) if not tried else None
+        whole = _batch_count(
+            probe_data, probe, batches, settings, tried[-1] // 2 if tried else None
+        )
+        if presharded and group is not None and whole is not None:
+            whole *= group.size  # each rank's loader holds its share
+        sample_size = batch_sample_size(settings.sample_size, whole)
         try:
-            run, collector = _observe_batches(module, mine, settings, group, total)
+            run, collector = _observe_batches(module, mine, settings, group, total, sample_size)
         except BatchOutOfMemory as error:
             tried.append(error.rows)
             if error.rows <= 1 or group is not None:
@@ -223,6 +238,7 @@ def _observe_batches(
     settings: Settings,
     group: distributed.Group | None,
     total: int | None,
+    sample_size: int,
 ) -> tuple[capture.CaptureRun, StatsCollector]:
     """One pass over this process's batches (with a progress bar), then the reruns that
     precision or non-finite values call for, agreed by every rank."""
@@ -236,14 +252,14 @@ def _observe_batches(
         "unit_axes": settings.unit_axes,
         "recorder_factory": capture_graph.GraphRecorder if capture_graph.handles(module) else None,
     }
-    collector = StatsCollector(settings.sample_size, settings.seed)
+    collector = StatsCollector(sample_size, settings.seed)
     show = settings.progress and (group is None or group.rank == 0)
     with progress.bar(batches, show, total) as shown:
         run = capture.run(module, shown, collector, **options)
     if group is not None:
         distributed.check_shards(run.batches, group)
     if _on_any_rank(collector.out_of_square_range(), group):
-        collector = StatsCollector(settings.sample_size, settings.seed, precise=True)
+        collector = StatsCollector(sample_size, settings.seed, precise=True)
         run = capture.run(module, batches, collector, **options)
     if _on_any_rank(collector.saw_nonfinite(), group):
         counter = NonfiniteCounter()

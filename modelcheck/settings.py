@@ -163,7 +163,11 @@ OPTIONS: Mapping[str, Option] = {
     "batch_size": Option("probe samples per batch", _integer(1)),
     "max_samples": Option("use at most this many probe samples", _integer(1, optional=True)),
     "seed": Option("seed of the random probe, the surrogate loss and the sampling", _integer(0)),
-    "sample_size": Option("values per layer and batch behind moments and histograms", _integer(16)),
+    "sample_size": Option(
+        "values sampled per layer and batch for moments and histograms (a probe of more "
+        "than 16 batches spreads 16 batches' worth over all of them)",
+        _integer(16),
+    ),
     "probe": Option("default probe (file, dataset name or 'random')", _optional_text),
     "rules": Option(
         "per-rule thresholds and parameters, e.g. dead-units = { error = 0.6 }", _rule_overrides

@@ -34,6 +34,10 @@ SATURATED_FROM = 0.95
 HISTOGRAM_BINS = 50
 QUANTILE_STEPS = 100
 DEFAULT_SAMPLE_SIZE = 16_384
+FULL_RATE_BATCHES = 16
+"""Batches sampled at the full per-batch size; a longer probe spreads their total over all
+its batches, so sampling costs less per batch as the probe grows."""
+MIN_BATCH_SAMPLE = 1_024
 RESERVOIR_SIZE = 4_096
 """Values per layer kept for histograms and quantiles: plenty for 50 bins and 101 quantiles."""
 
@@ -171,12 +175,62 @@ _EXACT_FLOAT32_COUNT = 1 << 24
 """0/1 flags summed in float32 stay exact integers up to here (torch sums pairwise)."""
 
 
-def _flags_workspace(cache: dict, x3: torch.Tensor) -> torch.Tensor:
+def _flags_dtype(x3: torch.Tensor) -> torch.dtype:
     # Counting through a float workspace and a float sum is several times faster than
     # summing a bool tensor into int64; float64 takes over where float32 stops being exact.
     positions = x3.numel() // max(x3.shape[1], 1)
     exact = x3.dtype == torch.float64 or positions < _EXACT_FLOAT32_COUNT
-    return _workspace(cache, x3, x3.dtype if exact else torch.float64)
+    return x3.dtype if exact else torch.float64
+
+
+def _flags_workspace(cache: dict, x3: torch.Tensor) -> torch.Tensor:
+    return _workspace(cache, x3, _flags_dtype(x3))
+
+
+_SLOTS = 8
+"""Batches whose per-unit results wait in their own dtype before one float64 fold."""
+
+
+class _BatchSlots:
+    """The per-unit results of the last few batches, each written by its reduction
+    (``out=``) into a row of its own, then folded into the float64 accumulators together:
+    converting and adding each batch's small results one by one costs as much as the
+    reductions over the activation themselves."""
+
+    __slots__ = (
+        "active",
+        "dsumsq",
+        "dtype",
+        "filled",
+        "flags_dtype",
+        "max",
+        "min",
+        "rows",
+        "saturated",
+        "sum",
+        "units",
+    )
+
+    def __init__(self, x3: torch.Tensor, activity: bool, saturation: bool) -> None:
+        self.dtype, self.flags_dtype, self.units = x3.dtype, _flags_dtype(x3), x3.shape[1]
+        device = x3.device
+        self.sum, self.dsumsq = torch.empty(2, _SLOTS, self.units, dtype=self.dtype, device=device)
+        self.min, self.max = torch.empty(2, _SLOTS, dtype=self.dtype, device=device)
+        counts = (_SLOTS, self.units) if activity or saturation else (_SLOTS, 0)
+        self.active = torch.empty(counts, dtype=self.flags_dtype, device=device)
+        self.saturated = torch.empty(counts, dtype=self.flags_dtype, device=device)
+        # Views made once: slicing a row on every batch costs a few microseconds each.
+        self.rows = list(
+            zip(self.sum, self.dsumsq, self.min, self.max, self.active, self.saturated)
+        )
+        self.filled = 0
+
+    def fits(self, x3: torch.Tensor) -> bool:
+        return (
+            x3.dtype == self.dtype
+            and x3.shape[1] == self.units
+            and _flags_dtype(x3) == self.flags_dtype
+        )
 
 
 class MomentSample:
@@ -310,6 +364,18 @@ class Reservoir:
         self.add(other.values, other.keys)
 
 
+def batch_sample_size(sample_size: int, batches: int | None) -> int:
+    """Values to sample per layer and batch: ``sample_size`` for up to 16 batches, beyond
+    that 16 × ``sample_size`` spread evenly over every batch (at least 1,024 each).
+
+    Every batch of a probe is sampled at the same rate, so the moments need no weights.
+    """
+    if batches is None or batches <= FULL_RATE_BATCHES:
+        return sample_size
+    spread = sample_size * FULL_RATE_BATCHES // batches
+    return max(spread, min(sample_size, MIN_BATCH_SAMPLE))
+
+
 class Sampler:
     """Seeded choice of which values of a batch enter the moment sample and reservoir.
 
@@ -397,6 +463,7 @@ class TensorSummary:
         self.moments: MomentSample | None = None
         self.sample_nonzero: torch.Tensor | None = None
         self.reservoir: Reservoir | None = None
+        self._slots: _BatchSlots | None = None
         self._pending: list[tuple[torch.Tensor, float]] = []
         self._pending_values = 0
         self._shift_like: dict[torch.dtype, torch.Tensor] = {}
@@ -412,11 +479,18 @@ class TensorSummary:
         if x.dim() == 0:
             x, unit_dim = x.reshape(1), 0
         x3 = _three_axes(x, unit_dim)
-        part = self._batch_part(x3)
-        if self.count == 0:
-            self._adopt(part, x3.device)
-        else:
-            self._absorb(part)
+        if self._slots is not None and self._slots.fits(x3):
+            self._into_slots(x3, self._slots)
+        else:  # the first batch, or one shaped or typed unlike the last
+            self._fold()
+            part = self._batch_part(x3)
+            if self.count == 0:
+                self._adopt(part, x3.device)
+            else:
+                self._absorb(part)
+            self._slots = None
+            if x3.shape[1] == self.units:
+                self._slots = _BatchSlots(x3, self.activity, self.saturation is not None)
         sample = self.sampler.take(x)
         self._pending.append(sample)
         self._pending_values += sample[0].numel()
@@ -456,6 +530,46 @@ class TensorSummary:
         self.reservoir.add(candidates, keys)
         self._pending, self._pending_values = [], 0
 
+    def _into_slots(self, x3: torch.Tensor, slots: _BatchSlots) -> None:
+        unit_sum, unit_dsumsq, low, high, active, saturated = slots.rows[slots.filled]
+        shift = self._shift_in(x3.dtype)
+        squares = torch._C._nn.mse_loss(
+            x3, shift.expand_as(x3), 0, out=_workspace(self._scratch, x3)
+        )
+        torch.sum(x3, _POSITIONS, out=unit_sum)
+        torch.sum(squares, _POSITIONS, out=unit_dsumsq)
+        torch.aminmax(x3, out=(low, high))
+        if self.activity:
+            flags = torch.gt(x3, 0, out=_flags_workspace(self._scratch, x3))
+            torch.sum(flags, _POSITIONS, out=active)
+        if self.saturation is not None:
+            torch.sum(self._saturation_flags(x3), _POSITIONS, out=saturated)
+        self.count += x3.numel()
+        slots.filled += 1
+        if slots.filled == _SLOTS:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Add the batches waiting in the slots to the float64 accumulators."""
+        slots = self._slots
+        if slots is None or slots.filled == 0:
+            return
+        filled, wide = slots.filled, torch.float64
+        self.unit_sum.add_(slots.sum[:filled].sum(0, dtype=wide))
+        self.unit_dsumsq.add_(slots.dsumsq[:filled].sum(0, dtype=wide))
+        torch.minimum(self.unit_min, slots.min[:filled].min().to(wide), out=self.unit_min)
+        torch.maximum(self.unit_max, slots.max[:filled].max().to(wide), out=self.unit_max)
+        if self.unit_active is not None:
+            self.unit_active.add_(slots.active[:filled].sum(0, dtype=wide))
+        if self.unit_saturated is not None:
+            self.unit_saturated.add_(slots.saturated[:filled].sum(0, dtype=wide))
+        slots.filled = 0
+
+    def flush(self) -> None:
+        """Fold everything still waiting (slots and samples) into the accumulators."""
+        self._fold()
+        self._flush_samples()
+
     def _batch_part(self, x3: torch.Tensor) -> dict[str, torch.Tensor | int]:
         units = x3.shape[1]
         if self.count and units == self.units:
@@ -490,6 +604,10 @@ class TensorSummary:
         return shift
 
     def _saturated_per_unit(self, x3: torch.Tensor) -> torch.Tensor:
+        return self._saturation_flags(x3).sum(_POSITIONS)
+
+    def _saturation_flags(self, x3: torch.Tensor) -> torch.Tensor:
+        """1 where a value sits at or beyond the flat regions, in the flags workspace."""
         low, high = self.saturation
         flags = _flags_workspace(self._scratch, x3)
         if math.isinf(low):
@@ -501,7 +619,7 @@ class TensorSummary:
             else:
                 torch.sub(x3, centre, out=flags).abs_()
             torch.ge(flags, half, out=flags)
-        return flags.sum(_POSITIONS)
+        return flags
 
     def _adopt(self, part: dict, device: torch.device) -> None:
         # Accumulators are float64 copies, updated in place from here on. The shift is
@@ -551,8 +669,8 @@ class TensorSummary:
         """Fold another summary of the same stream in (another batch range or rank)."""
         if other.count == 0:
             return
-        self._flush_samples()
-        other._flush_samples()
+        self.flush()
+        other.flush()
         if self.count == 0:
             self._adopt(other._state(), other.unit_shift.device)
             self.nonfinite = other.nonfinite
@@ -570,6 +688,7 @@ class TensorSummary:
         """A device bool that is True when float32 squares could not hold these values."""
         if self.unit_sum is None or self.precise:
             return torch.zeros((), dtype=torch.bool)
+        self._fold()
         extremes = torch.cat([self.unit_min, self.unit_max]).abs()
         largest = torch.where(torch.isfinite(extremes), extremes, 0).max()
         return _outside_square_range(largest, self.unit_dsumsq.sum(), self.unit_sum.sum())
@@ -582,6 +701,7 @@ class TensorSummary:
         """
         if self.unit_sum is None:
             return torch.zeros((), dtype=torch.bool)
+        self._fold()
         return ~torch.isfinite(self.unit_sum).all()
 
     # -- result -----------------------------------------------------------------------
@@ -589,7 +709,7 @@ class TensorSummary:
     def finalize(self) -> Distribution | None:
         if self.count == 0:
             return None
-        self._flush_samples()
+        self.flush()
         host = _to_host(self)
         positions = self.count / self.units
         d_mean = host["sum"] / positions - host["shift"]

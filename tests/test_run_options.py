@@ -105,3 +105,18 @@ def test_npy_probe_is_memory_mapped_and_read_one_batch_at_a_time(tmp_path):
     assert first.shape == (100, 8) and not isinstance(first.numpy(), np.memmap)
     report = modelcheck.check(seeded(0)(lambda: mlp([8, 16, 4]))(), probe)
     assert report.probe.samples == 1000 and report.probe.batches == 10
+
+
+def test_a_long_probe_spreads_the_same_sample_over_all_its_batches():
+    model = seeded(0)(lambda: mlp([256, 256, 4]))()
+    x = torch.randn(40 * 64, 256, generator=torch.Generator().manual_seed(1))
+    report = modelcheck.check(model, x, batch_size=64, gradients=False)
+    per_batch = 16 * 16_384 // 40
+    assert report.probe.sample_size == per_batch
+    hidden = report.layers[0].activation
+    assert hidden.count == 40 * 64 * 256
+    assert hidden.sample_size == 40 * per_batch
+    # Up to 16 batches, each batch gives the full per-batch sample.
+    short = modelcheck.check(model, x[: 16 * 64], batch_size=64, gradients=False)
+    assert short.probe.sample_size == 16_384
+    assert short.layers[0].activation.sample_size == 16 * 16_384
