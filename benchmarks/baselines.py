@@ -6,7 +6,10 @@
   recorded layer (``nn.Sequential(*children[:i+1])`` generalised to any model by stopping
   the forward at the layer), then numpy histograms and scipy moments of what came out.
 - ``collect_all``: keep every activation and output gradient on the host, then compute
-  the statistics with numpy/scipy at the end.
+  what a modelcheck report holds with numpy/scipy at the end: the layer's moments,
+  extremes, zero fraction, histogram and quantiles, per-unit means, spreads and activity,
+  output-gradient rms; parameter gradients (each as large as its weight, every batch) are
+  reduced to their rms and mean magnitude with numpy as they come.
 """
 
 from __future__ import annotations
@@ -57,6 +60,23 @@ def _numpy_stats(values: np.ndarray) -> dict[str, float]:
     }
 
 
+def _per_unit_stats(values: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-unit mean, spread and activity, units on axis 1 of images, last otherwise."""
+    axis = 1 if values.ndim in (4, 5) else values.ndim - 1
+    units = np.moveaxis(values, axis, -1).reshape(-1, values.shape[axis]).astype(np.float64)
+    return {
+        "unit_mean": units.mean(axis=0),
+        "unit_std": units.std(axis=0),
+        "unit_active": (units > 0).mean(axis=0),
+        "quantiles": np.quantile(units, np.linspace(0, 1, 101)),
+    }
+
+
+def _gradient_rms(chunks: list[np.ndarray]) -> float:
+    flat = np.concatenate([c.reshape(-1) for c in chunks]).astype(np.float64)
+    return float(np.sqrt(np.mean(flat**2)))
+
+
 class _Stop(Exception):
     """Raised by a hook to end the forward at the layer being read (the prefix)."""
 
@@ -85,8 +105,8 @@ def seed_prefix(model: nn.Module, batches: list[torch.Tensor]) -> list[dict[str,
     return results
 
 
-def collect_all(model: nn.Module, batches: list[torch.Tensor]) -> list[dict[str, float]]:
-    """Keep every activation and output gradient of every batch, then numpy/scipy."""
+def collect_all(model: nn.Module, batches: list[torch.Tensor]) -> list[dict[str, object]]:
+    """Keep every activation and gradient of every batch, then numpy/scipy."""
     model.eval()
     activations: dict[str, list[np.ndarray]] = {}
     gradients: dict[str, list[np.ndarray]] = {}
@@ -104,21 +124,28 @@ def collect_all(model: nn.Module, batches: list[torch.Tensor]) -> list[dict[str,
 
     handles = [m.register_forward_hook(keep(n)) for n, m in recorded_modules(model)]
     params = [p for p in model.parameters() if p.requires_grad]
+    param_sums = np.zeros((len(params), 3))  # sum of squares, sum of magnitudes, count
     try:
         direction = None
         for x in batches:
             out = model(x)
             direction = _direction(out) if direction is None else direction
-            torch.autograd.grad((out * direction).sum() / out.shape[0], params)
+            grads = torch.autograd.grad((out * direction).sum() / out.shape[0], params)
+            for sums, g in zip(param_sums, grads):
+                flat = g.numpy().astype(np.float64).ravel()
+                sums += (np.dot(flat, flat), np.abs(flat).sum(), flat.size)
     finally:
         for handle in handles:
             handle.remove()
-    results = []
+    results: list[dict[str, object]] = []
     for name, chunks in activations.items():
-        stats = _numpy_stats(np.concatenate([c.reshape(-1) for c in chunks]))
-        grads = gradients.get(name)
-        if grads:
-            flat = np.concatenate([g.reshape(-1) for g in grads]).astype(np.float64)
-            stats["grad_rms"] = float(np.sqrt(np.mean(flat**2)))
+        values = np.concatenate(chunks)
+        stats: dict[str, object] = {**_numpy_stats(values), **_per_unit_stats(values)}
+        if name in gradients:
+            stats["output_grad_rms"] = _gradient_rms(gradients[name])
         results.append(stats)
+    sumsq, sumabs, count = param_sums.T
+    results.append(
+        {"param_grad_rms": np.sqrt(sumsq / count), "param_grad_mean_abs": sumabs / count}
+    )
     return results
