@@ -216,9 +216,9 @@ class _BatchSlots:
         device = x3.device
         self.sum, self.dsumsq = torch.empty(2, _SLOTS, self.units, dtype=self.dtype, device=device)
         self.min, self.max = torch.empty(2, _SLOTS, dtype=self.dtype, device=device)
-        counts = (_SLOTS, self.units) if activity or saturation else (_SLOTS, 0)
-        self.active = torch.empty(counts, dtype=self.flags_dtype, device=device)
-        self.saturated = torch.empty(counts, dtype=self.flags_dtype, device=device)
+        counts = {"dtype": self.flags_dtype, "device": device}
+        self.active = torch.empty(_SLOTS, self.units if activity else 0, **counts)
+        self.saturated = torch.empty(_SLOTS, self.units if saturation else 0, **counts)
         # Views made once: slicing a row on every batch costs a few microseconds each.
         self.rows = list(
             zip(self.sum, self.dsumsq, self.min, self.max, self.active, self.saturated)
@@ -414,9 +414,10 @@ class Sampler:
         return torch.rand(n, dtype=torch.float64, generator=gen, device=device).log_()
 
 
-_SAMPLE_FLUSH = 65_536
+_SAMPLE_FLUSH = 16_384
 """Sampled values a summary collects before folding them into its moments and reservoir:
-a few batches share those dozen small operations (a few hundred KiB at most per layer)."""
+small samples share those dozen small operations, while what waits stays at 64 KiB per
+layer (many small waiting tensors fragment the heap: 4x this cost ~50 MiB on 40 layers)."""
 
 
 class TensorSummary:
