@@ -59,6 +59,7 @@ def cases(quick: bool) -> list[Case]:
     return [
         Case("Iris (seed network), 150 samples", models.iris, 64),
         Case("MLP 20x1024, 8,192 samples", models.mlp, 64),
+        Case("MLP 20x1024, 8,192 samples, batches of 512", models.mlp, 512, naive=False),
         Case("ResNet-18 shape, 256x3x64x64", models.resnet18, 64),
         Case("TransformerEncoder 6x512, 64x128", models.transformer, 64),
     ]
