@@ -115,8 +115,7 @@ _MODULE_FAMILIES: tuple[tuple[type[nn.Module], str], ...] = (
 if hasattr(nn, "RMSNorm"):
     _MODULE_FAMILIES += ((nn.RMSNorm, "norm"),)
 
-# Families whose outputs keep the units of their input (elementwise layers).
-_ELEMENTWISE = frozenset(
+ACTIVATION_FAMILIES = frozenset(
     {
         "relu",
         "relu6",
@@ -128,9 +127,11 @@ _ELEMENTWISE = frozenset(
         "tanh",
         "sigmoid",
         "hardtanh",
-        "dropout",
     }
 )
+
+# Families whose outputs keep the units of their input (elementwise layers).
+_ELEMENTWISE = ACTIVATION_FAMILIES | {"dropout"}
 # Families whose unit axis is the channel axis (dim 1) of a (N, C, ...) tensor.
 _CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
 
@@ -508,13 +509,7 @@ class _Recorder(TorchFunctionMode):
 
     def _first_sight(self, layer: LayerInfo, module: nn.Module | None) -> None:
         self.layers[layer.name] = layer
-        params = {} if module is None else dict(module.named_parameters(recurse=False))
-        buffers = {} if module is None else dict(module.named_buffers(recurse=False))
-        self.observer.on_layer(
-            layer,
-            {n: p.detach() for n, p in params.items()},
-            {n: b.detach() for n, b in buffers.items()},
-        )
+        announce_layer(self.observer, layer, module)
 
     def _observe(self, layer: LayerInfo, out: torch.Tensor, unit_dim: int) -> None:
         unit_dim = self.axes.resolve(layer.name, out, unit_dim)
@@ -546,6 +541,18 @@ class _Recorder(TorchFunctionMode):
                 return producer[1]
             return _default_dim(out)
         return out.dim() - 1
+
+
+def announce_layer(observer: Observer, layer: LayerInfo, module: nn.Module | None) -> None:
+    """Tell the observer of a layer seen for the first time, with the module's own
+    parameters and buffers (detached: the observer only reads them)."""
+    params = {} if module is None else dict(module.named_parameters(recurse=False))
+    buffers = {} if module is None else dict(module.named_buffers(recurse=False))
+    observer.on_layer(
+        layer,
+        {n: p.detach() for n, p in params.items()},
+        {n: b.detach() for n, b in buffers.items()},
+    )
 
 
 def _default_dim(out: torch.Tensor) -> int:

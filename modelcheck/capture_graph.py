@@ -36,6 +36,7 @@ from modelcheck.capture import (
     LayerInfo,
     Observer,
     UnitAxes,
+    announce_layer,
     block_layer,
     call_model,
     channel_first_name,
@@ -642,13 +643,7 @@ class GraphRecorder:
         module = None if layer.functional else dict(self.model.named_modules()).get(layer.name)
         if module is not None:
             self.module_layers[module] = layer
-        params = {} if module is None else dict(module.named_parameters(recurse=False))
-        buffers = {} if module is None else dict(module.named_buffers(recurse=False))
-        self.observer.on_layer(
-            layer,
-            {n: p.detach() for n, p in params.items()},
-            {n: b.detach() for n, b in buffers.items()},
-        )
+        announce_layer(self.observer, layer, module)
 
 
 class _Callable(nn.Module):

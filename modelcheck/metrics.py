@@ -14,22 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modelcheck.capture import ACTIVATION_FAMILIES
 from modelcheck.stats import Distribution, LayerStats, RunStats
 
-ACTIVATION_FAMILIES = frozenset(
-    {
-        "relu",
-        "relu6",
-        "leaky_relu",
-        "elu",
-        "gelu",
-        "silu",
-        "softplus",
-        "tanh",
-        "sigmoid",
-        "hardtanh",
-    }
-)
 # He gain for the ReLU family, LeCun (1) otherwise: std * sqrt(fan_in) a layer should start at.
 _HE_FAMILIES = frozenset({"relu", "relu6", "leaky_relu", "elu", "gelu", "silu"})
 _PASS_THROUGH = frozenset({"dropout", "other", "pool", "block"})

@@ -19,8 +19,6 @@ from pathlib import Path
 from modelcheck.rules import SEVERITIES, Finding, Rule, severity_rank
 from modelcheck.stats import Distribution, LayerStats
 
-FAIL_ON = (*SEVERITIES, "never")
-
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:

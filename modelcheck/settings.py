@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 from modelcheck.errors import ConfigError
 from modelcheck.stats import DEFAULT_SAMPLE_SIZE
@@ -56,9 +56,6 @@ class Settings:
                 raise ConfigError(f"{where}: unknown setting {key!r}; {hint}")
             changes[name] = option.convert(value, f"{where}: {key}")
         return replace(self, **changes)
-
-    def as_dict(self) -> dict[str, object]:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True, slots=True)
