@@ -188,7 +188,13 @@ def _flags_workspace(cache: dict, x3: torch.Tensor) -> torch.Tensor:
 
 
 _SLOTS = 8
-"""Batches whose per-unit results wait in their own dtype before one float64 fold."""
+"""Batches (or pieces of one) whose per-unit results wait in their own dtype before one
+float64 fold."""
+
+_PIECE_VALUES = 1 << 18
+"""Values of a large activation reduced together: a 1 MiB float32 piece and its workspace
+stay in the L2 cache across the passes, so the activation is read from memory about once
+(on a 4M-value activation, ~30% less time than passes over the whole tensor)."""
 
 
 class _BatchSlots:
@@ -480,18 +486,16 @@ class TensorSummary:
         if x.dim() == 0:
             x, unit_dim = x.reshape(1), 0
         x3 = _three_axes(x, unit_dim)
-        if self._slots is not None and self._slots.fits(x3):
-            self._into_slots(x3, self._slots)
-        else:  # the first batch, or one shaped or typed unlike the last
-            self._fold()
-            part = self._batch_part(x3)
-            if self.count == 0:
-                self._adopt(part, x3.device)
-            else:
-                self._absorb(part)
-            self._slots = None
-            if x3.shape[1] == self.units:
+        if self.count and x3.shape[1] != self.units:
+            self._fold()  # a module called with differently shaped inputs
+            self._absorb(self._batch_part(x3))
+        else:
+            if self._slots is None or not self._slots.fits(x3):
+                self._fold()  # the first batch, or one of another dtype
+                if self.count == 0:
+                    self._start(x3)
                 self._slots = _BatchSlots(x3, self.activity, self.saturation is not None)
+            self._into_slots(x3, self._slots)
         sample = self.sampler.take(x)
         self._pending.append(sample)
         self._pending_values += sample[0].numel()
@@ -532,8 +536,14 @@ class TensorSummary:
         self._pending, self._pending_values = [], 0
 
     def _into_slots(self, x3: torch.Tensor, slots: _BatchSlots) -> None:
+        rows = max(1, _PIECE_VALUES // max(1, x3[0].numel()))
+        for piece in x3.split(rows) if rows < x3.shape[0] else (x3,):
+            self._piece_into_slots(piece, slots)
+
+    def _piece_into_slots(self, x3: torch.Tensor, slots: _BatchSlots) -> None:
         unit_sum, unit_dsumsq, low, high, active, saturated = slots.rows[slots.filled]
         shift = self._shift_in(x3.dtype)
+        # (x - shift)² in one fused pass into the workspace (sub then square is two).
         squares = torch._C._nn.mse_loss(
             x3, shift.expand_as(x3), 0, out=_workspace(self._scratch, x3)
         )
@@ -571,21 +581,33 @@ class TensorSummary:
         self._fold()
         self._flush_samples()
 
+    def _start(self, x3: torch.Tensor) -> None:
+        """Empty accumulators, shifted by the first batch's unit means."""
+        units, device = x3.shape[1], x3.device
+        zeros = torch.zeros(units, dtype=torch.float64, device=device)
+        part = {
+            "count": 0,
+            "units": units,
+            "shift": x3.mean(_POSITIONS),
+            "sum": zeros,
+            "dsumsq": zeros,
+            "min": torch.full((1,), math.inf, dtype=torch.float64, device=device),
+            "max": torch.full((1,), -math.inf, dtype=torch.float64, device=device),
+            "active": zeros if self.activity else None,
+            "saturated": zeros if self.saturation is not None else None,
+        }
+        self._adopt(part, device)
+
     def _batch_part(self, x3: torch.Tensor) -> dict[str, torch.Tensor | int]:
-        units = x3.shape[1]
-        if self.count and units == self.units:
-            shift, own = self._shift_in(x3.dtype), self.unit_shift
-        else:  # the first batch (or a differently shaped call) centres itself
-            shift = x3.mean(_POSITIONS, keepdim=True)
-            own = shift.reshape(units)
-        # (x - shift)² in one fused pass into the workspace (sub then square is two).
+        """One batch's sums, centred on its own unit means (see ``_absorb``)."""
+        shift = x3.mean(_POSITIONS, keepdim=True)
         squares = torch._C._nn.mse_loss(
             x3, shift.expand_as(x3), 0, out=_workspace(self._scratch, x3)
         )
         part: dict[str, torch.Tensor | int] = {
             "count": x3.numel(),
-            "units": units,
-            "shift": own,
+            "units": x3.shape[1],
+            "shift": shift.reshape(-1),
             "sum": x3.sum(_POSITIONS),
             "dsumsq": squares.sum(_POSITIONS),
         }

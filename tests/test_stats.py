@@ -107,6 +107,20 @@ def test_many_batches_of_changing_dtype_match_numpy_per_unit():
     assert_matches(summarise(batches).finalize(), values)
 
 
+def test_large_activations_reduced_in_pieces_match_numpy_per_channel():
+    # 8 x 16 x 64 x 64 = 524,288 values per batch: each batch is reduced in two pieces.
+    gen = torch.Generator().manual_seed(24)
+    batches = [torch.randn(8, 16, 64, 64, generator=gen) + 0.1 * c for c in range(3)]
+    dist = summarise([torch.relu(b) for b in batches], activity=True).finalize()
+    values = torch.relu(torch.cat(batches)).double().numpy()
+    per_channel = values.transpose(1, 0, 2, 3).reshape(16, -1)
+    np.testing.assert_allclose(dist.unit_mean, per_channel.mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(dist.unit_std, per_channel.std(axis=1), rtol=1e-6)
+    np.testing.assert_array_equal(dist.unit_active_fraction, (per_channel > 0).mean(axis=1))
+    assert (dist.min, dist.max) == (values.min(), values.max())
+    assert dist.count == values.size
+
+
 def test_a_layer_whose_unit_count_changes_keeps_exact_layer_totals():
     gen = torch.Generator().manual_seed(22)
     batches = [torch.randn(8, 24, generator=gen) for _ in range(11)]
