@@ -482,6 +482,8 @@ class TensorSummary:
 
     def update(self, x: torch.Tensor, unit_dim: int) -> None:
         """Fold one batch in: a handful of reductions, no host synchronisation."""
+        if x.numel() == 0:  # a layer with no outputs (Linear(n, 0)) has nothing to show
+            return
         x = _widened(x.detach(), self.precise)
         if x.dim() == 0:
             x, unit_dim = x.reshape(1), 0

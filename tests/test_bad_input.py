@@ -599,13 +599,26 @@ def test_a_probe_that_fits_needs_no_note(workdir, capsys):
 # -- interruptions ---------------------------------------------------------------------------
 
 
+@pytest.fixture
+def sigint_raises():
+    """Ctrl-C as a terminal delivers it. A job a shell starts in the background (as some CI
+    runners do) inherits SIGINT ignored, and Python then leaves it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def _sigint_by_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # in the child, before Python starts
+
+
 @pytest.mark.parametrize(
     ("signum", "exit_code", "word"),
     [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
     ids=["ctrl-c", "sigterm"],
 )
 def test_interruption_mid_check_exits_with_its_code_and_writes_nothing(
-    workdir, capsys, signum, exit_code, word
+    workdir, capsys, sigint_raises, signum, exit_code, word
 ):
     before = listing(workdir)
     kwargs = json.dumps({"signum": int(signum)})
@@ -650,6 +663,7 @@ def test_real_ctrl_c_stops_the_command_with_130_and_no_partial_file(workdir):
         [sys.executable, "-m", "modelcheck.cli", "interrupted.pt", "--arch", f"{ARCH}:Interrupted",
          "--arch-kwargs", kwargs, "--input-shape", "8", "-o", "report.json"],
         cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_sigint_by_default,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not started.exists() and process.poll() is None and time.monotonic() < deadline:

@@ -109,6 +109,25 @@ def test_single_sample_probe_runs_and_claims_no_spread_across_samples():
     json.loads(report.to_json())
 
 
+class _WithEmptyBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.empty = nn.Linear(4, 0)  # e.g. a head configured with no classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.empty(x).sum()
+
+
+def test_a_layer_with_empty_outputs_is_listed_without_statistics():
+    torch.manual_seed(0)
+    report = modelcheck.check(_WithEmptyBranch(), torch.randn(30, 4))
+    assert report.layer("empty").activation is None
+    assert report.layer("body").activation.count == 30 * 6
+    assert not [f for f in report.findings if f.severity == "error"]
+    json.loads(report.to_json())
+
+
 def test_single_sample_batchnorm_in_train_mode_is_one_line_naming_the_layer():
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(modelcheck.CaptureError) as caught:
