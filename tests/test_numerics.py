@@ -119,6 +119,7 @@ class _WithEmptyBranch(nn.Module):
         return self.body(x) + self.empty(x).sum()
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
 def test_a_layer_with_empty_outputs_is_listed_without_statistics():
     torch.manual_seed(0)
     report = modelcheck.check(_WithEmptyBranch(), torch.randn(30, 4))
