@@ -212,7 +212,7 @@ def _empty_state(summary: TensorSummary, units: int, device: torch.device) -> No
     summary.unit_saturated = zeros() if summary.saturation is not None else None
     summary.moments = MomentSample(device)
     summary.sample_nonzero = torch.zeros((), dtype=torch.int64, device=device)
-    summary.reservoir = Reservoir(min(RESERVOIR_SIZE, summary.sampler.sample_size), device)
+    summary.reservoir = Reservoir(RESERVOIR_SIZE, device)
 
 
 def _live(summaries: list[TensorSummary]) -> list[TensorSummary]:

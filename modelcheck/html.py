@@ -927,10 +927,12 @@ def _histogram_svg(name: str, d: Distribution) -> tuple[Svg | None, str]:
     )
     svg = Svg(_CARD.width, _CARD.height, f"histogram of {name}", "hist", groups)
     total = d.count - d.nonfinite
-    note = f"{total:,} values" + (
-        f" (histogram of {d.sample_size:,} sampled)" if d.sample_size < total else ""
-    )
-    return svg, note
+    sampled = []
+    if d.sample_size < total:
+        sampled.append(f"skewness and kurtosis from {d.sample_size:,} sampled")
+    if d.histogram_sample_size < total:
+        sampled.append(f"histogram from {d.histogram_sample_size:,}")
+    return svg, f"{total:,} values" + (f" ({', '.join(sampled)})" if sampled else "")
 
 
 def _thumbnail(name: str, d: Distribution | None) -> Svg | None:

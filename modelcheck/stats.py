@@ -7,10 +7,11 @@ the numbers to the host once, at the end, and returns plain frozen dataclasses.
 
 What rules decide on is exact over every value: counts, per-unit sums and sums of
 squares (accumulated in float64), extremes, per-unit activity and saturation. Higher
-moments, zero counts of non-ReLU layers, histograms and quantiles come from a seeded
-sample of at most ``sample_size`` values per batch; they are exact whenever a layer's
-batch fits in the sample, and ``sample_size`` in the result says how many values they
-rest on. Memory does not grow with the number of probe samples.
+moments and zero counts of non-ReLU layers come from a seeded sample of at most
+``sample_size`` values per batch (``sample_size`` in the result says how many values they
+rest on), histograms and quantiles from a reservoir of at most ``RESERVOIR_SIZE`` of those;
+both are exact whenever everything fits. Memory does not grow with the number of probe
+samples.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class Distribution:
     saturated_value_fraction: float | None
     histogram: Histogram | None
     quantiles: tuple[float, ...] | None
-    sample_size: int
+    sample_size: int  # values behind skewness, kurtosis and (non-ReLU) zero_fraction
+    histogram_sample_size: int  # values behind the histogram and quantiles
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,10 +525,12 @@ class TensorSummary:
         share = min(1.0, self.reservoir.capacity / total)
         offered, weights, start = [], [], 0
         for sample, weight in self._pending:
-            kept = max(1, int(sample.numel() * share))
+            end = start + sample.numel()
+            # Rounded at the running total, so the shares add up to the capacity exactly.
+            kept = min(sample.numel(), max(1, round(end * share) - round(start * share)))
             offered.append(values[start : start + kept])
             weights.append((kept, weight * sample.numel() / kept))
-            start += sample.numel()
+            start = end
         candidates = torch.cat(offered) if len(offered) > 1 else offered[0]
         keys = self.sampler.keys(candidates.numel(), candidates.device)
         if len({w for _, w in weights}) == 1:
@@ -656,7 +660,7 @@ class TensorSummary:
         self._shift_like = {}
         self.moments = MomentSample(device)
         self.sample_nonzero = torch.zeros((), dtype=torch.int64, device=device)
-        self.reservoir = Reservoir(min(RESERVOIR_SIZE, self.sampler.sample_size), device)
+        self.reservoir = Reservoir(RESERVOIR_SIZE, device)
 
     def _absorb(self, part: dict) -> None:
         if part["units"] != self.units:
@@ -783,6 +787,7 @@ class TensorSummary:
             histogram=_histogram(finite_values, lo, hi, self.count - self.nonfinite),
             quantiles=_quantiles(finite_values, lo, hi),
             sample_size=min(sample_n, self.count),
+            histogram_sample_size=int(values.size),
         )
 
 

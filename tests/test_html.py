@@ -190,6 +190,17 @@ def test_histogram_separates_exact_zeros_into_a_labelled_spike():
     assert {g.css for g in svg.groups} >= {"lin", "log", "cdf"}
 
 
+def test_histogram_note_says_how_many_values_each_estimate_rests_on():
+    model = seeded(0)(lambda: mlp([64, 512, 4]))()
+    x = torch.randn(96, 64, generator=torch.Generator().manual_seed(3))
+    report = modelcheck.check(model, x, batch_size=32, sample_size=4_000)
+    hidden = report.layer("0").activation  # 3 batches of 32 x 512 = 49,152 values
+    _, note = html_renderer._histogram_svg("0", hidden)
+    assert note == "49,152 values (skewness and kurtosis from 12,000 sampled, histogram from 4,096)"
+    _, small = html_renderer._histogram_svg("2", report.layer("2").activation)
+    assert small == "384 values"  # everything fits: nothing is estimated
+
+
 def test_unit_strip_lists_exactly_the_dead_units():
     report = FAULTY["dead ReLU"]()
     layer = report.layer("3")

@@ -116,6 +116,7 @@ def test_a_long_probe_spreads_the_same_sample_over_all_its_batches():
     hidden = report.layers[0].activation
     assert hidden.count == 40 * 64 * 256
     assert hidden.sample_size == 40 * per_batch
+    assert hidden.histogram_sample_size == 4_096  # the reservoir does not shrink with the rate
     # Up to 16 batches, each batch gives the full per-batch sample.
     short = modelcheck.check(model, x[: 16 * 64], batch_size=64, gradients=False)
     assert short.probe.sample_size == 16_384
