@@ -29,9 +29,7 @@ from modelcheck.capture import LayerInfo
 from modelcheck.errors import ProbeError
 from modelcheck.probe import Batch
 from modelcheck.stats import (
-    RESERVOIR_SIZE,
     GradientSummary,
-    MomentSample,
     Reservoir,
     StatsCollector,
     TensorSummary,
@@ -199,20 +197,7 @@ def _prepare(summary: TensorSummary, units: int, device: torch.device) -> None:
     if summary.count and summary.units != units:
         summary._collapse_units()
     if summary.count == 0 and units:
-        _empty_state(summary, units, device)
-
-
-def _empty_state(summary: TensorSummary, units: int, device: torch.device) -> None:
-    zeros = lambda: torch.zeros(units, dtype=torch.float64, device=device)  # noqa: E731
-    summary.units = units
-    summary.unit_shift, summary.unit_sum, summary.unit_dsumsq = zeros(), zeros(), zeros()
-    summary.unit_min = torch.full((1,), math.inf, dtype=torch.float64, device=device)
-    summary.unit_max = torch.full((1,), -math.inf, dtype=torch.float64, device=device)
-    summary.unit_active = zeros() if summary.activity else None
-    summary.unit_saturated = zeros() if summary.saturation is not None else None
-    summary.moments = MomentSample(device)
-    summary.sample_nonzero = torch.zeros((), dtype=torch.int64, device=device)
-    summary.reservoir = Reservoir(RESERVOIR_SIZE, device)
+        summary.start_empty(units, device)
 
 
 def _live(summaries: list[TensorSummary]) -> list[TensorSummary]:

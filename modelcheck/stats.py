@@ -589,12 +589,18 @@ class TensorSummary:
 
     def _start(self, x3: torch.Tensor) -> None:
         """Empty accumulators, shifted by the first batch's unit means."""
-        units, device = x3.shape[1], x3.device
+        self.start_empty(x3.shape[1], x3.device, x3.mean(_POSITIONS))
+
+    def start_empty(
+        self, units: int, device: torch.device, shift: torch.Tensor | None = None
+    ) -> None:
+        """Empty accumulators for ``units`` units (a rank that saw no batch of a layer
+        starts here too, so every rank merges state of the same shape)."""
         zeros = torch.zeros(units, dtype=torch.float64, device=device)
         part = {
             "count": 0,
             "units": units,
-            "shift": x3.mean(_POSITIONS),
+            "shift": zeros if shift is None else shift,
             "sum": zeros,
             "dsumsq": zeros,
             "min": torch.full((1,), math.inf, dtype=torch.float64, device=device),
@@ -623,7 +629,7 @@ class TensorSummary:
             flags = torch.gt(x3, 0, out=_flags_workspace(self._scratch, x3))
             part["active"] = flags.sum(_POSITIONS)
         if self.saturation is not None:
-            part["saturated"] = self._saturated_per_unit(x3)
+            part["saturated"] = self._saturation_flags(x3).sum(_POSITIONS)
         return part
 
     def _shift_in(self, dtype: torch.dtype) -> torch.Tensor:
@@ -631,9 +637,6 @@ class TensorSummary:
         if shift is None:
             shift = self._shift_like[dtype] = self.unit_shift.to(dtype).reshape(1, -1, 1)
         return shift
-
-    def _saturated_per_unit(self, x3: torch.Tensor) -> torch.Tensor:
-        return self._saturation_flags(x3).sum(_POSITIONS)
 
     def _saturation_flags(self, x3: torch.Tensor) -> torch.Tensor:
         """1 where a value sits at or beyond the flat regions, in the flags workspace."""
