@@ -135,8 +135,26 @@ def _workspace(
     return flat.view(like.shape)
 
 
+def _memory_order(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """``x`` with its axes permuted into memory order (largest stride first), and that
+    order: a transposed or channels-last tensor then flattens as a view, not a 16 MB
+    copy, and no summary depends on the order of positions."""
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    return x.permute(order), order
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """Every value of ``x`` in one axis, in memory order (see ``_memory_order``)."""
+    if not x.is_contiguous():
+        x = _memory_order(x)[0]
+    return x.reshape(-1)
+
+
 def _three_axes(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
     """View ``x`` as (outer, units, inner) so per-unit reductions run over axes 0 and 2."""
+    if not x.is_contiguous():
+        x, order = _memory_order(x)
+        unit_dim = order.index(unit_dim)
     shape = x.shape
     outer = math.prod(shape[:unit_dim])
     inner = math.prod(shape[unit_dim + 1 :])
@@ -197,6 +215,11 @@ _PIECE_VALUES = 1 << 18
 """Values of a large activation reduced together: a 1 MiB float32 piece and its workspace
 stay in the L2 cache across the passes, so the activation is read from memory about once
 (on a 4M-value activation, ~30% less time than passes over the whole tensor)."""
+
+
+def _piece_rows(x3: torch.Tensor) -> int:
+    """Rows of a (outer, units, inner) view reduced together (see ``_PIECE_VALUES``)."""
+    return max(1, _PIECE_VALUES // max(1, x3[0].numel()))
 
 
 class _BatchSlots:
@@ -402,7 +425,7 @@ class Sampler:
 
         Always a copy, in x's dtype: the model may overwrite ``x`` in place later.
         """
-        flat = x.reshape(-1)
+        flat = _flat(x)
         if flat.numel() <= self.sample_size:
             return flat.clone(), 1.0
         key = (flat.numel(), flat.device)
@@ -437,13 +460,14 @@ class TensorSummary:
     flat regions of a bounded activation.
 
     Per unit it keeps the sum of x and of (x - shift)², with the shift taken from the
-    first batch's unit means: a layer whose values sit far from zero (sigmoid outputs
-    near 1, a collapsed output) keeps its spread exactly instead of losing it to the
-    cancellation of sum(x²) - sum(x)²/n. Passes over each batch: sum; squared deviations
-    written into a shared workspace and summed; both extremes; plus a flag-and-count for
-    activity or saturation. Each reduction covers every position axis in one call in the
-    input's dtype (pairwise summation: float32 partial sums are good to ~1e-7), and only
-    the per-unit results are accumulated in float64.
+    unit means of the first batch (of its first piece): a layer whose values sit far
+    from zero (sigmoid outputs near 1, a collapsed output) keeps its spread exactly
+    instead of losing it to the cancellation of sum(x²) - sum(x)²/n. Passes over each
+    batch: sum; squared deviations written into a shared workspace and summed; both
+    extremes; plus a flag-and-count for activity or saturation. Each reduction covers
+    every position axis in one call in the input's dtype (pairwise summation: float32
+    partial sums are good to ~1e-7), and only the per-unit results are accumulated in
+    float64.
     """
 
     def __init__(
@@ -500,7 +524,7 @@ class TensorSummary:
                     self._start(x3)
                 self._slots = _BatchSlots(x3, self.activity, self.saturation is not None)
             self._into_slots(x3, self._slots)
-        sample = self.sampler.take(x)
+        sample = self.sampler.take(x3)
         self._pending.append(sample)
         self._pending_values += sample[0].numel()
         if self._pending_values >= _SAMPLE_FLUSH:
@@ -542,7 +566,7 @@ class TensorSummary:
         self._pending, self._pending_values = [], 0
 
     def _into_slots(self, x3: torch.Tensor, slots: _BatchSlots) -> None:
-        rows = max(1, _PIECE_VALUES // max(1, x3[0].numel()))
+        rows = _piece_rows(x3)
         for piece in x3.split(rows) if rows < x3.shape[0] else (x3,):
             self._piece_into_slots(piece, slots)
 
@@ -588,8 +612,11 @@ class TensorSummary:
         self._flush_samples()
 
     def _start(self, x3: torch.Tensor) -> None:
-        """Empty accumulators, shifted by the first batch's unit means."""
-        self.start_empty(x3.shape[1], x3.device, x3.mean(_POSITIONS))
+        """Empty accumulators, shifted by the unit means of the first batch's first
+        piece: any shift is exact, one near the mean keeps the sums well conditioned, and
+        a piece costs a fraction of another pass over a large activation."""
+        first = x3[: _piece_rows(x3)]
+        self.start_empty(x3.shape[1], x3.device, first.mean(_POSITIONS))
 
     def start_empty(
         self, units: int, device: torch.device, shift: torch.Tensor | None = None
@@ -953,7 +980,7 @@ squares stays within ~1e-7 of exact only over chunks of about a million values."
 def _sum_of_squares(g: torch.Tensor) -> torch.Tensor:
     """sum(g²) reading g once and writing nothing: a weight's gradient can be as large
     as the weight, and squaring it into a buffer first costs three passes instead of one."""
-    flat = g.reshape(-1)
+    flat = _flat(g)
     if flat.numel() <= _DOT_CHUNK:
         return torch.dot(flat, flat)
     return torch.stack([torch.dot(c, c) for c in flat.split(_DOT_CHUNK)]).sum(dtype=torch.float64)

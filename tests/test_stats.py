@@ -121,6 +121,31 @@ def test_large_activations_reduced_in_pieces_match_numpy_per_channel():
     assert dist.count == values.size
 
 
+@pytest.mark.parametrize(
+    "layout",
+    ["transposed", "channels_last"],
+)
+def test_strided_activations_are_summarised_in_place_like_contiguous_ones(layout):
+    # Attention outputs arrive transposed and channels-last convolutions permuted; both are
+    # read where they lie (no copy), and every statistic equals the contiguous tensor's.
+    gen = torch.Generator().manual_seed(25)
+    if layout == "transposed":  # (batch, sequence, features) made from (sequence, batch, ...)
+        batches = [torch.randn(5, 3, 6, generator=gen).relu().transpose(0, 1) for _ in range(3)]
+        unit_dim = 2
+    else:
+        batches = [torch.randn(3, 6, 4, 4, generator=gen).relu() for _ in range(3)]
+        batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
+        unit_dim = 1
+    assert not batches[0].is_contiguous()
+    strided = summarise(batches, unit_dim=unit_dim, activity=True).finalize()
+    dense = summarise([b.contiguous() for b in batches], unit_dim, activity=True).finalize()
+    values = torch.cat(batches).movedim(unit_dim, -1).reshape(-1, 6).double().numpy()
+    np.testing.assert_allclose(strided.unit_mean, values.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(strided.unit_std, dense.unit_std, rtol=1e-6)
+    np.testing.assert_array_equal(strided.unit_active_fraction, (values > 0).mean(axis=0))
+    assert_matches(strided, values)
+
+
 def test_a_layer_whose_unit_count_changes_keeps_exact_layer_totals():
     gen = torch.Generator().manual_seed(22)
     batches = [torch.randn(8, 24, generator=gen) for _ in range(11)]
