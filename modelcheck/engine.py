@@ -32,7 +32,7 @@ from modelcheck.report import ModelInfo, ProbeInfo, Report
 from modelcheck.rules import Finding, Rule
 from modelcheck.settings import Settings
 from modelcheck.source import LoadedModel
-from modelcheck.stats import NonfiniteCounter, RunStats, StatsCollector, batch_sample_size
+from modelcheck.stats import NonfiniteCounter, RunStats, StatsCollector
 
 __version__ = "0.1.0"
 
@@ -209,9 +209,8 @@ def _observe(
         )
         if presharded and group is not None and whole is not None:
             whole *= group.size  # each rank's loader holds its share
-        sample_size = batch_sample_size(settings.sample_size, whole)
         try:
-            run, collector = _observe_batches(module, mine, settings, group, total, sample_size)
+            run, collector = _observe_batches(module, mine, settings, group, total, whole)
         except BatchOutOfMemory as error:
             tried.append(error.rows)
             if error.rows <= 1 or group is not None:
@@ -238,10 +237,11 @@ def _observe_batches(
     settings: Settings,
     group: distributed.Group | None,
     total: int | None,
-    sample_size: int,
+    whole: int | None,
 ) -> tuple[capture.CaptureRun, StatsCollector]:
-    """One pass over this process's batches (with a progress bar), then the reruns that
-    precision or non-finite values call for, agreed by every rank."""
+    """One pass over this process's batches (``total`` of the ``whole`` probe's, when
+    known) with a progress bar, then the reruns that precision or non-finite values call
+    for, agreed by every rank."""
     options = {
         "loss": settings.loss,
         "train_mode": settings.train_mode,
@@ -252,14 +252,14 @@ def _observe_batches(
         "unit_axes": settings.unit_axes,
         "recorder_factory": capture_graph.GraphRecorder if capture_graph.handles(module) else None,
     }
-    collector = StatsCollector(sample_size, settings.seed)
+    collector = StatsCollector(settings.sample_size, settings.seed, batches=whole)
     show = settings.progress and (group is None or group.rank == 0)
     with progress.bar(batches, show, total) as shown:
         run = capture.run(module, shown, collector, **options)
     if group is not None:
         distributed.check_shards(run.batches, group)
     if _on_any_rank(collector.out_of_square_range(), group):
-        collector = StatsCollector(sample_size, settings.seed, precise=True)
+        collector = StatsCollector(settings.sample_size, settings.seed, precise=True, batches=whole)
         run = capture.run(module, batches, collector, **options)
     if _on_any_rank(collector.saw_nonfinite(), group):
         counter = NonfiniteCounter()

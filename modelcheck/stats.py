@@ -408,15 +408,22 @@ def batch_sample_size(sample_size: int, batches: int | None) -> int:
 
 
 class Sampler:
-    """Seeded choice of which values of a batch enter the moment sample and reservoir.
+    """Seeded choice of which values of a batch enter the moment sample and reservoir,
+    at a rate set by the probe's length in ``batches`` (unknown: None).
 
     The flat positions are drawn once per tensor size and reused, so the sample costs
     one gather per batch and does not depend on which rank sees which batch.
     """
 
-    def __init__(self, sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = 0) -> None:
-        self.sample_size = sample_size
+    def __init__(
+        self, sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = 0, batches: int | None = None
+    ) -> None:
+        self.sample_size = batch_sample_size(sample_size, batches)
         self.seed = seed
+        # Candidates each batch offers the reservoir: twice its share of the capacity when
+        # the probe's length is known, so the weighted choice still has a choice without
+        # drawing keys for the 16 times the capacity a full-rate probe samples.
+        self.reservoir_offer = math.inf if not batches else -(-2 * RESERVOIR_SIZE // batches)
         self._positions: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -551,7 +558,8 @@ class TensorSummary:
         for sample, weight in self._pending:
             end = start + sample.numel()
             # Rounded at the running total, so the shares add up to the capacity exactly.
-            kept = min(sample.numel(), max(1, round(end * share) - round(start * share)))
+            kept = max(1, round(end * share) - round(start * share))
+            kept = min(sample.numel(), kept, self.sampler.reservoir_offer)
             offered.append(values[start : start + kept])
             weights.append((kept, weight * sample.numel() / kept))
             start = end
@@ -1116,9 +1124,13 @@ class StatsCollector:
     """
 
     def __init__(
-        self, sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = 0, precise: bool = False
+        self,
+        sample_size: int = DEFAULT_SAMPLE_SIZE,
+        seed: int = 0,
+        precise: bool = False,
+        batches: int | None = None,
     ) -> None:
-        self.sampler = Sampler(sample_size, seed)
+        self.sampler = Sampler(sample_size, seed, batches)
         self.precise = precise
         self.scratch: dict = {}
         self.layers: dict[str, _LayerState] = {}
