@@ -557,7 +557,8 @@ class TensorSummary:
         offered, weights, start = [], [], 0
         for sample, weight in self._pending:
             end = start + sample.numel()
-            # Rounded at the running total, so the shares add up to the capacity exactly.
+            # Rounded at the running total, so the shares add up to the capacity exactly;
+            # a probe of known length caps each batch's offer lower (see Sampler).
             kept = max(1, round(end * share) - round(start * share))
             kept = min(sample.numel(), kept, self.sampler.reservoir_offer)
             offered.append(values[start : start + kept])
