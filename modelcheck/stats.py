@@ -346,6 +346,12 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+_RESERVOIR_PIECES = 8
+"""Candidate tensors a reservoir holds before joining them: a long probe offers a few
+values per batch, and thousands of small live tensors fragment the heap (+50% peak
+memory on a 100k-sample probe)."""
+
+
 class Reservoir:
     """A bounded weighted sample of values for histograms and quantiles.
 
@@ -368,7 +374,7 @@ class Reservoir:
         self._values.append(values)
         self._keys.append(keys)
         self._pending += values.numel()
-        if self._pending > 4 * self.capacity:
+        if self._pending > 4 * self.capacity or len(self._values) > _RESERVOIR_PIECES:
             self._compact()
 
     def _compact(self) -> None:
