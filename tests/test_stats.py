@@ -18,6 +18,7 @@ from modelcheck.stats import (
     ParameterSummary,
     Sampler,
     TensorSummary,
+    _three_axes,
     batch_sample_size,
 )
 
@@ -121,10 +122,7 @@ def test_large_activations_reduced_in_pieces_match_numpy_per_channel():
     assert dist.count == values.size
 
 
-@pytest.mark.parametrize(
-    "layout",
-    ["transposed", "channels_last"],
-)
+@pytest.mark.parametrize("layout", ["transposed", "channels_last"])
 def test_strided_activations_are_summarised_in_place_like_contiguous_ones(layout):
     # Attention outputs arrive transposed and channels-last convolutions permuted; both are
     # read where they lie (no copy), and every statistic equals the contiguous tensor's.
@@ -137,6 +135,8 @@ def test_strided_activations_are_summarised_in_place_like_contiguous_ones(layout
         batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
         unit_dim = 1
     assert not batches[0].is_contiguous()
+    viewed = _three_axes(batches[0], unit_dim)
+    assert viewed.untyped_storage().data_ptr() == batches[0].untyped_storage().data_ptr()
     strided = summarise(batches, unit_dim=unit_dim, activity=True).finalize()
     dense = summarise([b.contiguous() for b in batches], unit_dim, activity=True).finalize()
     values = torch.cat(batches).movedim(unit_dim, -1).reshape(-1, 6).double().numpy()
