@@ -139,22 +139,21 @@ def _memory_order(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """``x`` with its axes permuted into memory order (largest stride first), and that
     order: a transposed or channels-last tensor then flattens as a view, not a 16 MB
     copy, and no summary depends on the order of positions."""
+    if x.is_contiguous():
+        return x, list(range(x.dim()))
     order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
     return x.permute(order), order
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
     """Every value of ``x`` in one axis, in memory order (see ``_memory_order``)."""
-    if not x.is_contiguous():
-        x = _memory_order(x)[0]
-    return x.reshape(-1)
+    return _memory_order(x)[0].reshape(-1)
 
 
 def _three_axes(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
     """View ``x`` as (outer, units, inner) so per-unit reductions run over axes 0 and 2."""
-    if not x.is_contiguous():
-        x, order = _memory_order(x)
-        unit_dim = order.index(unit_dim)
+    x, order = _memory_order(x)
+    unit_dim = order.index(unit_dim)
     shape = x.shape
     outer = math.prod(shape[:unit_dim])
     inner = math.prod(shape[unit_dim + 1 :])
@@ -346,10 +345,11 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-_RESERVOIR_PIECES = 8
-"""Candidate tensors a reservoir holds before joining them: a long probe offers a few
-values per batch, and thousands of small live tensors fragment the heap (+50% peak
-memory on a 100k-sample probe)."""
+_RESERVOIR_PIECES = 4
+"""Candidate tensors a reservoir holds before joining them. Each holds at most about a
+capacity's worth (a flush's offer, or another rank's reservoir), so this bounds what waits;
+counting tensors rather than values also keeps a long probe's few values per batch from
+piling up as thousands of small live tensors, which fragment the heap."""
 
 
 class Reservoir:
@@ -361,20 +361,18 @@ class Reservoir:
     Nothing is dropped while the total stays within the capacity: small probes are exact.
     """
 
-    __slots__ = ("_keys", "_pending", "_values", "capacity", "device")
+    __slots__ = ("_keys", "_values", "capacity", "device")
 
     def __init__(self, capacity: int, device: torch.device) -> None:
         self.capacity = capacity
         self.device = device
         self._values: list[torch.Tensor] = []
         self._keys: list[torch.Tensor] = []
-        self._pending = 0
 
     def add(self, values: torch.Tensor, keys: torch.Tensor) -> None:
         self._values.append(values)
         self._keys.append(keys)
-        self._pending += values.numel()
-        if self._pending > 4 * self.capacity or len(self._values) > _RESERVOIR_PIECES:
+        if len(self._values) > _RESERVOIR_PIECES:
             self._compact()
 
     def _compact(self) -> None:
@@ -385,7 +383,7 @@ class Reservoir:
         if values.numel() > self.capacity:
             kept = torch.topk(keys, self.capacity, sorted=False).indices
             values, keys = values[kept], keys[kept]
-        self._values, self._keys, self._pending = [values], [keys], values.numel()
+        self._values, self._keys = [values], [keys]
 
     @property
     def values(self) -> torch.Tensor:
