@@ -1,6 +1,6 @@
 """Measure what a check costs against the floor, and write the results to README.md.
 
-    python benchmarks/run.py            # everything, medians of 3 runs (about 15 minutes)
+    python benchmarks/run.py            # everything, medians of 5 runs (about 25 minutes)
     python benchmarks/run.py --quick    # smaller sizes, one run: a smoke test of this script
 
 Every time is the median wall time of ``--repeat`` runs taken in this one process, and
@@ -69,16 +69,27 @@ def median_time(run: Callable[[], object], repeat: int) -> float:
     return medians({"t": run}, repeat)["t"]
 
 
-def medians(runs: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+def medians(runs: dict[str, Callable[[], object]], repeat: int) -> dict:
     """Median wall time of each run, taken in turns (plain, check, plain, check, ...) so a
-    change in the machine's load between rounds falls on every run alike."""
+    change in the machine's load between rounds falls on every run alike; and under
+    "rounds", every round's times, for ratios taken within a round (see ``paired``)."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat):
         for name, run in runs.items():
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    row: dict = {name: statistics.median(values) for name, values in times.items()}
+    row["rounds"] = times
+    return row
+
+
+def paired(row: dict, check: str, plain: str) -> tuple[float, float, float]:
+    """(median, lowest, highest) of check / plain within each round: runs seconds apart
+    share the machine's speed of the moment, which drifts by 10-30% over minutes here."""
+    rounds = row["rounds"]
+    ratios = [c / p for c, p in zip(rounds[check], rounds[plain])]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def time_case(case: Case, repeat: int) -> dict[str, float]:
@@ -246,10 +257,18 @@ def _x(ratio: float) -> str:
     return f"{ratio:.2f}x"
 
 
+def _paired(row: dict, check: str, plain: str) -> str:
+    middle, low, high = paired(row, check, plain)
+    spread = f" ({low:.2f}-{high:.2f})" if len(row["rounds"][check]) > 1 else ""
+    return f"**{_x(middle)}**{spread}"
+
+
 def report(results: dict, repeat: int) -> str:
     lines = [line.format(**results["load"]) for line in machine()]
     lines += [
-        f"- each time is the median of {repeat} runs in one process (naive baselines: 1 run)",
+        f"- each time is the median of {repeat} runs in one process (naive baselines: 1 run);"
+        " a check's ratio is the median (lowest-highest) of its ratios to the plain pass"
+        " run just before it, round by round",
         "",
         "### Time against the floor",
         "",
@@ -266,8 +285,8 @@ def report(results: dict, repeat: int) -> str:
             )
         lines.append(
             f"| {name} | {_s(row['plain'])} | {_s(row['check'])} | "
-            f"**{_x(row['check'] / row['plain'])}** | {_s(row['plain_forward'])} | "
-            f"{_s(row['check_forward'])} | **{_x(row['check_forward'] / row['plain_forward'])}** "
+            f"{_paired(row, 'check', 'plain')} | {_s(row['plain_forward'])} | "
+            f"{_s(row['check_forward'])} | {_paired(row, 'check_forward', 'plain_forward')} "
             + naive
         )
     lines += [
@@ -281,7 +300,7 @@ def report(results: dict, repeat: int) -> str:
     for row in results["depth"]:
         lines.append(
             f"| {row['depth']} | {_s(row['plain_forward'])} | {_s(row['check_forward'])} | "
-            f"{_x(row['check_forward'] / row['plain_forward'])} | {_s(row['seed_prefix'])} | "
+            f"{_paired(row, 'check_forward', 'plain_forward')} | {_s(row['seed_prefix'])} | "
             f"{_x(row['seed_prefix'] / row['plain_forward'])} |"
         )
     memory = results["memory"]
@@ -322,7 +341,7 @@ def write_readme(text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-write", action="store_true", help="print, leave README.md alone")
     parser.add_argument("--memory-worker", nargs=3, metavar=("MODE", "SAMPLES", "WIDTH"))
     parser.add_argument("--mmap-worker", metavar="PATH")
