@@ -1,6 +1,6 @@
 """Measure what a check costs against the floor, and write the results to README.md.
 
-    python benchmarks/run.py            # everything, medians of 5 runs (about 25 minutes)
+    python benchmarks/run.py            # everything, medians of 5 runs (about 20 minutes)
     python benchmarks/run.py --quick    # smaller sizes, one run: a smoke test of this script
 
 Every time is the median wall time of ``--repeat`` runs taken in this one process, and
@@ -92,7 +92,7 @@ def paired(row: dict, check: str, plain: str) -> tuple[float, float, float]:
     return statistics.median(ratios), min(ratios), max(ratios)
 
 
-def time_case(case: Case, repeat: int) -> dict[str, float]:
+def time_case(case: Case, repeat: int) -> dict:
     model, x = case.build()
     batches = list(x.split(case.batch_size))
     check = lambda **kw: modelcheck.check(model, x, batch_size=case.batch_size, **kw)  # noqa: E731
@@ -114,11 +114,11 @@ def time_case(case: Case, repeat: int) -> dict[str, float]:
     return row
 
 
-def depth_scaling(depths: list[int], samples: int, repeat: int) -> list[dict[str, float]]:
+def depth_scaling(depths: list[int], samples: int, repeat: int) -> list[dict]:
     return [_depth_row(depth, samples, repeat) for depth in depths]
 
 
-def _depth_row(depth: int, samples: int, repeat: int) -> dict[str, float]:
+def _depth_row(depth: int, samples: int, repeat: int) -> dict:
     model, x = models.mlp(depth=depth, samples=samples)
     batches = list(x.split(64))
     row = medians(
