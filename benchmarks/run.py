@@ -4,9 +4,9 @@
     python benchmarks/run.py --quick    # smaller sizes, one run: a smoke test of this script
 
 Every time is the median wall time of ``--repeat`` runs taken in this one process, and
-every ratio divides by the plain forward+backward (or forward) pass over the same probe
-batches measured in the same run. Peak memory is measured in fresh subprocesses (the
-peak resident set size of a process only grows).
+every check's ratio divides it by the plain forward+backward (or forward) pass over the same
+probe batches timed just before it, round by round. Peak memory is measured in fresh
+subprocesses (the peak resident set size of a process only grows).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def median_time(run: Callable[[], object], repeat: int) -> float:
 def medians(runs: dict[str, Callable[[], object]], repeat: int) -> dict:
     """Median wall time of each run, taken in turns (plain, check, plain, check, ...) so a
     change in the machine's load between rounds falls on every run alike; and under
-    "rounds", every round's times, for ratios taken within a round (see ``paired``)."""
+    "rounds", every round's times, for ratios taken within a round (see ``_paired``)."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat):
         for name, run in runs.items():
@@ -82,14 +82,6 @@ def medians(runs: dict[str, Callable[[], object]], repeat: int) -> dict:
     row: dict = {name: statistics.median(values) for name, values in times.items()}
     row["rounds"] = times
     return row
-
-
-def paired(row: dict, check: str, plain: str) -> tuple[float, float, float]:
-    """(median, lowest, highest) of check / plain within each round: runs seconds apart
-    share the machine's speed of the moment, which drifts by 10-30% over minutes here."""
-    rounds = row["rounds"]
-    ratios = [c / p for c, p in zip(rounds[check], rounds[plain])]
-    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def time_case(case: Case, repeat: int) -> dict:
@@ -258,9 +250,12 @@ def _x(ratio: float) -> str:
 
 
 def _paired(row: dict, check: str, plain: str) -> str:
-    middle, low, high = paired(row, check, plain)
-    spread = f" ({low:.2f}-{high:.2f})" if len(row["rounds"][check]) > 1 else ""
-    return f"**{_x(middle)}**{spread}"
+    """The median (lowest-highest) of check / plain within each round: runs seconds apart
+    share the machine's speed of the moment, which drifts by 10-30% over minutes here."""
+    rounds = row["rounds"]
+    ratios = [c / p for c, p in zip(rounds[check], rounds[plain])]
+    spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+    return f"**{_x(statistics.median(ratios))}**{spread}"
 
 
 def report(results: dict, repeat: int) -> str:
