@@ -19,7 +19,7 @@ import math
 import random
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -365,8 +365,25 @@ def preserved(model: nn.Module) -> Iterator[None]:
 # -- the run ------------------------------------------------------------------------------------
 
 
+_DEFER_BYTES = 1 << 20
+"""CPU outputs up to this size are passed on after the forward instead of inside it: on
+CPU a matrix product that follows a few hundred microseconds of reductions runs up to
+~50% slower (the thread pool has gone to sleep), so small layers' reductions are cheaper
+gathered after the forward. Larger outputs go at once, while they are still in cache."""
+
+_DEFER_TOTAL_BYTES = 64 << 20
+"""At most this much output is held back per forward (forward-only runs free it
+otherwise)."""
+
+
 class _Recorder(TorchFunctionMode):
-    """Hooks and function mode of one run; holds no statistics, only names and order."""
+    """Hooks and function mode of one run; holds no statistics, only names and order.
+
+    Small outputs of the batches after the first reach the observer when the forward
+    has finished (see ``_DEFER_BYTES``). The first batch shows which layers' outputs
+    something later changes in place (``ReLU(inplace=True)`` after a norm layer): those
+    are always passed on at once, so every layer is seen as it returned its output.
+    """
 
     def __init__(
         self, model: nn.Module, observer: Observer, gradients: bool, axes: UnitAxes | None = None
@@ -384,6 +401,15 @@ class _Recorder(TorchFunctionMode):
         self.occurrences: dict[str, int] = {}
         self._names = {m: (n or type(m).__name__) for n, m in model.named_modules()}
         self.recorded = {m: n for n, m in recorded_modules(model)}
+        self.notes: list[str] = []
+        # Held outputs with their version counters: ``deferred`` as (layer, output, unit
+        # axis, version), ``audited`` the first batch's, already observed, as (layer name,
+        # output, version) to see which ones change in place.
+        self.deferred: list[tuple[LayerInfo, torch.Tensor, int, int]] = []
+        self.audited: list[tuple[str, torch.Tensor, int]] = []
+        self.held_bytes = 0
+        self.first_batch = True
+        self.changed_in_place: set[str] = set()
 
     # hooks ------------------------------------------------------------------------
 
@@ -404,12 +430,37 @@ class _Recorder(TorchFunctionMode):
                 handle.remove()
 
     def call(self, model: nn.Module, inputs: Any, extra: Mapping[str, Any]) -> Any:
-        return call_model(model, inputs, extra)
+        output = call_model(model, inputs, extra)
+        with torch._C.DisableTorchFunction():
+            self._pass_on_held()
+        return output
 
     def start_batch(self) -> None:
         self.stack.clear()
         self.producers.clear()
         self.occurrences.clear()
+        self._release_held()  # left over from a forward that raised
+
+    def _release_held(self) -> None:
+        self.deferred.clear()
+        self.audited.clear()
+        self.held_bytes = 0
+
+    def _pass_on_held(self) -> None:
+        for name, out, version in self.audited:
+            if out._version != version:
+                self.changed_in_place.add(name)
+        for layer, out, unit_dim, version in self.deferred:
+            if out._version != version:  # a change the first batch did not show
+                self.changed_in_place.add(layer.name)
+                self.notes.append(
+                    f"{layer.name}: its output was changed in place after the layer "
+                    "returned it, in a batch after the first; that batch's statistics of "
+                    "it describe the changed values"
+                )
+            self.observer.on_activation(layer, out, unit_dim)
+        self.first_batch = False
+        self._release_held()
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         self.stack.append((module, self._names[module], args))
@@ -509,15 +560,36 @@ class _Recorder(TorchFunctionMode):
 
     def _first_sight(self, layer: LayerInfo, module: nn.Module | None) -> None:
         self.layers[layer.name] = layer
-        announce_layer(self.observer, layer, module)
+        with _normal_mode():
+            announce_layer(self.observer, layer, module)
 
     def _observe(self, layer: LayerInfo, out: torch.Tensor, unit_dim: int) -> None:
         unit_dim = self.axes.resolve(layer.name, out, unit_dim)
-        with torch._C.DisableTorchFunction():
-            self.observer.on_activation(layer, out, unit_dim)
+        with torch._C.DisableTorchFunction(), _normal_mode():
+            held = self._holds(layer, out)
+            if held and not self.first_batch:
+                self.deferred.append((layer, out, unit_dim, out._version))
+            else:
+                self.observer.on_activation(layer, out, unit_dim)
+                if held:
+                    self.audited.append((layer.name, out, out._version))
             if self.gradients and out.requires_grad:
                 out.register_hook(lambda g, layer=layer: self._grad(layer, g))
         self.producers[id(out)] = (weakref.ref(out), layer.name, unit_dim)
+
+    def _holds(self, layer: LayerInfo, out: torch.Tensor) -> bool:
+        """Whether ``out`` waits for the end of the forward (see ``_DEFER_BYTES``)."""
+        size = out.numel() * out.element_size()
+        if (
+            out.device.type != "cpu"
+            or out.is_inference()  # made under torch.inference_mode: no version counter
+            or size > _DEFER_BYTES
+            or self.held_bytes + size > _DEFER_TOTAL_BYTES
+            or layer.name in self.changed_in_place
+        ):
+            return False
+        self.held_bytes += size
+        return True
 
     def _grad(self, layer: LayerInfo, grad: torch.Tensor) -> None:
         self.observer.on_output_grad(layer, grad)
@@ -541,6 +613,12 @@ class _Recorder(TorchFunctionMode):
                 return producer[1]
             return _default_dim(out)
         return out.dim() - 1
+
+
+def _normal_mode() -> AbstractContextManager:
+    """Leaves a model's own ``torch.inference_mode``: summaries made in it would be
+    inference tensors, which no later batch may update in place."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else nullcontext()
 
 
 def announce_layer(observer: Observer, layer: LayerInfo, module: nn.Module | None) -> None:
@@ -761,7 +839,7 @@ def run(
     loss_name = "none"
     output_path = ""
     direction: dict[tuple, torch.Tensor] = {}
-    notes = list(getattr(recorder, "notes", ()))
+    notes: list[str] = []
     with ExitStack() as stack:
         stack.enter_context(preserved(model))
         _set_mode(model, train_mode)
@@ -818,7 +896,7 @@ def run(
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
         output_key=output_path,
-        notes=tuple(notes),
+        notes=(*getattr(recorder, "notes", ()), *notes),
     )
 
 

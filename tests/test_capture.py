@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -13,6 +14,7 @@ from models import DigitsCNN, RowLSTM, RowTransformer, gaussian, trained_seed_ne
 from torch import nn
 
 import modelcheck
+from modelcheck import capture
 from modelcheck.demo import IrisFFNN
 
 
@@ -85,6 +87,81 @@ def test_in_place_relu_sees_the_values_after_the_layer_before_it():
         pre = model[0](x)
     assert report.layer("0").activation.min == pytest.approx(float(pre.min()))
     assert report.layer("1").activation.min == 0.0
+
+
+def _statistics(report) -> list[dict]:
+    return [dataclasses.asdict(layer) for layer in report.layers]
+
+
+@pytest.mark.parametrize("held_at_most", [64 << 20, 3 * 16 * 32 * 4])
+def test_outputs_summarised_after_the_forward_give_the_statistics_of_summarising_at_once(
+    monkeypatch, held_at_most
+):
+    # Small CPU outputs wait for the end of each forward; when their total outgrows the
+    # cap (here after three 16x32 float32 outputs), the rest are summarised at once.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32),
+        nn.Sigmoid(), nn.Linear(32, 3),
+    )  # fmt: skip
+    x = gaussian(n=160, features=8)
+    monkeypatch.setattr(capture, "_DEFER_TOTAL_BYTES", held_at_most)
+    held = modelcheck.check(model, x, batch_size=16)
+    monkeypatch.setattr(capture, "_DEFER_BYTES", 0)
+    at_once = modelcheck.check(model, x, batch_size=16)
+    np.testing.assert_equal(_statistics(held), _statistics(at_once))
+
+
+def test_an_output_a_later_layer_changes_in_place_is_summarised_before_the_change():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 24), nn.BatchNorm1d(24), nn.ReLU(inplace=True), nn.Linear(24, 2)
+    ).double()
+    x = gaussian(n=128, features=6).double()
+    report = modelcheck.check(model, x, batch_size=16)
+    with torch.no_grad():
+        normed = model.eval()[1](model[0](x)).numpy()
+    norm = report.layer("1").activation
+    assert norm.min == pytest.approx(normed.min()) and norm.min < 0
+    assert norm.mean == pytest.approx(normed.mean(), abs=1e-12)
+    assert report.probe.notes == ()
+
+
+class _ClampsFromTheSecondBatch(nn.Module):
+    """Changes its input in place from its second call on, where no hook can see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > 1:
+            with torch._C.DisableTorchFunction():
+                x.clamp_(min=0)
+        return x * 2
+
+
+def test_an_in_place_change_the_first_batch_did_not_show_is_named_in_a_note():
+    model = nn.Sequential(nn.Linear(4, 8), _ClampsFromTheSecondBatch(), nn.Linear(8, 2))
+    report = modelcheck.check(model, gaussian(n=96, features=4), batch_size=16, gradients=False)
+    notes = [note for note in report.probe.notes if "changed in place" in note]
+    assert len(notes) == 1 and notes[0].startswith("0: ")
+
+
+def test_outputs_made_under_inference_mode_are_summarised_too():
+    class Frozen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return torch.relu(self.fc(x))
+
+    model = nn.Sequential(Frozen(), nn.Linear(8, 2))
+    report = modelcheck.check(model, gaussian(n=64, features=4), batch_size=16, gradients=False)
+    assert report.layer("0.fc").activation.count == 64 * 8
 
 
 def test_a_module_called_twice_is_recorded_once_with_both_calls_merged():
