@@ -7,8 +7,9 @@ TorchFunctionMode sees the functional activations a ``forward`` calls
 see into, are recorded by ``capture_graph`` through the same Observer calls. Tensor hooks
 see the gradient of each layer's output, and ``torch.autograd.grad`` returns parameter
 gradients without touching ``.grad``. Everything is attached for the run and removed after it;
-``preserved`` restores what the run could change. What is seen goes to an Observer:
-this stage computes no statistics itself.
+``preserved`` restores what the run could change. What is seen goes to an Observer (small
+CPU outputs when the forward returns, see ``_Recorder``): this stage computes no
+statistics itself.
 """
 
 from __future__ import annotations
