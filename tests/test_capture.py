@@ -128,7 +128,7 @@ def test_an_output_a_later_layer_changes_in_place_is_summarised_before_the_chang
 
 
 class _ClampsFromTheSecondBatch(nn.Module):
-    """Changes its input in place from its second call on, where no hook can see it."""
+    """Changes its input in place from its second call on: the first batch cannot show it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -137,16 +137,24 @@ class _ClampsFromTheSecondBatch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if self.calls > 1:
-            with torch._C.DisableTorchFunction():
-                x.clamp_(min=0)
+            x.clamp_(min=0)
         return x * 2
 
 
 def test_an_in_place_change_the_first_batch_did_not_show_is_named_in_a_note():
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), _ClampsFromTheSecondBatch(), nn.Linear(8, 2))
-    report = modelcheck.check(model, gaussian(n=96, features=4), batch_size=16, gradients=False)
+    x = gaussian(n=96, features=4)
+    report = modelcheck.check(model, x, batch_size=16, gradients=False)
     notes = [note for note in report.probe.notes if "changed in place" in note]
     assert len(notes) == 1 and notes[0].startswith("0: ")
+    # Only the second batch was seen changed; from the third on the layer is summarised
+    # as it returned its output.
+    with torch.no_grad():
+        out = model[0](x)
+    out[16:32].clamp_(min=0)
+    assert report.layer("0").activation.min == pytest.approx(float(out.min()))
+    assert report.layer("0").activation.mean == pytest.approx(float(out.mean()), abs=1e-6)
 
 
 def test_outputs_made_under_inference_mode_are_summarised_too():
@@ -160,8 +168,12 @@ def test_outputs_made_under_inference_mode_are_summarised_too():
                 return torch.relu(self.fc(x))
 
     model = nn.Sequential(Frozen(), nn.Linear(8, 2))
-    report = modelcheck.check(model, gaussian(n=64, features=4), batch_size=16, gradients=False)
+    x = gaussian(n=64, features=4)
+    report = modelcheck.check(model, x, batch_size=16, gradients=False)
+    with torch.no_grad():
+        expected = model[0].fc(x)
     assert report.layer("0.fc").activation.count == 64 * 8
+    assert report.layer("0.fc").activation.mean == pytest.approx(float(expected.mean()), abs=1e-6)
 
 
 def test_a_module_called_twice_is_recorded_once_with_both_calls_merged():
