@@ -17,6 +17,7 @@ samples.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -229,6 +230,7 @@ class _BatchSlots:
 
     __slots__ = (
         "active",
+        "capacity",
         "dsumsq",
         "dtype",
         "filled",
@@ -243,12 +245,15 @@ class _BatchSlots:
 
     def __init__(self, x3: torch.Tensor, activity: bool, saturation: bool) -> None:
         self.dtype, self.flags_dtype, self.units = x3.dtype, _flags_dtype(x3), x3.shape[1]
-        device = x3.device
-        self.sum, self.dsumsq = torch.empty(2, _SLOTS, self.units, dtype=self.dtype, device=device)
-        self.min, self.max = torch.empty(2, _SLOTS, dtype=self.dtype, device=device)
+        # Room for a whole batch's pieces, so its rows stay readable until the next one
+        # (a summary of the same tensor copies them: see TensorSummary.update).
+        self.capacity = max(_SLOTS, -(-x3.shape[0] // _piece_rows(x3)))
+        rows, device = self.capacity, x3.device
+        self.sum, self.dsumsq = torch.empty(2, rows, self.units, dtype=self.dtype, device=device)
+        self.min, self.max = torch.empty(2, rows, dtype=self.dtype, device=device)
         counts = {"dtype": self.flags_dtype, "device": device}
-        self.active = torch.empty(_SLOTS, self.units if activity else 0, **counts)
-        self.saturated = torch.empty(_SLOTS, self.units if saturation else 0, **counts)
+        self.active = torch.empty(rows, self.units if activity else 0, **counts)
+        self.saturated = torch.empty(rows, self.units if saturation else 0, **counts)
         # Views made once: slicing a row on every batch costs a few microseconds each.
         self.rows = list(
             zip(self.sum, self.dsumsq, self.min, self.max, self.active, self.saturated)
@@ -508,6 +513,12 @@ class TensorSummary:
         self.sample_nonzero: torch.Tensor | None = None
         self.reservoir: Reservoir | None = None
         self._slots: _BatchSlots | None = None
+        self.updates = 0
+        # The slot rows of the last batch while they are intact, as (slots, first, count),
+        # and the summary whose shift this one took (with that shift) when it started by
+        # copying: see ``update``'s ``same_as``.
+        self._last_rows: tuple[_BatchSlots, int, int] | None = None
+        self._shift_source: tuple[TensorSummary, torch.Tensor] | None = None
         self._pending: list[tuple[torch.Tensor, float]] = []
         self._pending_values = 0
         self._shift_like: dict[torch.dtype, torch.Tensor] = {}
@@ -517,24 +528,23 @@ class TensorSummary:
 
     # -- streaming --------------------------------------------------------------------
 
-    def update(self, x: torch.Tensor, unit_dim: int) -> None:
-        """Fold one batch in: a handful of reductions, no host synchronisation."""
+    def update(self, x: torch.Tensor, unit_dim: int, same_as: TensorSummary | None = None) -> None:
+        """Fold one batch in: a handful of reductions, no host synchronisation.
+
+        ``same_as`` is a summary whose last batch was this very tensor, unchanged (an
+        eval-mode Dropout returns its input itself): its per-unit results are copied
+        instead of reduced again, where they are still in its slots.
+        """
         if x.numel() == 0:  # a layer with no outputs (Linear(n, 0)) has nothing to show
             return
         x = _widened(x.detach(), self.precise)
         if x.dim() == 0:
             x, unit_dim = x.reshape(1), 0
         x3 = _three_axes(x, unit_dim)
-        if self.count and x3.shape[1] != self.units:
-            self._fold()  # a module called with differently shaped inputs
-            self._absorb(self._batch_part(x3))
-        else:
-            if self._slots is None or not self._slots.fits(x3):
-                self._fold()  # the first batch, or one of another dtype
-                if self.count == 0:
-                    self._start(x3)
-                self._slots = _BatchSlots(x3, self.activity, self.saturation is not None)
-            self._into_slots(x3, self._slots)
+        self.updates += 1
+        self._last_rows = None
+        if same_as is None or not self._copied_from(same_as, x3):
+            self._reduce(x3)
         sample = self.sampler.take(x3)
         self._pending.append(sample)
         self._pending_values += sample[0].numel()
@@ -578,10 +588,66 @@ class TensorSummary:
         self.reservoir.add(candidates, keys)
         self._pending, self._pending_values = [], 0
 
+    def _reduce(self, x3: torch.Tensor) -> None:
+        if self.count and x3.shape[1] != self.units:
+            self._fold()  # a module called with differently shaped inputs
+            self._absorb(self._batch_part(x3))
+            return
+        if self._slots is None or not self._slots.fits(x3):
+            self._fold()  # the first batch, or one of another dtype
+            if self.count == 0:
+                self._start(x3)
+            self._slots = _BatchSlots(x3, self.activity, self.saturation is not None)
+        self._into_slots(x3, self._slots)
+
     def _into_slots(self, x3: torch.Tensor, slots: _BatchSlots) -> None:
-        rows = _piece_rows(x3)
+        first, rows = slots.filled, _piece_rows(x3)
         for piece in x3.split(rows) if rows < x3.shape[0] else (x3,):
             self._piece_into_slots(piece, slots)
+        pieces = -(-x3.shape[0] // rows)
+        if first + pieces <= slots.capacity:  # no fold in between overwrote them
+            self._last_rows = (slots, first, pieces)
+
+    def _copied_from(self, source: TensorSummary, x3: torch.Tensor) -> bool:
+        """Copy ``source``'s last batch's slot rows, if they hold everything this
+        summary keeps, around the same shift; False to reduce ``x3`` instead."""
+        if (
+            source._last_rows is None
+            or (self.activity and not source.activity)
+            or (self.saturation is not None and self.saturation != source.saturation)
+        ):
+            return False
+        theirs, first, n = source._last_rows
+        if self.count == 0:  # start from the source's shift, so the sums agree
+            self.start_empty(theirs.units, x3.device, source.unit_shift)
+            self._shift_source = (source, source.unit_shift)
+            self._slots = _BatchSlots(x3, self.activity, self.saturation is not None)
+        slots = self._slots
+        if (
+            self._shift_source is None
+            or self._shift_source[0] is not source
+            or self._shift_source[1] is not source.unit_shift  # the source re-centred
+            or not slots.fits(x3)
+            or n > slots.capacity
+        ):
+            return False
+        if slots.filled + n > slots.capacity:
+            self._fold()
+        at = slots.filled
+        pairs = [(slots.sum, theirs.sum), (slots.dsumsq, theirs.dsumsq)]
+        pairs += [(slots.min, theirs.min), (slots.max, theirs.max)]
+        if self.activity:
+            pairs.append((slots.active, theirs.active))
+        if self.saturation is not None:
+            pairs.append((slots.saturated, theirs.saturated))
+        for mine, copied in pairs:
+            mine[at : at + n].copy_(copied[first : first + n])
+        slots.filled += n
+        self.count += x3.numel()
+        self._last_rows = (slots, at, n)
+        if slots.filled == slots.capacity:
+            self._fold()
+        return True
 
     def _piece_into_slots(self, x3: torch.Tensor, slots: _BatchSlots) -> None:
         unit_sum, unit_dsumsq, low, high, active, saturated = slots.rows[slots.filled]
@@ -600,7 +666,7 @@ class TensorSummary:
             torch.sum(self._saturation_flags(x3), _POSITIONS, out=saturated)
         self.count += x3.numel()
         slots.filled += 1
-        if slots.filled == _SLOTS:
+        if slots.filled == slots.capacity:
             self._fold()
 
     def _fold(self) -> None:
@@ -630,6 +696,7 @@ class TensorSummary:
         a piece costs a fraction of another pass over a large activation."""
         first = x3[: _piece_rows(x3)]
         self.start_empty(x3.shape[1], x3.device, first.mean(_POSITIONS))
+        self._shift_source = None
 
     def start_empty(
         self, units: int, device: torch.device, shift: torch.Tensor | None = None
@@ -1142,6 +1209,10 @@ class StatsCollector:
         self.input = TensorSummary(self.sampler, scratch=self.scratch, precise=precise)
         self.output = TensorSummary(self.sampler, scratch=self.scratch, precise=precise)
         self.argmax: torch.Tensor | None = None
+        # Each tensor summarised in this batch, by id: (weak reference, version, unit
+        # axis, summary, its update count), so a layer whose output is that tensor
+        # again (an eval-mode Dropout) copies the results instead of reducing it twice.
+        self._summarised: dict[int, tuple] = {}
 
     def on_layer(
         self,
@@ -1156,7 +1227,22 @@ class StatsCollector:
     def on_activation(self, layer: LayerInfo, output: torch.Tensor, unit_dim: int) -> None:
         state = self.layers[layer.name]
         state.calls += 1
-        state.activation.update(output, unit_dim)
+        summary = state.activation
+        summary.update(output, unit_dim, self._summarised_as_is(output, unit_dim))
+        if not output.is_inference():  # inference tensors keep no version counter
+            self._summarised[id(output)] = (
+                weakref.ref(output), output._version, unit_dim, summary, summary.updates
+            )  # fmt: skip
+
+    def _summarised_as_is(self, output: torch.Tensor, unit_dim: int) -> TensorSummary | None:
+        """The summary whose last batch was ``output`` itself, unchanged since."""
+        entry = self._summarised.get(id(output))
+        if entry is None:
+            return None
+        ref, version, dim, summary, updates = entry
+        if ref() is not output or dim != unit_dim or summary.updates != updates:
+            return None
+        return summary if output._version == version else None
 
     def on_output_grad(self, layer: LayerInfo, grad: torch.Tensor) -> None:
         self.layers[layer.name].output_grad.update([grad])
@@ -1165,6 +1251,7 @@ class StatsCollector:
         self.layers[layer.name].param_grad.update(grads)
 
     def on_input(self, inputs: Sequence[torch.Tensor]) -> None:
+        self._summarised.clear()  # a new batch
         for tensor in inputs:
             self.input.update(tensor, 1 if tensor.dim() >= 2 else 0)
 

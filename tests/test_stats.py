@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,12 +12,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from torch import nn
 
+import modelcheck
 from modelcheck.stats import (
+    _PIECE_VALUES,
     DEAD_BELOW,
     GradientSummary,
     ParameterSummary,
     Sampler,
+    StatsCollector,
     TensorSummary,
     _three_axes,
     batch_sample_size,
@@ -443,3 +448,63 @@ def test_summary_does_not_keep_a_view_of_a_tensor_the_model_overwrites():
     dist = summary.finalize()
     assert dist.max == pytest.approx(float(expected.max()))
     assert max(dist.quantiles) == pytest.approx(float(expected.max()))
+
+
+# -- a tensor summarised twice (an eval-mode Dropout returns its input itself) -----------
+
+
+def _layer_statistics(report) -> list[dict]:
+    return [dataclasses.asdict(layer.activation) for layer in report.layers]
+
+
+@pytest.fixture
+def copies(monkeypatch) -> list[bool]:
+    """Records whether each summary offered another's results took them."""
+    seen: list[bool] = []
+    copied_from = TensorSummary._copied_from
+
+    def spy(self, source, x3):
+        seen.append(copied_from(self, source, x3))
+        return seen[-1]
+
+    monkeypatch.setattr(TensorSummary, "_copied_from", spy)
+    return seen
+
+
+@pytest.mark.parametrize("piece_values", [_PIECE_VALUES, 64])
+def test_a_layer_returning_its_input_copies_the_results_of_the_layer_before(
+    monkeypatch, copies, piece_values
+):
+    # 64 values a piece cuts each 40x32 batch into 20 pieces: more than the slots' usual 8.
+    monkeypatch.setattr("modelcheck.stats._PIECE_VALUES", piece_values)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.5), nn.Identity()).double()
+    x = torch.randn(200, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    report = modelcheck.check(model, x, batch_size=40)
+    assert copies == [True] * 10  # the Dropout and the Identity, five batches each
+    with torch.no_grad():
+        relu = model.eval()[1](model[0](x)).numpy()
+    for name in ("2", "3"):
+        dropout = report.layer(name).activation
+        assert dropout.count == relu.size
+        assert dropout.mean == pytest.approx(relu.mean(), rel=1e-12)
+        assert dropout.std == pytest.approx(relu.std(), rel=1e-12)
+        assert (dropout.min, dropout.max) == (relu.min(), pytest.approx(relu.max(), rel=1e-15))
+        assert dropout.zero_fraction == pytest.approx((relu == 0).mean())
+    monkeypatch.setattr(StatsCollector, "_summarised_as_is", lambda *_: None)
+    np.testing.assert_equal(
+        _layer_statistics(report), _layer_statistics(modelcheck.check(model, x, batch_size=40))
+    )
+
+
+def test_a_tensor_changed_in_place_after_its_summary_is_summarised_again(copies):
+    # Identity returns the Linear's output; the in-place ReLU then changes that very tensor.
+    model = nn.Sequential(nn.Linear(6, 32), nn.Identity(), nn.ReLU(inplace=True)).double()
+    x = torch.randn(120, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    report = modelcheck.check(model, x, batch_size=40)
+    with torch.no_grad():
+        linear = model[0](x).numpy()
+    assert report.layer("1").activation.min == pytest.approx(linear.min())
+    assert report.layer("2").activation.min == 0.0
+    assert report.layer("2").activation.mean == pytest.approx(np.maximum(linear, 0).mean())
+    assert copies == [True] * 3  # only the Identity copied
