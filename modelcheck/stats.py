@@ -222,6 +222,11 @@ def _piece_rows(x3: torch.Tensor) -> int:
     return max(1, _PIECE_VALUES // max(1, x3[0].numel()))
 
 
+def _pieces(x3: torch.Tensor) -> int:
+    """How many pieces ``_piece_rows`` cuts a (outer, units, inner) view into."""
+    return -(-x3.shape[0] // _piece_rows(x3))
+
+
 class _BatchSlots:
     """The per-unit results of the last few batches, each written by its reduction
     (``out=``) into a row of its own, then folded into the float64 accumulators together:
@@ -247,7 +252,7 @@ class _BatchSlots:
         self.dtype, self.flags_dtype, self.units = x3.dtype, _flags_dtype(x3), x3.shape[1]
         # Room for a whole batch's pieces, so its rows stay readable until the next one
         # (a summary of the same tensor copies them: see TensorSummary.update).
-        self.capacity = max(_SLOTS, -(-x3.shape[0] // _piece_rows(x3)))
+        self.capacity = max(_SLOTS, _pieces(x3))
         rows, device = self.capacity, x3.device
         self.sum, self.dsumsq = torch.empty(2, rows, self.units, dtype=self.dtype, device=device)
         self.min, self.max = torch.empty(2, rows, dtype=self.dtype, device=device)
@@ -515,10 +520,10 @@ class TensorSummary:
         self._slots: _BatchSlots | None = None
         self.updates = 0
         # The slot rows of the last batch while they are intact, as (slots, first, count),
-        # and the summary whose shift this one took (with that shift) when it started by
-        # copying: see ``update``'s ``same_as``.
+        # and the shift tensor of the summary this one started by copying (each summary
+        # holds its own copy of a shift, so the tensor names the summary): see ``update``.
         self._last_rows: tuple[_BatchSlots, int, int] | None = None
-        self._shift_source: tuple[TensorSummary, torch.Tensor] | None = None
+        self._shift_source: torch.Tensor | None = None
         self._pending: list[tuple[torch.Tensor, float]] = []
         self._pending_values = 0
         self._shift_like: dict[torch.dtype, torch.Tensor] = {}
@@ -604,9 +609,8 @@ class TensorSummary:
         first, rows = slots.filled, _piece_rows(x3)
         for piece in x3.split(rows) if rows < x3.shape[0] else (x3,):
             self._piece_into_slots(piece, slots)
-        pieces = -(-x3.shape[0] // rows)
-        if first + pieces <= slots.capacity:  # no fold in between overwrote them
-            self._last_rows = (slots, first, pieces)
+        if first + _pieces(x3) <= slots.capacity:  # no fold in between overwrote them
+            self._last_rows = (slots, first, _pieces(x3))
 
     def _copied_from(self, source: TensorSummary, x3: torch.Tensor) -> bool:
         """Copy ``source``'s last batch's slot rows, if they hold everything this
@@ -620,16 +624,10 @@ class TensorSummary:
         theirs, first, n = source._last_rows
         if self.count == 0:  # start from the source's shift, so the sums agree
             self.start_empty(theirs.units, x3.device, source.unit_shift)
-            self._shift_source = (source, source.unit_shift)
+            self._shift_source = source.unit_shift
             self._slots = _BatchSlots(x3, self.activity, self.saturation is not None)
         slots = self._slots
-        if (
-            self._shift_source is None
-            or self._shift_source[0] is not source
-            or self._shift_source[1] is not source.unit_shift  # the source re-centred
-            or not slots.fits(x3)
-            or n > slots.capacity
-        ):
+        if self._shift_source is not source.unit_shift or not slots.fits(x3) or n > slots.capacity:
             return False
         if slots.filled + n > slots.capacity:
             self._fold()
