@@ -509,3 +509,32 @@ def test_a_tensor_changed_in_place_after_its_summary_is_summarised_again(copies)
     assert report.layer("2").activation.min == 0.0
     assert report.layer("2").activation.mean == pytest.approx(np.maximum(linear, 0).mean())
     assert copies == [True] * 3  # only the Identity copied
+
+
+class _FirstThenSecond(nn.Module):
+    """Returns, through an Identity, branch ``a``'s output on its first call and branch
+    ``b``'s after: the Identity repeats a tensor of another summary, around another shift."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.pick = nn.Linear(6, 16), nn.Linear(6, 16), nn.Identity()
+        nn.init.constant_(self.b.bias, 5.0)  # b's values, and so its shift, sit far from a's
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        a, b = self.a(x), self.b(x)
+        return self.pick(a if self.calls == 1 else b)
+
+
+def test_a_layer_repeating_a_different_layers_tensor_than_at_first_reduces_it_itself(copies):
+    torch.manual_seed(0)
+    model = _FirstThenSecond().double()
+    x = torch.randn(120, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    report = modelcheck.check(model, x, batch_size=40, gradients=False)
+    with torch.no_grad():
+        picked = torch.cat([model.a(x[:40]), model.b(x[40:])]).numpy()
+    pick = report.layer("pick").activation
+    assert pick.mean == pytest.approx(picked.mean(), rel=1e-12)
+    assert pick.std == pytest.approx(picked.std(), rel=1e-12)
+    assert copies == [True, False, False]
