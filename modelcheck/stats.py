@@ -609,8 +609,9 @@ class TensorSummary:
         first, rows = slots.filled, _piece_rows(x3)
         for piece in x3.split(rows) if rows < x3.shape[0] else (x3,):
             self._piece_into_slots(piece, slots)
-        if first + _pieces(x3) <= slots.capacity:  # no fold in between overwrote them
-            self._last_rows = (slots, first, _pieces(x3))
+        pieces = _pieces(x3)
+        if first + pieces <= slots.capacity:  # no fold in between overwrote them
+            self._last_rows = (slots, first, pieces)
 
     def _copied_from(self, source: TensorSummary, x3: torch.Tensor) -> bool:
         """Copy ``source``'s last batch's slot rows, if they hold everything this
