@@ -250,7 +250,6 @@ def _merge_shifts(summaries: list[TensorSummary], group: Group) -> None:
             )  # fmt: skip
             s.unit_dsumsq = part["dsumsq"]
         s.unit_shift = mean.clone()
-        s._shift_like = {}
         m = s.moments
         common = (sample_sum / n).reshape(())
         if m.n:

@@ -112,11 +112,17 @@ def _buffer(
     cache: dict, size: int, dtype: torch.dtype, device: torch.device, key: str = ""
 ) -> torch.Tensor:
     """A reusable flat scratch tensor of ``size`` values: a fresh large allocation per
-    layer costs page faults comparable to the reduction itself."""
+    layer costs page faults comparable to the reduction itself.
+
+    A buffer that must grow at least doubles, and the cache's generation counts the
+    buffers made: a summary's plan keeps views of the buffer it was made with until its
+    next batch, so the buffers still held that way add up to less than the newest."""
     slot = (key, dtype, device)
     flat = cache.get(slot)
     if flat is None or flat.numel() < size:
-        flat = cache[slot] = torch.empty(size, dtype=dtype, device=device)
+        grown = size if flat is None else max(size, 2 * flat.numel())
+        flat = cache[slot] = torch.empty(grown, dtype=dtype, device=device)
+        cache["generation"] = cache.get("generation", 0) + 1
     return flat[:size]
 
 
@@ -219,7 +225,7 @@ stay in the L2 cache across the passes, so the activation is read from memory ab
 
 def _piece_rows(x3: torch.Tensor) -> int:
     """Rows of a (outer, units, inner) view reduced together (see ``_PIECE_VALUES``)."""
-    return max(1, _PIECE_VALUES // max(1, x3[0].numel()))
+    return max(1, _PIECE_VALUES // max(1, x3.shape[1] * x3.shape[2]))
 
 
 def _pieces(x3: torch.Tensor) -> int:
@@ -271,6 +277,28 @@ class _BatchSlots:
             and x3.shape[1] == self.units
             and _flags_dtype(x3) == self.flags_dtype
         )
+
+
+class _Plan:
+    """What a summary reuses while its batches keep one shape and dtype: the pieces a
+    batch is cut into and, per piece, its views of the shared workspaces and the shift
+    broadcast to its shape. Making these views on every batch costs a few microseconds
+    each, as much as a reduction over a small activation."""
+
+    __slots__ = ("key", "pieces", "rows", "shift")
+
+    def __init__(self, key: tuple, x3: torch.Tensor, shift: torch.Tensor, scratch: dict) -> None:
+        self.key, self.shift = key, shift
+        self.rows = _piece_rows(x3)
+        shift_like = shift.to(x3.dtype).reshape(1, -1, 1)
+        self.pieces = [
+            (
+                shift_like.expand_as(piece),
+                _workspace(scratch, piece),
+                _workspace(scratch, piece, _flags_dtype(piece)),
+            )
+            for piece in x3.split(self.rows)
+        ]
 
 
 class MomentSample:
@@ -526,7 +554,7 @@ class TensorSummary:
         self._shift_source: torch.Tensor | None = None
         self._pending: list[tuple[torch.Tensor, float]] = []
         self._pending_values = 0
-        self._shift_like: dict[torch.dtype, torch.Tensor] = {}
+        self._plan: _Plan | None = None
         # Workspaces shared by every summary of a run: one activation-sized buffer in
         # all, not one per layer (which would hold a batch of every activation).
         self._scratch = {} if scratch is None else scratch
@@ -606,12 +634,21 @@ class TensorSummary:
         self._into_slots(x3, self._slots)
 
     def _into_slots(self, x3: torch.Tensor, slots: _BatchSlots) -> None:
-        first, rows = slots.filled, _piece_rows(x3)
-        for piece in x3.split(rows) if rows < x3.shape[0] else (x3,):
-            self._piece_into_slots(piece, slots)
-        pieces = _pieces(x3)
+        plan, first = self._plan_for(x3), slots.filled
+        pieces = len(plan.pieces)
+        for piece, views in zip(x3.split(plan.rows) if pieces > 1 else (x3,), plan.pieces):
+            self._piece_into_slots(piece, slots, *views)
         if first + pieces <= slots.capacity:  # no fold in between overwrote them
             self._last_rows = (slots, first, pieces)
+
+    def _plan_for(self, x3: torch.Tensor) -> _Plan:
+        # A new shift (another rank's mean) is a new tensor, and a workspace that had to
+        # grow is a new generation: either makes a new plan.
+        key = (x3.shape, x3.dtype, self._scratch.get("generation"))
+        plan = self._plan
+        if plan is None or plan.key != key or plan.shift is not self.unit_shift:
+            plan = self._plan = _Plan(key, x3, self.unit_shift, self._scratch)
+        return plan
 
     def _copied_from(self, source: TensorSummary, x3: torch.Tensor) -> bool:
         """Copy ``source``'s last batch's slot rows, if they hold everything this
@@ -648,21 +685,25 @@ class TensorSummary:
             self._fold()
         return True
 
-    def _piece_into_slots(self, x3: torch.Tensor, slots: _BatchSlots) -> None:
+    def _piece_into_slots(
+        self,
+        x3: torch.Tensor,
+        slots: _BatchSlots,
+        shift: torch.Tensor,
+        squares: torch.Tensor,
+        flags: torch.Tensor,
+    ) -> None:
+        """Reduce one piece into the next slot row, with its views from the plan."""
         unit_sum, unit_dsumsq, low, high, active, saturated = slots.rows[slots.filled]
-        shift = self._shift_in(x3.dtype)
         # (x - shift)² in one fused pass into the workspace (sub then square is two).
-        squares = torch._C._nn.mse_loss(
-            x3, shift.expand_as(x3), 0, out=_workspace(self._scratch, x3)
-        )
+        torch._C._nn.mse_loss(x3, shift, 0, out=squares)
         torch.sum(x3, _POSITIONS, out=unit_sum)
         torch.sum(squares, _POSITIONS, out=unit_dsumsq)
         torch.aminmax(x3, out=(low, high))
         if self.activity:
-            flags = torch.gt(x3, 0, out=_flags_workspace(self._scratch, x3))
-            torch.sum(flags, _POSITIONS, out=active)
+            torch.sum(torch.gt(x3, 0, out=flags), _POSITIONS, out=active)
         if self.saturation is not None:
-            torch.sum(self._saturation_flags(x3), _POSITIONS, out=saturated)
+            torch.sum(self._saturation_flags(x3, flags), _POSITIONS, out=saturated)
         self.count += x3.numel()
         slots.filled += 1
         if slots.filled == slots.capacity:
@@ -735,19 +776,13 @@ class TensorSummary:
             flags = torch.gt(x3, 0, out=_flags_workspace(self._scratch, x3))
             part["active"] = flags.sum(_POSITIONS)
         if self.saturation is not None:
-            part["saturated"] = self._saturation_flags(x3).sum(_POSITIONS)
+            flags = _flags_workspace(self._scratch, x3)
+            part["saturated"] = self._saturation_flags(x3, flags).sum(_POSITIONS)
         return part
 
-    def _shift_in(self, dtype: torch.dtype) -> torch.Tensor:
-        shift = self._shift_like.get(dtype)
-        if shift is None:
-            shift = self._shift_like[dtype] = self.unit_shift.to(dtype).reshape(1, -1, 1)
-        return shift
-
-    def _saturation_flags(self, x3: torch.Tensor) -> torch.Tensor:
-        """1 where a value sits at or beyond the flat regions, in the flags workspace."""
+    def _saturation_flags(self, x3: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        """1 where a value sits at or beyond the flat regions, written into ``flags``."""
         low, high = self.saturation
-        flags = _flags_workspace(self._scratch, x3)
         if math.isinf(low):
             torch.ge(x3, high, out=flags)
         else:
@@ -766,7 +801,6 @@ class TensorSummary:
         for name in _UNIT_FIELDS:
             value = part.get(name)
             setattr(self, "unit_" + name, None if value is None else _float64_copy(value))
-        self._shift_like = {}
         self.moments = MomentSample(device)
         self.sample_nonzero = torch.zeros((), dtype=torch.int64, device=device)
         self.reservoir = Reservoir(RESERVOIR_SIZE, device)
@@ -798,7 +832,6 @@ class TensorSummary:
         self.units = 1
         for name in _UNIT_FIELDS:
             setattr(self, "unit_" + name, state.get(name))
-        self._shift_like = {}
 
     def add_nonfinite(self, count: int) -> None:
         self.nonfinite += count

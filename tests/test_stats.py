@@ -23,6 +23,7 @@ from modelcheck.stats import (
     Sampler,
     StatsCollector,
     TensorSummary,
+    _reshifted_part,
     _three_axes,
     batch_sample_size,
 )
@@ -438,6 +439,36 @@ def test_parameter_with_a_nan_counts_it_and_has_no_spread():
     stats = ParameterSummary("weight", p).finalize()
     assert stats.nonfinite == 1
     assert math.isnan(stats.std)
+
+
+def test_batches_after_the_shift_is_replaced_are_reduced_around_the_new_one():
+    # A distributed merge re-centres a summary's sums on the ranks' common mean and gives
+    # it a new shift tensor: later batches must square their deviations from that one.
+    gen = torch.Generator().manual_seed(26)
+    batches = [torch.randn(32, 8, generator=gen) + 3.0 for _ in range(4)]
+    summary = summarise(batches[:2])
+    summary._fold()  # the waiting per-unit results into the sums being re-centred
+    recentred = _reshifted_part(summary._state(), summary.unit_shift - 2.0)
+    summary.unit_dsumsq, summary.unit_shift = recentred["dsumsq"], recentred["shift"].clone()
+    for batch in batches[2:]:
+        summary.update(batch, 1)
+    values = torch.cat(batches).double().numpy()
+    np.testing.assert_allclose(summary.finalize().unit_std, values.std(axis=0), rtol=1e-6)
+
+
+def test_workspaces_that_grow_leave_earlier_summaries_holding_less_than_the_newest():
+    # Each summary keeps views of the workspace its plan was made with until its next
+    # batch; growth by doubling keeps what those views hold below the newest buffer.
+    scratch: dict = {}
+    sizes = [1000 + 300 * k for k in range(12)]
+    summaries = [TensorSummary(Sampler(), scratch=scratch) for _ in sizes]
+    for summary, size in zip(summaries, sizes):
+        summary.update(torch.randn(4, size), 1)
+    views = [s._plan.pieces[0][1] for s in summaries]
+    held = {v.untyped_storage().data_ptr(): v for v in views}
+    newest = max(v.untyped_storage().nbytes() for v in held.values())
+    older = sum(v.untyped_storage().nbytes() for v in held.values()) - newest
+    assert len(held) > 1 and older < newest
 
 
 def test_summary_does_not_keep_a_view_of_a_tensor_the_model_overwrites():
