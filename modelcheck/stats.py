@@ -112,17 +112,12 @@ def _buffer(
     cache: dict, size: int, dtype: torch.dtype, device: torch.device, key: str = ""
 ) -> torch.Tensor:
     """A reusable flat scratch tensor of ``size`` values: a fresh large allocation per
-    layer costs page faults comparable to the reduction itself.
-
-    A buffer that must grow at least doubles, and the cache's generation counts the
-    buffers made: a summary's plan keeps views of the buffer it was made with until its
-    next batch, so the buffers still held that way add up to less than the newest."""
+    layer costs page faults comparable to the reduction itself."""
     slot = (key, dtype, device)
     flat = cache.get(slot)
     if flat is None or flat.numel() < size:
-        grown = size if flat is None else max(size, 2 * flat.numel())
-        flat = cache[slot] = torch.empty(grown, dtype=dtype, device=device)
-        cache["generation"] = cache.get("generation", 0) + 1
+        cache.pop(("views", *slot), None)  # they would keep the old buffer alive
+        flat = cache[slot] = torch.empty(size, dtype=dtype, device=device)
     return flat[:size]
 
 
@@ -134,12 +129,26 @@ def _ones(cache: dict, size: int, device: torch.device) -> torch.Tensor:
     return ones[:size]
 
 
+_KEPT_VIEWS = 64
+"""Workspace views kept per buffer, one per shape."""
+
+
 def _workspace(
     cache: dict, like: torch.Tensor, dtype: torch.dtype | None = None, key: str = ""
 ) -> torch.Tensor:
-    """A reusable scratch tensor shaped like ``like`` (see ``_buffer``)."""
-    flat = _buffer(cache, like.numel(), dtype or like.dtype, like.device, key)
-    return flat.view(like.shape)
+    """A reusable scratch tensor shaped like ``like`` (see ``_buffer``). The view is kept
+    until the buffer grows: slicing and viewing anew costs a few microseconds, as much as a
+    reduction over a small activation."""
+    dtype = dtype or like.dtype
+    views = cache.get(("views", key, dtype, like.device))
+    view = None if views is None else views.get(like.shape)
+    if view is None:
+        view = _buffer(cache, like.numel(), dtype, like.device, key).view(like.shape)
+        views = cache.setdefault(("views", key, dtype, like.device), {})
+        if len(views) >= _KEPT_VIEWS:  # shapes that change every batch
+            views.clear()
+        views[like.shape] = view
+    return view
 
 
 def _memory_order(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -281,23 +290,18 @@ class _BatchSlots:
 
 class _Plan:
     """What a summary reuses while its batches keep one shape and dtype: the pieces a
-    batch is cut into and, per piece, its views of the shared workspaces and the shift
-    broadcast to its shape. Making these views on every batch costs a few microseconds
+    batch is cut into and, per piece, the shift broadcast to its shape and the dtype its
+    flags are counted in. Working these out on every batch costs a few microseconds
     each, as much as a reduction over a small activation."""
 
     __slots__ = ("key", "pieces", "rows", "shift")
 
-    def __init__(self, key: tuple, x3: torch.Tensor, shift: torch.Tensor, scratch: dict) -> None:
+    def __init__(self, key: tuple, x3: torch.Tensor, shift: torch.Tensor) -> None:
         self.key, self.shift = key, shift
         self.rows = _piece_rows(x3)
         shift_like = shift.to(x3.dtype).reshape(1, -1, 1)
         self.pieces = [
-            (
-                shift_like.expand_as(piece),
-                _workspace(scratch, piece),
-                _workspace(scratch, piece, _flags_dtype(piece)),
-            )
-            for piece in x3.split(self.rows)
+            (shift_like.expand_as(piece), _flags_dtype(piece)) for piece in x3.split(self.rows)
         ]
 
 
@@ -642,12 +646,11 @@ class TensorSummary:
             self._last_rows = (slots, first, pieces)
 
     def _plan_for(self, x3: torch.Tensor) -> _Plan:
-        # A new shift (another rank's mean) is a new tensor, and a workspace that had to
-        # grow is a new generation: either makes a new plan.
-        key = (x3.shape, x3.dtype, self._scratch.get("generation"))
+        # A new shift (another rank's mean) is a new tensor: it makes a new plan.
+        key = (x3.shape, x3.dtype)
         plan = self._plan
         if plan is None or plan.key != key or plan.shift is not self.unit_shift:
-            plan = self._plan = _Plan(key, x3, self.unit_shift, self._scratch)
+            plan = self._plan = _Plan(key, x3, self.unit_shift)
         return plan
 
     def _copied_from(self, source: TensorSummary, x3: torch.Tensor) -> bool:
@@ -690,16 +693,17 @@ class TensorSummary:
         x3: torch.Tensor,
         slots: _BatchSlots,
         shift: torch.Tensor,
-        squares: torch.Tensor,
-        flags: torch.Tensor,
+        flags_dtype: torch.dtype,
     ) -> None:
-        """Reduce one piece into the next slot row, with its views from the plan."""
+        """Reduce one piece into the next slot row, with the shift its plan broadcast."""
         unit_sum, unit_dsumsq, low, high, active, saturated = slots.rows[slots.filled]
         # (x - shift)² in one fused pass into the workspace (sub then square is two).
-        torch._C._nn.mse_loss(x3, shift, 0, out=squares)
+        squares = torch._C._nn.mse_loss(x3, shift, 0, out=_workspace(self._scratch, x3))
         torch.sum(x3, _POSITIONS, out=unit_sum)
         torch.sum(squares, _POSITIONS, out=unit_dsumsq)
         torch.aminmax(x3, out=(low, high))
+        if self.activity or self.saturation is not None:
+            flags = _workspace(self._scratch, x3, flags_dtype)
         if self.activity:
             torch.sum(torch.gt(x3, 0, out=flags), _POSITIONS, out=active)
         if self.saturation is not None:

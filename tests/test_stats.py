@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -456,19 +458,31 @@ def test_batches_after_the_shift_is_replaced_are_reduced_around_the_new_one():
     np.testing.assert_allclose(summary.finalize().unit_std, values.std(axis=0), rtol=1e-6)
 
 
-def test_workspaces_that_grow_leave_earlier_summaries_holding_less_than_the_newest():
-    # Each summary keeps views of the workspace its plan was made with until its next
-    # batch; growth by doubling keeps what those views hold below the newest buffer.
+def test_a_workspace_that_grows_lets_the_smaller_buffer_go():
+    # Views of the shared workspace are kept with it, not by the summaries: when a larger
+    # activation needs a larger buffer, nothing holds on to the smaller one.
+    gen = torch.Generator().manual_seed(27)
     scratch: dict = {}
-    sizes = [1000 + 300 * k for k in range(12)]
-    summaries = [TensorSummary(Sampler(), scratch=scratch) for _ in sizes]
-    for summary, size in zip(summaries, sizes):
-        summary.update(torch.randn(4, size), 1)
-    views = [s._plan.pieces[0][1] for s in summaries]
-    held = {v.untyped_storage().data_ptr(): v for v in views}
-    newest = max(v.untyped_storage().nbytes() for v in held.values())
-    older = sum(v.untyped_storage().nbytes() for v in held.values()) - newest
-    assert len(held) > 1 and older < newest
+    small, large = (TensorSummary(Sampler(), scratch=scratch) for _ in range(2))
+    batches = [torch.randn(4, 1000, generator=gen) + 1.0 for _ in range(2)]
+    small.update(batches[0], 1)
+    buffer = weakref.ref(scratch[("", torch.float32, torch.device("cpu"))])
+    large.update(torch.randn(4, 5000, generator=gen), 1)
+    gc.collect()
+    assert buffer() is None
+    small.update(batches[1], 1)  # now through a view of the larger buffer
+    values = torch.cat(batches).double().numpy()
+    np.testing.assert_allclose(small.finalize().unit_std, values.std(axis=0), rtol=1e-6)
+
+
+def test_workspace_views_do_not_pile_up_when_every_batch_has_another_shape():
+    scratch: dict = {}
+    summary = TensorSummary(Sampler(), scratch=scratch)
+    for length in range(199, 0, -1):  # a sequence model fed batches of every length
+        summary.update(torch.randn(2, length, 8), 2)
+    views = scratch[("views", "", torch.float32, torch.device("cpu"))]
+    assert 0 < len(views) <= 64
+    assert summary.finalize().count == 2 * 8 * sum(range(1, 200))
 
 
 def test_summary_does_not_keep_a_view_of_a_tensor_the_model_overwrites():
