@@ -640,8 +640,8 @@ class TensorSummary:
     def _into_slots(self, x3: torch.Tensor, slots: _BatchSlots) -> None:
         plan, first = self._plan_for(x3), slots.filled
         pieces = len(plan.pieces)
-        for piece, views in zip(x3.split(plan.rows) if pieces > 1 else (x3,), plan.pieces):
-            self._piece_into_slots(piece, slots, *views)
+        for piece, planned in zip(x3.split(plan.rows) if pieces > 1 else (x3,), plan.pieces):
+            self._piece_into_slots(piece, slots, *planned)
         if first + pieces <= slots.capacity:  # no fold in between overwrote them
             self._last_rows = (slots, first, pieces)
 
