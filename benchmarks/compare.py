@@ -4,10 +4,10 @@
     python benchmarks/compare.py /tmp/before . --model mlp --samples 4096
 
 Each round runs one subprocess per tree, with that tree first on PYTHONPATH, alternating
-which tree goes first. A subprocess times the plain pass and the check in turns and reports
-the ratio of each check to the plain pass just before it, so every ratio is taken within one
-process and a few seconds. This VM's speed drifts by 10-30% within minutes: a difference
-shows only when it holds across rounds.
+which tree goes first. A subprocess times the model with ``run.py``'s ``time_case`` (plain
+pass and check in turns) and reports the ratio of each check to the plain pass just before
+it, so every ratio is taken within one process and a few seconds. This VM's speed drifts by
+10-30% within minutes: a difference shows only when it holds across rounds.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -28,31 +26,24 @@ BUILDERS = {"mlp": "mlp", "resnet": "resnet18", "transformer": "transformer"}
 
 
 def worker(tree: str, model_name: str, samples: int, batch_size: int, repeat: int) -> None:
-    """Time plain passes and checks in turns; print the ratios as one JSON line."""
+    """Time the model as ``run.py`` does; print each round's check / plain ratios as JSON."""
     sys.path.insert(0, str(HERE))
-    import baselines
     import models
+    import run
 
     import modelcheck
 
     if not Path(modelcheck.__file__).resolve().is_relative_to(Path(tree).resolve()):
         sys.exit(f"compare.py: modelcheck came from {modelcheck.__file__}, not from {tree}")
-    model, x = getattr(models, BUILDERS[model_name])(samples=samples)
-    batches = list(x.split(batch_size))
-    modelcheck.check(model, batches[0], batch_size=batch_size)  # warm-up
-    ratios: dict[str, list[float]] = {"forward": [], "full": []}
-    for _ in range(repeat):
-        for kind, gradients in (("forward", False), ("full", True)):
-            plain = _seconds(baselines.plain, model, batches, gradients)
-            check = _seconds(modelcheck.check, model, x, batch_size=batch_size, gradients=gradients)
-            ratios[kind].append(check / plain)
+    build = getattr(models, BUILDERS[model_name])
+    case = run.Case(model_name, lambda: build(samples=samples), batch_size, naive=False)
+    rounds = run.time_case(case, repeat)["rounds"]
+    pairs = {"forward": ("check_forward", "plain_forward"), "full": ("check", "plain")}
+    ratios = {
+        kind: [c / p for c, p in zip(rounds[check], rounds[plain])]
+        for kind, (check, plain) in pairs.items()
+    }
     print(json.dumps(ratios))
-
-
-def _seconds(run: Callable[..., object], *args: object, **kwargs: object) -> float:
-    start = time.perf_counter()
-    run(*args, **kwargs)
-    return time.perf_counter() - start
 
 
 def _run_tree(tree: str, args: argparse.Namespace) -> dict[str, list[float]]:
