@@ -1300,28 +1300,25 @@ class StatsCollector:
     # -- non-finite values ----------------------------------------------------------------
 
     def saw_nonfinite(self) -> bool:
-        """One host read: did any activation, gradient or input hold NaN or Inf?"""
-        flags = [self.input.finite_flag().cpu(), self.output.finite_flag().cpu()]
+        """One host read per device: did any activation, gradient or input hold NaN or Inf?"""
+        flags = [self.input.finite_flag(), self.output.finite_flag()]
         for state in self.layers.values():
-            flags += [
-                state.activation.finite_flag().cpu(),
-                state.output_grad.finite_flag().cpu(),
-            ]
-        return bool(torch.stack(flags).any())
+            flags += [state.activation.finite_flag(), state.output_grad.finite_flag()]
+        return _any_flag(flags)
 
     def out_of_square_range(self) -> bool:
-        """One host read: did float32 squares fail some value (see SQUARE_RANGE)?"""
+        """One host read per device: did float32 squares fail some value (SQUARE_RANGE)?"""
         if self.precise:
             return False
-        flags = [self.input.range_flag().cpu(), self.output.range_flag().cpu()]
+        flags = [self.input.range_flag(), self.output.range_flag()]
         for state in self.layers.values():
             flags += [
-                state.activation.range_flag().cpu(),
-                state.output_grad.range_flag().cpu(),
-                state.param_grad.range_flag().cpu(),
-                *(p.range_flag().cpu() for p in state.parameters),
+                state.activation.range_flag(),
+                state.output_grad.range_flag(),
+                state.param_grad.range_flag(),
+                *(p.range_flag() for p in state.parameters),
             ]
-        return bool(torch.stack(flags).any())
+        return _any_flag(flags)
 
     def add_nonfinite_counts(self, counter: NonfiniteCounter) -> None:
         """Take exact counts from a second, counting-only run over the same batches."""
@@ -1375,6 +1372,15 @@ class StatsCollector:
             output_argmax=None if self.argmax is None else tuple(self.argmax.tolist()),
             sample_size=self.sampler.sample_size,
         )
+
+
+def _any_flag(flags: Sequence[torch.Tensor]) -> bool:
+    """Whether any device bool is True: one host read per device the flags are on, not
+    one per flag (each read waits for the device)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for flag in flags:
+        by_device.setdefault(flag.device, []).append(flag)
+    return any(bool(torch.stack(group).any()) for group in by_device.values())
 
 
 class NonfiniteCounter:
