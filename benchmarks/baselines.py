@@ -5,6 +5,8 @@
 - ``seed_prefix``: the seed article's method, one forward pass of the network's prefix per
   recorded layer (``nn.Sequential(*children[:i+1])`` generalised to any model by stopping
   the forward at the layer), then numpy histograms and scipy moments of what came out.
+- ``capture_only``: modelcheck's own forward (and backward) pass, hooks and all, with an
+  observer that keeps nothing: what a check costs before it computes any statistic.
 - ``collect_all``: keep every activation and output gradient on the host, then compute
   what a modelcheck report holds with numpy/scipy at the end: the layer's moments,
   extremes, zero fraction, histogram and quantiles, per-unit means, spreads and activity,
@@ -21,7 +23,9 @@ import scipy.stats
 import torch
 from torch import nn
 
+from modelcheck import capture
 from modelcheck.capture import first_tensor, recorded_modules
+from modelcheck.probe import Batch
 
 
 def _direction(output: torch.Tensor) -> torch.Tensor:
@@ -75,6 +79,33 @@ def _per_unit_stats(values: np.ndarray) -> dict[str, np.ndarray]:
 def _gradient_rms(chunks: list[np.ndarray]) -> float:
     flat = np.concatenate([c.reshape(-1) for c in chunks]).astype(np.float64)
     return float(np.sqrt(np.mean(flat**2)))
+
+
+class _Ignore:
+    """An observer of ``capture.run`` that keeps nothing."""
+
+    def on_layer(self, layer, parameters, buffers) -> None:
+        pass
+
+    def on_activation(self, layer, output, unit_dim) -> None:
+        pass
+
+    def on_output_grad(self, layer, grad) -> None:
+        pass
+
+    def on_param_grads(self, layer, grads) -> None:
+        pass
+
+    def on_input(self, inputs) -> None:
+        pass
+
+    def on_output(self, output) -> None:
+        pass
+
+
+def capture_only(model: nn.Module, batches: list[torch.Tensor], gradients: bool = True) -> None:
+    """A check's passes over the batches, hooks included, with no statistics taken."""
+    capture.run(model, [Batch(x, None) for x in batches], _Ignore(), gradients=gradients)
 
 
 class _Stop(Exception):

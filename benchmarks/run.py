@@ -97,6 +97,11 @@ def time_case(case: Case, repeat: int) -> dict:
             "check": check,
             "plain_forward": lambda: baselines.plain(model, batches, False),
             "check_forward": lambda: check(gradients=False),
+            # The hooks with no statistics, each after a plain pass of its own.
+            "plain_again": lambda: baselines.plain(model, batches),
+            "capture": lambda: baselines.capture_only(model, batches),
+            "plain_forward_again": lambda: baselines.plain(model, batches, False),
+            "capture_forward": lambda: baselines.capture_only(model, batches, False),
         },
         repeat,
     )
@@ -283,6 +288,25 @@ def report(results: dict, repeat: int) -> str:
             f"{_paired(row, 'check', 'plain')} | {_s(row['plain_forward'])} | "
             f"{_s(row['check_forward'])} | {_paired(row, 'check_forward', 'plain_forward')} "
             + naive
+        )
+    lines += [
+        "",
+        "### What the hooks cost alone",
+        "",
+        "A check's own passes over the probe (`capture.run`: hooks, function mode, held "
+        "outputs, the same loss and backward) with an observer that keeps nothing, against "
+        "the plain pass run just before it: the part of a check's cost that no faster "
+        "statistic can remove.",
+        "",
+        "| model | capture alone, fwd+bwd | check | capture alone, fwd | check --no-gradients |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in results["cases"].items():
+        lines.append(
+            f"| {name} | {_paired(row, 'capture', 'plain_again')} | "
+            f"{_paired(row, 'check', 'plain')} | "
+            f"{_paired(row, 'capture_forward', 'plain_forward_again')} | "
+            f"{_paired(row, 'check_forward', 'plain_forward')} |"
         )
     lines += [
         "",
