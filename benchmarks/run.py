@@ -1,6 +1,6 @@
 """Measure what a check costs against the floor, and write the results to README.md.
 
-    python benchmarks/run.py            # everything, medians of 5 runs (about 20 minutes)
+    python benchmarks/run.py            # everything, medians of 5 runs (about 25 minutes)
     python benchmarks/run.py --quick    # smaller sizes, one run: a smoke test of this script
 
 Every time is the median wall time of ``--repeat`` runs taken in this one process, and
