@@ -23,7 +23,15 @@ from modelcheck.metrics import ACTIVATION_FAMILIES, reference_values
 from modelcheck.renderers import format_number
 from modelcheck.report import Report
 from modelcheck.rules import Finding, Rule, severity_rank
-from modelcheck.stats import DEAD_BELOW, SATURATED_FROM, Distribution, LayerStats
+from modelcheck.stats import (
+    DEAD_BELOW,
+    RESERVOIR_SIZE,
+    SAMPLED_ERROR_BOUNDS,
+    SAMPLED_MOMENTS_MEASURED,
+    SATURATED_FROM,
+    Distribution,
+    LayerStats,
+)
 
 COLLAPSE_FROM = 16
 """From this many layers on, healthy layer cards start collapsed: flagged ones stay open."""
@@ -456,12 +464,43 @@ def _facts(report: Report) -> tuple[Fact, ...]:
             f"{probe.source} · {probe.samples:,} samples in "
             f"{_plural(probe.batches, 'batch', 'batches')} · {labels}",
         ),
+        *_estimates(report),
         Fact(
             "Checked",
             f"{_date(report.created)} · modelcheck {report.version} · torch "
             f"{report.torch_version} · --fail-on {report.fail_on}",
         ),
     )
+
+
+def _estimates(report: Report) -> tuple[Fact, ...]:
+    """Which statistics came from the sample, and the error bound measured for them."""
+    activations = [layer.activation for layer in report.layers]
+    sampled = sum(_is_sampled(d) for d in (*activations, report.input, report.output))
+    if not sampled:
+        return ()
+    total = len(activations) + 2
+    which = f"all {total}" if sampled == total else f"{sampled} of {total}"
+    bound = SAMPLED_ERROR_BOUNDS
+    return (
+        Fact(
+            "Estimates",
+            f"{which} distributions (layers, input, output): skewness, kurtosis, histogram "
+            "or quantiles from a seeded sample (the note under each histogram says which). "
+            f"Error measured at {SAMPLED_MOMENTS_MEASURED:,} sampled values ({RESERVOIR_SIZE:,} "
+            f"for histograms): skewness ±{bound['skewness']}, excess kurtosis "
+            f"±{bound['kurtosis']} (more for heavy tails), quantiles "
+            f"±{bound['quantile_rank']:.0%} of rank, histograms {bound['histogram_tv']:.0%} "
+            "total variation. Means, spreads, extremes, activity and saturation are exact.",
+        ),
+    )
+
+
+def _is_sampled(d: Distribution | None) -> bool:
+    if d is None:
+        return False
+    finite = d.count - d.nonfinite
+    return d.sample_size < finite or d.histogram_sample_size < finite
 
 
 def _date(created: str) -> str:
@@ -931,7 +970,7 @@ def _histogram_svg(name: str, d: Distribution) -> tuple[Svg | None, str]:
     if d.sample_size < total:
         sampled.append(f"skewness and kurtosis from {d.sample_size:,} sampled")
     if d.histogram_sample_size < total:
-        sampled.append(f"histogram from {d.histogram_sample_size:,}")
+        sampled.append(f"histogram and CDF from {d.histogram_sample_size:,}")
     return svg, f"{total:,} values" + (f" ({', '.join(sampled)})" if sampled else "")
 
 

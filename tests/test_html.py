@@ -196,9 +196,25 @@ def test_histogram_note_says_how_many_values_each_estimate_rests_on():
     report = modelcheck.check(model, x, batch_size=32, sample_size=4_000)
     hidden = report.layer("0").activation  # 3 batches of 32 x 512 = 49,152 values
     _, note = html_renderer._histogram_svg("0", hidden)
-    assert note == "49,152 values (skewness and kurtosis from 12,000 sampled, histogram from 4,096)"
+    assert note == (
+        "49,152 values (skewness and kurtosis from 12,000 sampled, histogram and CDF from 4,096)"
+    )
     _, small = html_renderer._histogram_svg("2", report.layer("2").activation)
     assert small == "384 values"  # everything fits: nothing is estimated
+
+
+def test_header_states_the_measured_error_bound_when_something_was_sampled():
+    model = seeded(0)(lambda: mlp([64, 512, 4]))()
+    x = torch.randn(96, 64, generator=torch.Generator().manual_seed(3))
+    sampled = modelcheck.check(model, x, batch_size=32, sample_size=4_000)
+    facts = {f.label: f.value for f in html_renderer.build_page(sampled).banner.facts}
+    # The 512-unit layers and the 6,144-value input outgrow the 4,096-value histogram
+    # sample; the 384 values of the output do not.
+    assert facts["Estimates"].startswith("3 of 5 distributions (layers, input, output)")
+    for bound in ("skewness ±0.05", "kurtosis ±0.25", "quantiles ±3% of rank", "histograms 6%"):
+        assert bound in facts["Estimates"]
+    whole = modelcheck.check(model, x[:4])  # 2,048 values at most: everything fits
+    assert "Estimates" not in {f.label for f in html_renderer.build_page(whole).banner.facts}
 
 
 def test_unit_strip_lists_exactly_the_dead_units():
