@@ -475,11 +475,12 @@ def _facts(report: Report) -> tuple[Fact, ...]:
 
 def _estimates(report: Report) -> tuple[Fact, ...]:
     """Which statistics came from the sample, and the error bound measured for them."""
-    activations = [layer.activation for layer in report.layers]
-    sampled = sum(_is_sampled(d) for d in (*activations, report.input, report.output))
+    every = (*(layer.activation for layer in report.layers), report.input, report.output)
+    shown = [d for d in every if d is not None]
+    sampled = sum(map(_is_sampled, shown))
     if not sampled:
         return ()
-    total = len(activations) + 2
+    total = len(shown)
     which = f"all {total}" if sampled == total else f"{sampled} of {total}"
     bound = SAMPLED_ERROR_BOUNDS
     return (
@@ -496,9 +497,7 @@ def _estimates(report: Report) -> tuple[Fact, ...]:
     )
 
 
-def _is_sampled(d: Distribution | None) -> bool:
-    if d is None:
-        return False
+def _is_sampled(d: Distribution) -> bool:
     finite = d.count - d.nonfinite
     return d.sample_size < finite or d.histogram_sample_size < finite
 
