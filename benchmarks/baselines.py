@@ -84,22 +84,22 @@ def _gradient_rms(chunks: list[np.ndarray]) -> float:
 class _Ignore:
     """An observer of ``capture.run`` that keeps nothing."""
 
-    def on_layer(self, layer, parameters, buffers) -> None:
+    def on_layer(self, *_: object) -> None:
         pass
 
-    def on_activation(self, layer, output, unit_dim) -> None:
+    def on_activation(self, *_: object) -> None:
         pass
 
-    def on_output_grad(self, layer, grad) -> None:
+    def on_output_grad(self, *_: object) -> None:
         pass
 
-    def on_param_grads(self, layer, grads) -> None:
+    def on_param_grads(self, *_: object) -> None:
         pass
 
-    def on_input(self, inputs) -> None:
+    def on_input(self, *_: object) -> None:
         pass
 
-    def on_output(self, output) -> None:
+    def on_output(self, *_: object) -> None:
         pass
 
 
