@@ -81,26 +81,8 @@ def _gradient_rms(chunks: list[np.ndarray]) -> float:
     return float(np.sqrt(np.mean(flat**2)))
 
 
-class _Ignore:
-    """An observer of ``capture.run`` that keeps nothing."""
-
-    def on_layer(self, *_: object) -> None:
-        pass
-
-    def on_activation(self, *_: object) -> None:
-        pass
-
-    def on_output_grad(self, *_: object) -> None:
-        pass
-
-    def on_param_grads(self, *_: object) -> None:
-        pass
-
-    def on_input(self, *_: object) -> None:
-        pass
-
-    def on_output(self, *_: object) -> None:
-        pass
+class _Ignore(capture.Observer):
+    """An observer of ``capture.run`` that keeps nothing: the protocol's empty methods."""
 
 
 def capture_only(model: nn.Module, batches: list[torch.Tensor], gradients: bool = True) -> None:
