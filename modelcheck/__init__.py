@@ -22,16 +22,17 @@ from modelcheck.errors import (
     SourceError,
 )
 
+__version__ = "0.1.0"
+
 if TYPE_CHECKING:
     from modelcheck.assertions import assert_healthy
-    from modelcheck.engine import __version__, check
+    from modelcheck.engine import check
     from modelcheck.report import Report
     from modelcheck.rules import Finding
 
 _LAZY = {
     "assert_healthy": "modelcheck.assertions",
     "check": "modelcheck.engine",
-    "__version__": "modelcheck.engine",
     "Report": "modelcheck.report",
     "Finding": "modelcheck.rules",
 }

@@ -31,6 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from modelcheck.errors import BatchOutOfMemory, CaptureError, ProbeError
+from modelcheck.families import ACTIVATION_FAMILIES
 from modelcheck.probe import Batch
 
 LOSSES = ("auto", "cross_entropy", "mse", "bce")
@@ -115,21 +116,6 @@ _MODULE_FAMILIES: tuple[tuple[type[nn.Module], str], ...] = (
 )
 if hasattr(nn, "RMSNorm"):
     _MODULE_FAMILIES += ((nn.RMSNorm, "norm"),)
-
-ACTIVATION_FAMILIES = frozenset(
-    {
-        "relu",
-        "relu6",
-        "leaky_relu",
-        "elu",
-        "gelu",
-        "silu",
-        "softplus",
-        "tanh",
-        "sigmoid",
-        "hardtanh",
-    }
-)
 
 # Families whose outputs keep the units of their input (elementwise layers).
 _ELEMENTWISE = ACTIVATION_FAMILIES | {"dropout"}

@@ -19,15 +19,11 @@ import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from modelcheck import config
+from modelcheck import __version__, config
 from modelcheck import rules as rules_module
-from modelcheck.distributed import current_group, launched
-from modelcheck.engine import __version__, check, load_rule_set
 from modelcheck.errors import ConfigError, ModelcheckError
-from modelcheck.probe import infer_input_shape, probe_from_spec
 from modelcheck.renderers import (
     FORMATS,
     STATISTICS_FORMATS,
@@ -38,7 +34,9 @@ from modelcheck.renderers import (
 )
 from modelcheck.report import Report, write_atomic
 from modelcheck.settings import LOSS_CHOICES, SEVERITY_CHOICES, Settings
-from modelcheck.source import load_model
+
+if TYPE_CHECKING:
+    import torch
 
 COMMANDS = ("demo", "rules", "rule")
 DEMO_HTML = "modelcheck-demo.html"
@@ -273,6 +271,10 @@ def _check_command(argv: list[str]) -> int:
     inputs = [args.model, spec, *rule_files, configured.path and str(configured.path)]
     _check_output(args.output, inputs)  # before the work, not after it
     _check_html_path(args.html, [*inputs, args.output])
+    # Only here, where a model runs, are torch and the stages imported (~1.5 s): --help,
+    # --show-settings and `modelcheck rule` answer without them.
+    from modelcheck.distributed import launched
+
     with launched(_device(args.device)) as device:  # under torchrun: one rank each
         return _check_file(args, settings, spec, inputs, device)
 
@@ -284,6 +286,10 @@ def _check_file(
     inputs: list[str | None],
     device: torch.device | None,
 ) -> int:
+    from modelcheck.engine import check
+    from modelcheck.probe import infer_input_shape, probe_from_spec
+    from modelcheck.source import load_model
+
     loaded = load_model(
         args.model, arch=args.arch, arch_kwargs=_json_kwargs(args.arch_kwargs), trust=args.trust
     )
@@ -318,6 +324,8 @@ def _check_output_flags(args: argparse.Namespace) -> None:
 
 
 def _emit(report: Report, args: argparse.Namespace, preface: str = "") -> int:
+    from modelcheck.distributed import current_group
+
     group = current_group()
     if group is not None and group.rank != 0:  # under torchrun, rank 0 alone writes
         return 0 if report.ok or args.exit_zero else 1
@@ -391,6 +399,8 @@ def _device(text: str | None) -> torch.device | None:
     """The --device to run on, refused early when it cannot be used here."""
     if text is None:
         return None
+    import torch
+
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
@@ -476,7 +486,7 @@ def _rules_command(argv: list[str]) -> int:
     parser = _Parser(prog="modelcheck rules", description="List the rules.")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     args = parser.parse_args(argv)
-    every = load_rule_set(Settings())
+    every = rules_module.load_rule_set(Settings())
     if args.format == "json":
         rows = [
             {
@@ -501,7 +511,7 @@ def _rule_command(argv: list[str]) -> int:
     parser = _Parser(prog="modelcheck rule", description="Explain one rule.")
     parser.add_argument("rule", help="code (MC101) or slug (dead-units)")
     args = parser.parse_args(argv)
-    every = load_rule_set(Settings())
+    every = rules_module.load_rule_set(Settings())
     matches = [r for r in every if args.rule in (r.code, r.slug)]
     if not matches:
         rules_module.resolve(every, args.rule, "rule")  # raises, with a suggestion

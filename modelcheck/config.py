@@ -21,10 +21,8 @@ from pathlib import Path
 import tomllib
 
 from modelcheck import rules
-from modelcheck.engine import load_rule_set
 from modelcheck.errors import ConfigError
-from modelcheck.probe import DATASETS
-from modelcheck.settings import Settings
+from modelcheck.settings import DATASETS, Settings
 
 PYPROJECT = "pyproject.toml"
 _TABLE = ("tool", "modelcheck")
@@ -152,7 +150,7 @@ def _check_rule_names(
 ) -> None:
     """Every rule the file names must exist among the built-in and ``extend-rules`` rules,
     and every key of a ``[rules.NAME]`` table must be a threshold or parameter of it."""
-    every = load_rule_set(Settings(extend_rules=settings.extend_rules))
+    every = rules.load_rule_set(Settings(extend_rules=settings.extend_rules))
     for key, value in table.items():
         name = key.replace("-", "_")
         where = _where(file, text, (*prefix, key))

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import fnmatch
-import glob
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from modelcheck import capture, capture_graph, distributed, progress, rules
+from modelcheck import __version__, capture, capture_graph, distributed, progress, rules
 from modelcheck.errors import BatchOutOfMemory, CaptureError, ConfigError
 from modelcheck.metrics import derive
 from modelcheck.probe import (
@@ -33,8 +31,6 @@ from modelcheck.rules import Finding, Rule
 from modelcheck.settings import Settings
 from modelcheck.source import LoadedModel
 from modelcheck.stats import NonfiniteCounter, RunStats, StatsCollector
-
-__version__ = "0.1.0"
 
 
 def check(
@@ -290,33 +286,8 @@ def _release_memory(error: BaseException) -> None:
         torch.cuda.empty_cache()
 
 
-def load_rule_set(settings: Settings) -> tuple[Rule, ...]:
-    """Built-in rules plus ``extend_rules`` files, with per-rule overrides applied."""
-    paths = sorted(rules.builtin_rules_dir().glob("*.toml"))
-    for pattern in settings.extend_rules:
-        matched = sorted(Path(p) for p in glob.glob(pattern))
-        if not matched:
-            raise ConfigError(f"extend-rules: {pattern!r} matches no rule file")
-        paths += matched
-    every = rules.load_rules(paths)
-    overridden = []
-    for rule in every:
-        overrides = {}
-        for key, values in settings.rules.items():
-            if key in (rule.slug, rule.code):
-                overrides.update(values)
-        overridden.append(
-            rule.with_overrides(overrides, f"rules.{rule.slug}") if overrides else rule
-        )
-    known = {r.slug for r in every} | {r.code for r in every}
-    for key in settings.rules:
-        if key not in known:
-            rules.resolve(every, key, "rules")  # raises with a suggestion
-    return tuple(overridden)
-
-
 def select_rules(settings: Settings) -> tuple[Rule, ...]:
-    every = load_rule_set(settings)
+    every = rules.load_rule_set(settings)
     chosen = rules.select(every, settings.select, settings.ignore)
     if settings.extend_select:
         extra = rules.select(every, settings.extend_select, settings.ignore, "extend-select")

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import jinja2
 import numpy as np
 
-from modelcheck.metrics import ACTIVATION_FAMILIES, reference_values
+from modelcheck.families import ACTIVATION_FAMILIES
+from modelcheck.metrics import reference_values
 from modelcheck.renderers import format_number
 from modelcheck.report import Report
 from modelcheck.rules import Finding, Rule, severity_rank

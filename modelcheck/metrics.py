@@ -11,11 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from modelcheck.capture import ACTIVATION_FAMILIES
-from modelcheck.stats import Distribution, LayerStats, RunStats
+from modelcheck.families import ACTIVATION_FAMILIES
+
+if TYPE_CHECKING:  # the types only: rules load without torch
+    from modelcheck.stats import Distribution, LayerStats, RunStats
 
 # He gain for the ReLU family, LeCun (1) otherwise: std * sqrt(fan_in) a layer should start at.
 _HE_FAMILIES = frozenset({"relu", "relu6", "leaky_relu", "elu", "gelu", "silu"})

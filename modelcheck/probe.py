@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from modelcheck.errors import ConfigError, ProbeError
+from modelcheck.settings import DATASETS
 from modelcheck.source import verify_archive
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "split_batches",
 ]
 
-DATASETS = ("iris", "digits", "wine", "breast_cancer")
 _FILE_TYPES = (".pt", ".pth", ".npy", ".npz", ".csv")
 _ACCEPTED = (
     "expected a .pt/.pth, .npy, .npz or .csv file, a scikit-learn dataset name "

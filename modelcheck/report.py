@@ -15,9 +15,12 @@ import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modelcheck.rules import SEVERITIES, Finding, Rule, severity_rank
-from modelcheck.stats import Distribution, LayerStats
+
+if TYPE_CHECKING:  # the types only: renderers load without torch
+    from modelcheck.stats import Distribution, LayerStats
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import glob
 import math
 import re
 import string
@@ -25,6 +26,7 @@ import tomllib
 from modelcheck import expr
 from modelcheck.errors import ConfigError, RuleError
 from modelcheck.metrics import LAYER_METRICS, MODEL_METRICS, PARAMETER_METRICS, Metrics
+from modelcheck.settings import Settings
 
 SEVERITIES = ("error", "warning", "info")
 SCOPES = ("model", "layer", "parameter")
@@ -158,6 +160,31 @@ def builtin_rules_dir() -> Path:
     from modelcheck._resources import data_dir
 
     return data_dir("rules")
+
+
+def load_rule_set(settings: Settings) -> tuple[Rule, ...]:
+    """Built-in rules plus ``extend_rules`` files, with per-rule overrides applied."""
+    paths = sorted(builtin_rules_dir().glob("*.toml"))
+    for pattern in settings.extend_rules:
+        matched = sorted(Path(p) for p in glob.glob(pattern))
+        if not matched:
+            raise ConfigError(f"extend-rules: {pattern!r} matches no rule file")
+        paths += matched
+    every = load_rules(paths)
+    overridden = []
+    for rule in every:
+        overrides = {}
+        for key, values in settings.rules.items():
+            if key in (rule.slug, rule.code):
+                overrides.update(values)
+        overridden.append(
+            rule.with_overrides(overrides, f"rules.{rule.slug}") if overrides else rule
+        )
+    known = {r.slug for r in every} | {r.code for r in every}
+    for key in settings.rules:
+        if key not in known:
+            resolve(every, key, "rules")  # raises with a suggestion
+    return tuple(overridden)
 
 
 def load_rule_file(path: Path) -> Rule:

@@ -13,10 +13,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from modelcheck.errors import ConfigError
-from modelcheck.stats import DEFAULT_SAMPLE_SIZE
 
 SEVERITY_CHOICES = ("error", "warning", "info", "never")
 LOSS_CHOICES = ("auto", "cross_entropy", "mse", "bce")
+DATASETS = ("iris", "digits", "wine", "breast_cancer")
+"""scikit-learn's bundled datasets that ``probe`` may name."""
+DEFAULT_SAMPLE_SIZE = 16_384
 
 
 @dataclass(frozen=True, slots=True)

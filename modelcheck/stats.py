@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from modelcheck.capture import LayerInfo
+from modelcheck.settings import DEFAULT_SAMPLE_SIZE
 
 DEAD_BELOW = 0.01
 """A ReLU, GELU or SiLU unit is dead when it is active (> 0) on fewer than this fraction
@@ -35,7 +36,6 @@ SATURATED_FROM = 0.95
 
 HISTOGRAM_BINS = 50
 QUANTILE_STEPS = 100
-DEFAULT_SAMPLE_SIZE = 16_384
 FULL_RATE_BATCHES = 16
 """Batches sampled at the full per-batch size; a longer probe spreads their total over all
 its batches, so sampling costs less per batch as the probe grows."""

@@ -245,6 +245,38 @@ def test_unknown_rule_suggests_a_close_one(capsys):
     assert_one_line_error(code, err, "dead-unit", "dead-units")
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["rule", "MC101"],
+        ["rules"],
+        ["rules", "--format", "json"],
+        ["--show-settings"],
+        ["--help"],
+        ["--version"],
+        ["--bogus"],
+        ["rule", "nothing-like-it"],
+    ],
+)
+def test_commands_that_run_no_model_do_not_import_torch(tmp_path, argv):
+    """Importing torch takes seconds: explaining a rule or a flag must not wait for it."""
+    code = (
+        "import sys\n"
+        "from modelcheck.cli import main\n"
+        "try:\n"
+        f"    code = main({argv!r})\n"
+        "except SystemExit as stop:\n"
+        "    code = stop.code\n"
+        "print('torch' in sys.modules, code, file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
+    imported, exit_code = result.stderr.strip().splitlines()[-1].split()
+    assert imported == "False", result.stderr
+    assert exit_code == ("2" if argv[0] == "--bogus" or "nothing-like-it" in argv else "0")
+
+
 def test_demo_prints_per_layer_findings_for_the_seed_network(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, _ = run(["demo"], capsys)
