@@ -225,6 +225,29 @@ def mmap_probe(rows_list: list[int], width: int) -> list[dict[str, float]]:
     return results
 
 
+STARTUP_COMMANDS = (["--version"], ["rules"], ["rule", "MC101"], ["--show-settings"])
+
+
+def startup(repeat: int) -> list[dict]:
+    """Wall time of fresh processes: the commands that run no model, and the imports a
+    check cannot avoid (Python alone, Python importing torch)."""
+    runs = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "python -c 'import torch'": [sys.executable, "-c", "import torch"],
+    }
+    for argv in STARTUP_COMMANDS:
+        runs["modelcheck " + " ".join(argv)] = [sys.executable, "-m", "modelcheck.cli", *argv]
+    rows = []
+    for name, command in runs.items():
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+        rows.append({"command": name, "seconds": statistics.median(times)})
+    return rows
+
+
 # -- the write-up ------------------------------------------------------------------------------
 
 
@@ -347,6 +370,15 @@ def report(results: dict, repeat: int) -> str:
     ]
     for row in results["mmap"]:
         lines.append(f"| {row['rows']:,} rows, {row['file_mib']:.0f} MiB | {row['anon']:.0f} MiB |")
+    lines += [
+        "",
+        "### Start-up of the commands that run no model (fresh process each)",
+        "",
+        "| command | wall time |",
+        "|---|---|",
+    ]
+    for row in results["startup"]:
+        lines.append(f"| `{row['command']}` | {row['seconds']:.2f} s |")
     return "\n".join(lines) + "\n"
 
 
@@ -386,6 +418,8 @@ def main() -> None:
     results["memory"] = memory_scaling(sizes, results["memory_width"])
     rows = [20_000] if args.quick else [200_000, 2_000_000]
     results["mmap"] = mmap_probe(rows, 256)
+    print("start-up ...", file=sys.stderr, flush=True)
+    results["startup"] = startup(repeat)
     results["load"]["end"] = f"{os.getloadavg()[0]:.1f}"
     text = report(results, repeat)
     print(text)
