@@ -286,6 +286,19 @@ def test_merging_two_halves_equals_summarising_the_whole(values, cut):
     assert sorted(merged.quantiles) == pytest.approx(sorted(whole.quantiles))
 
 
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    values=arrays(np.float64, st.integers(1, 300), elements=finite_floats),
+    ties=st.booleans(),
+)
+def test_quantiles_are_numpys_exactly_when_every_value_is_kept(values, ties):
+    if ties:  # repeated values: neighbours of an interpolation are often equal
+        values = np.round(values, 0)
+    dist = summarise([torch.from_numpy(values).reshape(-1, 1)]).finalize()
+    expected = np.quantile(values, np.linspace(0, 1, 101))
+    np.testing.assert_array_equal(dist.quantiles, expected)
+
+
 def test_gradient_rms_and_mean_magnitude_match_numpy():
     grads = [torch.randn(30, 7, dtype=torch.float64) * 1e-3 for _ in range(3)]
     summary = GradientSummary(Sampler(1 << 16, seed=0))
