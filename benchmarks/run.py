@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import os
 import platform
 import statistics
@@ -228,24 +229,22 @@ def mmap_probe(rows_list: list[int], width: int) -> list[dict[str, float]]:
 STARTUP_COMMANDS = (["--version"], ["rules"], ["rule", "MC101"], ["--show-settings"])
 
 
-def startup(repeat: int) -> list[dict]:
+def startup(repeat: int) -> dict[str, float]:
     """Wall time of fresh processes: the commands that run no model, and the imports a
     check cannot avoid (Python alone, Python importing torch)."""
-    runs = {
+    commands = {
         "python -c pass": [sys.executable, "-c", "pass"],
         "python -c 'import torch'": [sys.executable, "-c", "import torch"],
     }
     for argv in STARTUP_COMMANDS:
-        runs["modelcheck " + " ".join(argv)] = [sys.executable, "-m", "modelcheck.cli", *argv]
-    rows = []
-    for name, command in runs.items():
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            subprocess.run(command, check=True, capture_output=True)
-            times.append(time.perf_counter() - start)
-        rows.append({"command": name, "seconds": statistics.median(times)})
-    return rows
+        commands["modelcheck " + " ".join(argv)] = [sys.executable, "-m", "modelcheck.cli", *argv]
+    runs = {
+        name: functools.partial(subprocess.run, command, check=True, capture_output=True)
+        for name, command in commands.items()
+    }
+    times = medians(runs, repeat)
+    del times["rounds"]
+    return times
 
 
 # -- the write-up ------------------------------------------------------------------------------
@@ -377,8 +376,8 @@ def report(results: dict, repeat: int) -> str:
         "| command | wall time |",
         "|---|---|",
     ]
-    for row in results["startup"]:
-        lines.append(f"| `{row['command']}` | {row['seconds']:.2f} s |")
+    for command, seconds in results["startup"].items():
+        lines.append(f"| `{command}` | {seconds:.2f} s |")
     return "\n".join(lines) + "\n"
 
 
