@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from modelcheck import kernel
 from modelcheck.capture import LayerInfo
 from modelcheck.settings import DEFAULT_SAMPLE_SIZE
 
@@ -303,15 +304,24 @@ class _BatchSlots:
 
 
 class _Plan:
-    """What a summary reuses while its batches keep one shape and dtype: the pieces a
-    batch is cut into and, per piece, the shift broadcast to its shape and the dtype its
-    flags are counted in. Working these out on every batch costs a few microseconds
-    each, as much as a reduction over a small activation."""
+    """What a summary reuses while its batches keep one shape and dtype: whether the
+    compiled kernel reduces them (with the shift in its dtype and the saturation test
+    in its form), or else the pieces a batch is cut into and, per piece, the shift
+    broadcast to its shape and the dtype its flags are counted in. Working these out on
+    every batch costs a few microseconds each, as much as a reduction over a small
+    activation."""
 
-    __slots__ = ("key", "pieces", "rows", "shift")
+    __slots__ = ("kernel", "key", "pieces", "rows", "saturation", "shift")
 
-    def __init__(self, key: tuple, x3: torch.Tensor, shift: torch.Tensor) -> None:
+    def __init__(
+        self, key: tuple, x3: torch.Tensor, shift: torch.Tensor, saturation: tuple | None
+    ) -> None:
         self.key, self.shift = key, shift
+        self.kernel = kernel.accepts(x3) and _flags_dtype(x3) == x3.dtype
+        self.saturation = kernel.saturation_test(saturation)
+        if self.kernel:
+            self.rows, self.pieces = x3.shape[0], [(shift.to(x3.dtype).contiguous(), x3.dtype)]
+            return
         self.rows = _piece_rows(x3)
         shift_like = shift.to(x3.dtype).reshape(1, -1, 1)
         self.pieces = [
@@ -654,8 +664,11 @@ class TensorSummary:
     def _into_slots(self, x3: torch.Tensor, slots: _BatchSlots) -> None:
         plan, first = self._plan_for(x3), slots.filled
         pieces = len(plan.pieces)
-        for piece, planned in zip(x3.split(plan.rows) if pieces > 1 else (x3,), plan.pieces):
-            self._piece_into_slots(piece, slots, *planned)
+        if plan.kernel:
+            self._kernel_into_slots(x3, slots, plan)
+        else:
+            for piece, planned in zip(x3.split(plan.rows) if pieces > 1 else (x3,), plan.pieces):
+                self._piece_into_slots(piece, slots, *planned)
         if first + pieces <= slots.capacity:  # no fold in between overwrote them
             self._last_rows = (slots, first, pieces)
 
@@ -664,7 +677,7 @@ class TensorSummary:
         key = (x3.shape, x3.dtype)
         plan = self._plan
         if plan is None or plan.key != key or plan.shift is not self.unit_shift:
-            plan = self._plan = _Plan(key, x3, self.unit_shift)
+            plan = self._plan = _Plan(key, x3, self.unit_shift, self.saturation)
         return plan
 
     def _copied_from(self, source: TensorSummary, x3: torch.Tensor) -> bool:
@@ -701,6 +714,14 @@ class TensorSummary:
         if slots.filled == slots.capacity:
             self._fold()
         return True
+
+    def _kernel_into_slots(self, x3: torch.Tensor, slots: _BatchSlots, plan: _Plan) -> None:
+        """Reduce ``x3`` into the next slot row in one pass of the compiled kernel."""
+        kernel.reduce_into(x3, plan.pieces[0][0], slots.rows[slots.filled], plan.saturation)
+        self.count += x3.numel()
+        slots.filled += 1
+        if slots.filled == slots.capacity:
+            self._fold()
 
     def _piece_into_slots(
         self,

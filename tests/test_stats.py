@@ -17,6 +17,7 @@ from hypothesis.extra.numpy import arrays
 from torch import nn
 
 import modelcheck
+from modelcheck import kernel
 from modelcheck.stats import (
     _PIECE_VALUES,
     DEAD_BELOW,
@@ -34,6 +35,17 @@ from modelcheck.stats import (
 )
 
 RTOL = 1e-6
+
+
+@pytest.fixture(params=["kernel", "torch"], autouse=True)
+def reduction(request, monkeypatch):
+    """Every test here runs twice: float32 activations reduced by the compiled kernel,
+    then by PyTorch's operations, which the kernel stands in for."""
+    if request.param == "kernel" and kernel.LIBRARY is None:
+        pytest.fail("modelcheck._kernel is not built: reinstall with a C compiler present")
+    if request.param == "torch":
+        monkeypatch.setattr(kernel, "LIBRARY", None)
+    return request.param
 
 
 def summarise(batches, unit_dim=1, sample_size=1 << 16, probe_batches=None, **kwargs):
@@ -475,6 +487,7 @@ def test_batches_after_the_shift_is_replaced_are_reduced_around_the_new_one():
     np.testing.assert_allclose(summary.finalize().unit_std, values.std(axis=0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["torch"], indirect=True)  # its workspaces
 def test_a_workspace_that_grows_lets_the_smaller_buffer_go():
     # Views of the shared workspace are kept with it, not by the summaries: when a larger
     # activation needs a larger buffer, nothing holds on to the smaller one.
@@ -492,6 +505,7 @@ def test_a_workspace_that_grows_lets_the_smaller_buffer_go():
     np.testing.assert_allclose(small.finalize().unit_std, values.std(axis=0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["torch"], indirect=True)  # its workspaces
 def test_workspace_views_do_not_pile_up_when_every_batch_has_another_shape():
     scratch: dict = {}
     summary = TensorSummary(Sampler(), scratch=scratch)
@@ -533,6 +547,7 @@ def copies(monkeypatch) -> list[bool]:
     return seen
 
 
+@pytest.mark.parametrize("reduction", ["torch"], indirect=True)  # float64: never the kernel
 @pytest.mark.parametrize("piece_values", [_PIECE_VALUES, 64])
 def test_a_layer_returning_its_input_copies_the_results_of_the_layer_before(
     monkeypatch, copies, piece_values

@@ -1,0 +1,145 @@
+"""The compiled one-pass reduction against numpy on the same values, and a check that
+uses it against one that does not."""
+
+from __future__ import annotations
+
+import math
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import modelcheck
+from modelcheck import kernel
+
+SATURATIONS = [None, (-0.99, 0.99), (0.005, 0.995), (-math.inf, 6.0), (-2.0, 1.0)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def built():
+    if kernel.LIBRARY is None:
+        pytest.fail("modelcheck._kernel is not built: reinstall with a C compiler present")
+
+
+def reduced(x3: torch.Tensor, shift: torch.Tensor, saturation=None) -> list[np.ndarray]:
+    units = x3.shape[1]
+    outputs = (*torch.full((2, units), math.nan), *torch.full((2,), math.nan))
+    tracked = units if saturation else 0  # as in a summary: empty when not kept
+    outputs += (torch.full((units,), math.nan), torch.full((tracked,), math.nan))
+    kernel.reduce_into(x3, shift, outputs, kernel.saturation_test(saturation))
+    return [t.double().numpy() for t in outputs]
+
+
+def expected(x3: torch.Tensor, shift: torch.Tensor, saturation=None) -> list[np.ndarray]:
+    x = x3.numpy().transpose(1, 0, 2).reshape(x3.shape[1], -1)  # (units, positions)
+    deviations = (x - shift.numpy()[:, None]).astype(np.float64)  # as float32 subtracts
+    low, high = saturation or (0.0, 0.0)
+    if saturation is None:
+        saturated = np.ones((0, 1))
+    elif math.isinf(low):
+        saturated = x >= np.float32(high)
+    else:
+        saturated = np.abs(x - np.float32((high + low) / 2)) >= np.float32((high - low) / 2)
+    x = x.astype(np.float64)
+    return [
+        x.sum(1),
+        (deviations**2).sum(1),
+        np.array(x.min()),
+        np.array(x.max()),
+        (x > 0).sum(1),
+        saturated.sum(1),
+    ]
+
+
+def assert_agree(got, want, x3):
+    unit_sum, unit_dsumsq, low, high, active, saturated = got
+    scale = np.abs(x3.double().numpy()).transpose(1, 0, 2).reshape(x3.shape[1], -1).sum(1)
+    assert np.all(np.abs(unit_sum - want[0]) <= 1e-6 * scale + 1e-30)
+    np.testing.assert_allclose(unit_dsumsq, want[1], rtol=1e-6, atol=1e-30)
+    assert (low, high) == (want[2], want[3])  # extremes are exact
+    np.testing.assert_array_equal(active, want[4])  # so are counts
+    np.testing.assert_array_equal(saturated, want[5])
+
+
+shapes = st.tuples(st.integers(1, 40), st.integers(1, 24), st.integers(1, 70))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    shape=shapes,
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.sampled_from([1e-3, 1.0, 3.0, 1e3]),
+    saturation=st.sampled_from(SATURATIONS),
+    threaded=st.booleans(),
+)
+def test_the_kernel_agrees_with_numpy(shape, seed, scale, saturation, threaded):
+    gen = torch.Generator().manual_seed(seed)
+    x3 = torch.randn(shape, generator=gen) * scale
+    x3[torch.rand(shape, generator=gen) < 0.2] = 0.0  # exact zeros: neither positive nor not
+    x3[torch.rand(shape, generator=gen) < 0.1] = 6.0  # exactly at a saturation bound
+    shift = x3[:1].mean((0, 2))
+    # Threaded, even tiny inputs are split between threads.
+    with mock.patch.object(kernel, "_THREADED_FROM", 0 if threaded else 1 << 62):
+        got = reduced(x3, shift, saturation)
+    assert_agree(got, expected(x3, shift, saturation), x3)
+
+
+@pytest.mark.parametrize("shape", [(3000, 700, 1), (16, 64, 1200)], ids=["rows", "runs"])
+def test_large_activations_split_between_threads_agree_with_numpy(shape):
+    x3 = torch.randn(shape, generator=torch.Generator().manual_seed(1)).relu_() + 0.25
+    assert x3.numel() >= kernel._THREADED_FROM
+    shift = x3[:2].mean((0, 2))
+    assert_agree(reduced(x3, shift), expected(x3, shift), x3)
+
+
+@pytest.mark.parametrize("inner", [1, 5])
+def test_a_nan_makes_both_extremes_nan_as_torch_aminmax_does(inner):
+    x3 = torch.randn(6, 4, inner)
+    x3[3, 2, 0] = math.nan
+    x3[1, 1, 0] = math.inf
+    got = reduced(x3, torch.zeros(4))
+    assert np.isnan(got[2]) and np.isnan(got[3])
+    assert all(math.isnan(v) for v in torch.aminmax(x3))
+    assert np.isnan(got[0][2]) and np.isinf(got[0][1]) and np.isfinite(got[0][[0, 3]]).all()
+
+
+def test_it_takes_contiguous_float32_cpu_tensors_only():
+    x = torch.randn(4, 3, 2)
+    assert kernel.accepts(x)
+    assert not kernel.accepts(x.double())
+    assert not kernel.accepts(x.half())
+    assert not kernel.accepts(x.transpose(0, 2))
+
+
+def statistics(report):
+    fields = ("mean", "std", "min", "max", "zero_fraction", "unit_mean", "unit_std")
+    fields += ("unit_active_fraction", "unit_saturated_fraction", "saturated_value_fraction")
+    return {layer.name: [getattr(layer.activation, f) for f in fields] for layer in report.layers}
+
+
+def test_a_check_with_the_kernel_equals_one_without(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Tanh(), nn.Flatten(),
+        nn.Linear(8 * 12 * 12, 32), nn.ReLU6(), nn.Linear(32, 16), nn.Sigmoid(),
+    )  # fmt: skip
+    with torch.no_grad():
+        model[2].weight.mul_(1000)  # pins tanh units at ±1
+        model[5].bias[:16] = -20.0  # and kills half the ReLU6 units
+    x = torch.randn(96, 3, 16, 16)
+    with_kernel = modelcheck.check(model, x, batch_size=32)
+    monkeypatch.setattr(kernel, "LIBRARY", None)
+    without = modelcheck.check(model, x, batch_size=32)
+    assert [f.code for f in with_kernel.findings] == [f.code for f in without.findings]
+    assert {"MC101", "MC102"} <= {f.code for f in with_kernel.findings}
+    ours, theirs = statistics(with_kernel), statistics(without)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        for got, want in zip(ours[name], theirs[name]):
+            assert (got is None) == (want is None), name
+            if got is not None:
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=name)
