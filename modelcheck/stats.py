@@ -304,23 +304,22 @@ class _BatchSlots:
 
 
 class _Plan:
-    """What a summary reuses while its batches keep one shape and dtype: whether the
-    compiled kernel reduces them (with the shift in its dtype and the saturation test
-    in its form), or else the pieces a batch is cut into and, per piece, the shift
-    broadcast to its shape and the dtype its flags are counted in. Working these out on
-    every batch costs a few microseconds each, as much as a reduction over a small
-    activation."""
+    """What a summary reuses while its batches keep one shape and dtype: the shift in the
+    compiled kernel's form, if the kernel takes these batches; else the pieces a batch is
+    cut into and, per piece, the shift broadcast to its shape and the dtype its flags are
+    counted in. Working these out on every batch costs a few microseconds each, as much
+    as a reduction over a small activation."""
 
-    __slots__ = ("kernel", "key", "pieces", "rows", "saturation", "shift")
+    __slots__ = ("kernel_shift", "key", "pieces", "rows", "saturation", "shift")
 
     def __init__(
         self, key: tuple, x3: torch.Tensor, shift: torch.Tensor, saturation: tuple | None
     ) -> None:
         self.key, self.shift = key, shift
-        self.kernel = kernel.accepts(x3) and _flags_dtype(x3) == x3.dtype
         self.saturation = kernel.saturation_test(saturation)
-        if self.kernel:
-            self.rows, self.pieces = x3.shape[0], [(shift.to(x3.dtype).contiguous(), x3.dtype)]
+        self.kernel_shift, self.pieces = None, []
+        if kernel.accepts(x3) and _flags_dtype(x3) == x3.dtype:
+            self.kernel_shift, self.rows = shift.to(x3.dtype).contiguous(), x3.shape[0]
             return
         self.rows = _piece_rows(x3)
         shift_like = shift.to(x3.dtype).reshape(1, -1, 1)
@@ -541,7 +540,8 @@ class TensorSummary:
     from zero (sigmoid outputs near 1, a collapsed output) keeps its spread exactly
     instead of losing it to the cancellation of sum(x²) - sum(x)²/n. Passes over each
     batch: sum; squared deviations written into a shared workspace and summed; both
-    extremes; plus a flag-and-count for activity or saturation. Each reduction covers
+    extremes; plus a flag-and-count for activity or saturation (a float32 batch in CPU
+    memory takes one pass of the compiled kernel instead: see kernel.py). Each reduction covers
     every position axis in one call in the input's dtype (pairwise summation: float32
     partial sums are good to ~1e-7), and only the per-unit results are accumulated in
     float64.
@@ -663,8 +663,8 @@ class TensorSummary:
 
     def _into_slots(self, x3: torch.Tensor, slots: _BatchSlots) -> None:
         plan, first = self._plan_for(x3), slots.filled
-        pieces = len(plan.pieces)
-        if plan.kernel:
+        pieces = max(1, len(plan.pieces))
+        if plan.kernel_shift is not None:
             self._kernel_into_slots(x3, slots, plan)
         else:
             for piece, planned in zip(x3.split(plan.rows) if pieces > 1 else (x3,), plan.pieces):
@@ -717,7 +717,7 @@ class TensorSummary:
 
     def _kernel_into_slots(self, x3: torch.Tensor, slots: _BatchSlots, plan: _Plan) -> None:
         """Reduce ``x3`` into the next slot row in one pass of the compiled kernel."""
-        kernel.reduce_into(x3, plan.pieces[0][0], slots.rows[slots.filled], plan.saturation)
+        kernel.reduce_into(x3, plan.kernel_shift, slots.rows[slots.filled], plan.saturation)
         self.count += x3.numel()
         slots.filled += 1
         if slots.filled == slots.capacity:
