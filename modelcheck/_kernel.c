@@ -5,32 +5,34 @@
  * (activity) or at or beyond the flat regions of a bounded activation (saturation); and the
  * block's minimum and maximum. Eager PyTorch needs five or six passes for the same results.
  *
- * Values are summed in float32 vector lanes over short runs, and the runs in double, so the
- * rounding stays at float32's own (~1e-7 relative), as with PyTorch's pairwise sums.
+ * Where units lie side by side, their sums go straight into double; where each unit's values
+ * lie in runs, they are summed in float32 vector lanes 256 at a time and those sums in double.
+ * Either way the rounding is no worse than PyTorch's pairwise float32 sums (~1e-7 relative).
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 enum { SATURATION_NONE = 0, SATURATION_ABOVE = 1, SATURATION_AWAY = 2 };
 
-/* Rows (or values of one unit's run) summed in float32 before being added in double. */
+/* Values of one unit's run summed in float32 before being added in double. */
 #define RUN 256
-#define MAX_THREADS 64
+/* Runs shorter than this are reduced row by row instead: vector lanes over runs of 4 or 16
+ * values spend more time starting and ending than summing (64x512x4: 1.4 ms by runs). */
+#ifndef ROWS_BELOW
+#define ROWS_BELOW 64
+#endif
 
 typedef struct {
     const float *x;
-    int64_t first, last; /* rows of the outer axis */
-    int64_t units, inner;
+    int64_t outer, units, inner;
     const float *shift;
     int saturation;
     float centre, bound;
     double *sum, *dsumsq, *active, *saturated; /* per unit; active/saturated may be NULL */
     float low, high;
     int nan; /* a NaN was seen */
-    int failed;
-} Part;
+} Reduction;
 
 /* Built for AVX2 as well as the baseline where the compiler can pick at load time: the
  * passes are twice as fast with 8-value lanes. */
@@ -49,44 +51,53 @@ INLINE float saturated_flag(float v, int saturation, float centre, float bound) 
     return fabsf(v - centre) >= bound ? 1.0f : 0.0f;
 }
 
-/* inner == 1 (a Linear's or a sequence's outputs): units lie side by side in a row. Sums go
- * straight into double; counts stay exact in float32 (under 2^24 rows: see kernel.py). */
-INLINE int rows_of_kind(Part *p, const int saturation) {
-    int64_t units = p->units;
-    float *counts = calloc((size_t)(2 * units), sizeof(float));
-    if (counts == NULL) return 1;
-    float *a = counts, *t = counts + units;
-    double *s = p->sum, *q = p->dsumsq;
-    const float *shift = p->shift;
+/* Rows of (units x inner) values reduced position by position, each position's sums straight
+ * in double, its counts exact in float32 (fewer than 2^24 rows: see kernel.py), then the
+ * positions of each unit added up. For a Linear's outputs (inner == 1) and channels with few
+ * positions each, where a unit's run is too short to fill vector lanes. */
+INLINE int rows_of_kind(Reduction *p, const int saturation) {
+    int64_t units = p->units, inner = p->inner, columns = units * inner;
+    double *sums = calloc((size_t)(2 * columns), sizeof(double));
+    float *floats = calloc((size_t)(3 * columns), sizeof(float));
+    if (sums == NULL || floats == NULL) {
+        free(sums), free(floats);
+        return 1;
+    }
+    double *s = sums, *q = sums + columns;
+    float *a = floats, *t = floats + columns, *shift = floats + 2 * columns;
+    for (int64_t c = 0; c < columns; c++) shift[c] = p->shift[c / inner];
     float low = INFINITY, high = -INFINITY, nan = 0.0f, centre = p->centre, bound = p->bound;
-    for (int64_t r = p->first; r < p->last; r++) {
-        const float *row = p->x + r * units;
+    for (int64_t r = 0; r < p->outer; r++) {
+        const float *row = p->x + r * columns;
 #pragma omp simd reduction(min : low) reduction(max : high, nan)
-        for (int64_t u = 0; u < units; u++) {
-            float v = row[u], d = v - shift[u];
-            s[u] += v;
-            q[u] += d * d;
-            a[u] += v > 0.0f ? 1.0f : 0.0f;
-            t[u] += saturated_flag(v, saturation, centre, bound);
+        for (int64_t c = 0; c < columns; c++) {
+            float v = row[c], d = v - shift[c];
+            s[c] += v;
+            q[c] += d * d;
+            a[c] += v > 0.0f ? 1.0f : 0.0f;
+            t[c] += saturated_flag(v, saturation, centre, bound);
             low = v < low ? v : low;
             high = v > high ? v : high;
             nan = v != v ? 1.0f : nan;
         }
     }
-    for (int64_t u = 0; u < units; u++) {
-        if (p->active) p->active[u] = a[u];
-        if (p->saturated) p->saturated[u] = t[u];
+    for (int64_t c = 0; c < columns; c++) {
+        int64_t u = c / inner;
+        p->sum[u] += s[c];
+        p->dsumsq[u] += q[c];
+        if (p->active) p->active[u] += a[c];
+        if (p->saturated) p->saturated[u] += t[c];
     }
-    free(counts);
+    free(sums), free(floats);
     p->low = low, p->high = high, p->nan = nan != 0.0f;
     return 0;
 }
 
-/* inner > 1 (a convolution's channels): each unit's values lie in runs of `inner`. */
-INLINE int runs_of_kind(Part *p, const int saturation) {
+/* Long runs (a convolution's channels): each unit's values lie in runs of `inner`. */
+INLINE int runs_of_kind(Reduction *p, const int saturation) {
     int64_t units = p->units, inner = p->inner;
     float low = INFINITY, high = -INFINITY, nan = 0.0f, centre = p->centre, bound = p->bound;
-    for (int64_t r = p->first; r < p->last; r++) {
+    for (int64_t r = 0; r < p->outer; r++) {
         for (int64_t u = 0; u < units; u++) {
             const float *values = p->x + (r * units + u) * inner;
             float shift = p->shift[u];
@@ -115,7 +126,7 @@ INLINE int runs_of_kind(Part *p, const int saturation) {
     return 0;
 }
 
-VECTOR_VARIANTS static int reduce_rows(Part *p) {
+VECTOR_VARIANTS static int reduce_rows(Reduction *p) {
     switch (p->saturation) {
     case SATURATION_NONE: return rows_of_kind(p, SATURATION_NONE);
     case SATURATION_ABOVE: return rows_of_kind(p, SATURATION_ABOVE);
@@ -123,7 +134,7 @@ VECTOR_VARIANTS static int reduce_rows(Part *p) {
     }
 }
 
-VECTOR_VARIANTS static int reduce_runs(Part *p) {
+VECTOR_VARIANTS static int reduce_runs(Reduction *p) {
     switch (p->saturation) {
     case SATURATION_NONE: return runs_of_kind(p, SATURATION_NONE);
     case SATURATION_ABOVE: return runs_of_kind(p, SATURATION_ABOVE);
@@ -131,67 +142,32 @@ VECTOR_VARIANTS static int reduce_runs(Part *p) {
     }
 }
 
-static void *reduce_part(void *arg) {
-    Part *p = arg;
-    p->failed = p->inner == 1 ? reduce_rows(p) : reduce_runs(p);
-    return NULL;
-}
-
 /* Reduce x into the float32 outputs (each of `units` values; low and high one each; active
- * and saturated may be NULL). The outer axis is split between `threads` threads. Returns 0,
- * or 1 when memory ran out (the outputs are then unspecified). */
+ * and saturated may be NULL). Returns 0, or 1 when memory ran out (the outputs are then
+ * unspecified). One thread: the call follows a PyTorch operation whose OpenMP threads are
+ * still spinning, and a second thread of ours would only share a core with them (measured
+ * on 2 cores: 2.9 ms with two threads after a convolution, 2.7 ms with one). */
 int modelcheck_reduce_f32(const float *x, int64_t outer, int64_t units, int64_t inner,
                           const float *shift, float *sum, float *dsumsq, float *low,
                           float *high, float *active, float *saturated, int saturation,
-                          float centre, float bound, int threads) {
-    if (threads > outer) threads = (int)outer;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads < 1) threads = 1;
-    double *totals = calloc((size_t)(4 * threads * units), sizeof(double));
+                          float centre, float bound) {
+    double *totals = calloc((size_t)(4 * units), sizeof(double));
     if (totals == NULL) return 1;
-    Part parts[MAX_THREADS];
-    pthread_t started[MAX_THREADS];
-    int running[MAX_THREADS] = {0};
-    for (int k = 0; k < threads; k++) {
-        double *mine = totals + (size_t)(4 * k * units);
-        parts[k] = (Part){
-            .x = x, .first = outer * k / threads, .last = outer * (k + 1) / threads,
-            .units = units, .inner = inner, .shift = shift, .saturation = saturation,
-            .centre = centre, .bound = bound, .sum = mine, .dsumsq = mine + units,
-            .active = active ? mine + 2 * units : NULL,
-            .saturated = saturated ? mine + 3 * units : NULL,
-        };
-    }
-    for (int k = 1; k < threads; k++)
-        running[k] = pthread_create(&started[k], NULL, reduce_part, &parts[k]) == 0;
-    for (int k = 0; k < threads; k++)
-        if (k == 0 || !running[k]) reduce_part(&parts[k]); /* a thread that failed to start */
-    int failed = 0;
-    for (int k = 1; k < threads; k++)
-        if (running[k]) pthread_join(started[k], NULL);
-    float lo = INFINITY, hi = -INFINITY;
-    int nan = 0;
-    for (int k = 0; k < threads; k++) {
-        failed |= parts[k].failed;
-        lo = parts[k].low < lo ? parts[k].low : lo;
-        hi = parts[k].high > hi ? parts[k].high : hi;
-        nan |= parts[k].nan;
-    }
-    for (int64_t u = 0; u < units; u++) {
-        double s = 0.0, q = 0.0, a = 0.0, t = 0.0;
-        for (int k = 0; k < threads; k++) {
-            s += parts[k].sum[u];
-            q += parts[k].dsumsq[u];
-            if (active) a += parts[k].active[u];
-            if (saturated) t += parts[k].saturated[u];
-        }
-        sum[u] = (float)s, dsumsq[u] = (float)q;
-        if (active) active[u] = (float)a;
-        if (saturated) saturated[u] = (float)t;
+    Reduction part = {
+        .x = x, .outer = outer, .units = units, .inner = inner, .shift = shift,
+        .saturation = saturation, .centre = centre, .bound = bound, .sum = totals,
+        .dsumsq = totals + units, .active = active ? totals + 2 * units : NULL,
+        .saturated = saturated ? totals + 3 * units : NULL,
+    };
+    int failed = inner < ROWS_BELOW ? reduce_rows(&part) : reduce_runs(&part);
+    for (int64_t u = 0; !failed && u < units; u++) {
+        sum[u] = (float)part.sum[u], dsumsq[u] = (float)part.dsumsq[u];
+        if (active) active[u] = (float)part.active[u];
+        if (saturated) saturated[u] = (float)part.saturated[u];
     }
     /* Like torch.aminmax: a NaN anywhere makes both extremes NaN. */
-    *low = nan ? NAN : lo;
-    *high = nan ? NAN : hi;
+    *low = part.nan ? NAN : part.low;
+    *high = part.nan ? NAN : part.high;
     free(totals);
     return failed;
 }

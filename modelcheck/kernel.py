@@ -16,10 +16,6 @@ import torch
 
 __all__ = ["LIBRARY", "SaturationTest", "accepts", "reduce_into", "saturation_test"]
 
-_THREADED_FROM = 1 << 20
-"""Values from which the outer axis is split between torch's threads: below, starting
-them costs more than they save (measured on 2 cores: ~0.1 ms a call)."""
-
 _NONE, _ABOVE, _AWAY = 0, 1, 2  # the kernel's kinds of saturation test
 
 SaturationTest = tuple[int, float, float]
@@ -39,7 +35,7 @@ def _load() -> ctypes.CDLL | None:
     pointer, size, flt = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     function = library.modelcheck_reduce_f32
     function.argtypes = [pointer, size, size, size, *[pointer] * 7]
-    function.argtypes += [ctypes.c_int, flt, flt, ctypes.c_int]
+    function.argtypes += [ctypes.c_int, flt, flt]
     function.restype = ctypes.c_int
     return library
 
@@ -79,7 +75,6 @@ def reduce_into(
     saturated): per unit the sum of x and of (x - shift)², the count of positive values
     and of saturated ones (each of those two skipped when empty), and the extremes."""
     unit_sum, unit_dsumsq, low, high, active, saturated = outputs
-    threads = torch.get_num_threads() if x3.numel() >= _THREADED_FROM else 1
     failed = LIBRARY.modelcheck_reduce_f32(
         x3.data_ptr(),
         *x3.shape,
@@ -91,7 +86,6 @@ def reduce_into(
         active.data_ptr() if active.numel() else None,
         saturated.data_ptr() if saturated.numel() else None,
         *saturation,
-        threads,
     )
     if failed:
         raise MemoryError("out of memory in modelcheck's reduction kernel")
