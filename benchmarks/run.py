@@ -36,6 +36,7 @@ import baselines  # noqa: E402
 import models  # noqa: E402
 
 import modelcheck  # noqa: E402
+from modelcheck import kernel  # noqa: E402
 
 README = HERE / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -265,6 +266,8 @@ def machine() -> list[str]:
         f"({torch.get_num_threads()} threads), numpy {np.__version__}, "
         f"{platform.system()} {platform.release()}",
         "- load average at start / end: {start} / {end} (the machine is shared)",
+        "- statistics of float32 CPU activations: "
+        + ("one pass of the compiled kernel" if kernel.LIBRARY else "PyTorch's operations"),
     ]
 
 
