@@ -171,3 +171,29 @@ int modelcheck_reduce_f32(const float *x, int64_t outer, int64_t units, int64_t 
     free(totals);
     return failed;
 }
+
+VECTOR_VARIANTS static void power_sums(const float *values, int64_t n, double shift, double *sums,
+                                       int64_t *nonzero) {
+    double s1 = 0.0, s2 = 0.0, s3 = 0.0, s4 = 0.0;
+    int64_t counted = 0;
+#pragma omp simd reduction(+ : s1, s2, s3, s4, counted)
+    for (int64_t i = 0; i < n; i++) {
+        double d = (double)values[i] - shift, d2 = d * d;
+        s1 += d;
+        s2 += d2;
+        s3 += d2 * d;
+        s4 += d2 * d2;
+        counted += values[i] != 0.0f;
+    }
+    sums[0] += s1, sums[1] += s2, sums[2] += s3, sums[3] += s4;
+    if (nonzero) *nonzero += counted;
+}
+
+/* Add the sums of (v - shift)^k for k = 1..4, taken in double, to sums[0..3], and the count
+ * of nonzero values (NaN included, as torch.count_nonzero counts it) to *nonzero unless it is
+ * NULL: a batch's moment sample in one pass, instead of a conversion to double, two
+ * elementwise operations, two matrix-vector products and a count. */
+void modelcheck_power_sums_f32(const float *values, int64_t n, double shift, double *sums,
+                               int64_t *nonzero) {
+    power_sums(values, n, shift, sums, nonzero);
+}

@@ -14,7 +14,14 @@ import os
 
 import torch
 
-__all__ = ["LIBRARY", "SaturationTest", "accepts", "reduce_into", "saturation_test"]
+__all__ = [
+    "LIBRARY",
+    "SaturationTest",
+    "accepts",
+    "add_power_sums",
+    "reduce_into",
+    "saturation_test",
+]
 
 _NONE, _ABOVE, _AWAY = 0, 1, 2  # the kernel's kinds of saturation test
 
@@ -37,20 +44,22 @@ def _load() -> ctypes.CDLL | None:
     function.argtypes = [pointer, size, size, size, *[pointer] * 7]
     function.argtypes += [ctypes.c_int, flt, flt]
     function.restype = ctypes.c_int
+    function = library.modelcheck_power_sums_f32
+    function.argtypes = [pointer, size, ctypes.c_double, pointer, pointer]
+    function.restype = None
     return library
 
 
 LIBRARY = _load()
 
 
-def accepts(x3: torch.Tensor) -> bool:
-    """Whether the kernel can reduce this (outer, units, inner) view: contiguous float32
-    values in CPU memory."""
+def accepts(x: torch.Tensor) -> bool:
+    """Whether the kernel can read ``x``: contiguous float32 values in CPU memory."""
     return (
         LIBRARY is not None
-        and x3.dtype == torch.float32
-        and x3.device.type == "cpu"
-        and x3.is_contiguous()
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.is_contiguous()
     )
 
 
@@ -89,3 +98,17 @@ def reduce_into(
     )
     if failed:
         raise MemoryError("out of memory in modelcheck's reduction kernel")
+
+
+def add_power_sums(
+    values: torch.Tensor, shift: float, sums: torch.Tensor, nonzero: torch.Tensor | None
+) -> None:
+    """Add the sums of (value - shift)^k, k = 1..4, to the float64 ``sums``, and the count
+    of nonzero values to the int64 scalar ``nonzero`` (None: not counted)."""
+    LIBRARY.modelcheck_power_sums_f32(
+        values.data_ptr(),
+        values.numel(),
+        shift,
+        sums.data_ptr(),
+        None if nonzero is None else nonzero.data_ptr(),
+    )

@@ -361,6 +361,16 @@ class MomentSample:
         self.sums[2:].addmv_(powers, powers[1])
         self.n += n
 
+    def add_float32(self, values: torch.Tensor, nonzero: torch.Tensor | None) -> None:
+        """Fold in a 1-D float32 tensor the compiled kernel accepts, in one pass that also
+        counts its nonzero values into ``nonzero`` (if given)."""
+        if values.numel() == 0:
+            return
+        if self.n == 0:
+            self.shift = values.mean(dtype=torch.float64)
+        kernel.add_power_sums(values, float(self.shift), self.sums, nonzero)
+        self.n += values.numel()
+
     def merge(self, other: MomentSample) -> None:
         if other.n == 0:
             return
@@ -621,10 +631,16 @@ class TensorSummary:
         """
         if not self._pending:
             return
-        values = torch.cat([sample for sample, _ in self._pending]).to(torch.float64)
-        self.moments.add(values, self._scratch)
-        if not self.activity:  # ReLU layers count their zeros exactly
-            self.sample_nonzero.add_(torch.count_nonzero(values))
+        samples = [sample for sample, _ in self._pending]
+        values = torch.cat(samples) if len(samples) > 1 else samples[0]
+        counted = None if self.activity else self.sample_nonzero  # ReLU counts zeros exactly
+        if kernel.accepts(values):
+            self.moments.add_float32(values, counted)
+        else:
+            values = values.to(torch.float64)
+            self.moments.add(values, self._scratch)
+            if counted is not None:
+                counted.add_(torch.count_nonzero(values))
         # At most a reservoir's worth of candidates per flush, shared by the waiting batches
         # in proportion to their samples (all of them when they fit).
         total = values.numel()
@@ -640,6 +656,7 @@ class TensorSummary:
             weights.append((kept, weight * sample.numel() / kept))
             start = end
         candidates = torch.cat(offered) if len(offered) > 1 else offered[0]
+        candidates = candidates.to(torch.float64)
         keys = self.sampler.keys(candidates.numel(), candidates.device)
         if len({w for _, w in weights}) == 1:
             keys.div_(weights[0][1])

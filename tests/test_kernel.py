@@ -101,6 +101,26 @@ def test_a_nan_makes_both_extremes_nan_as_torch_aminmax_does(inner):
     assert np.isnan(got[0][2]) and np.isinf(got[0][1]) and np.isfinite(got[0][[0, 3]]).all()
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.integers(0, 3000),
+    seed=st.integers(0, 2**31 - 1),
+    centre=st.sampled_from([0.0, 1.0, -1e3]),
+    zeros=st.floats(0.0, 1.0),
+)
+def test_power_sums_agree_with_numpy(n, seed, centre, zeros):
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(n, generator=gen) + centre
+    values[torch.rand(n, generator=gen) < zeros] = 0.0
+    shift = float(values[:5].double().mean()) if n else 0.0
+    sums, nonzero = torch.ones(4, dtype=torch.float64), torch.tensor(7)  # added to
+    kernel.add_power_sums(values, shift, sums, nonzero)
+    d = values.double().numpy() - shift
+    want = [1.0 + np.sum(d**k) for k in range(1, 5)]
+    np.testing.assert_allclose(sums.numpy(), want, rtol=1e-12, atol=1e-9 * (1 + abs(centre)) ** 4)
+    assert int(nonzero) == 7 + np.count_nonzero(values.numpy())
+
+
 def test_it_takes_contiguous_float32_cpu_tensors_only():
     x = torch.randn(4, 3, 2)
     assert kernel.accepts(x)
