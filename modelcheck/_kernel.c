@@ -15,13 +15,16 @@
 
 enum { SATURATION_NONE = 0, SATURATION_ABOVE = 1, SATURATION_AWAY = 2 };
 
+/* Raised with every change to a signature below: kernel.py loads only the version it calls,
+ * so a library left from an older checkout (an editable install not rebuilt) is not called
+ * with the wrong arguments. */
+int modelcheck_kernel_version(void) { return 1; }
+
 /* Values of one unit's run summed in float32 before being added in double. */
 #define RUN 256
 /* Runs shorter than this are reduced row by row instead: vector lanes over runs of 4 or 16
  * values spend more time starting and ending than summing (64x512x4: 1.4 ms by runs). */
-#ifndef ROWS_BELOW
 #define ROWS_BELOW 64
-#endif
 
 typedef struct {
     const float *x;

@@ -25,6 +25,9 @@ __all__ = [
 
 _NONE, _ABOVE, _AWAY = 0, 1, 2  # the kernel's kinds of saturation test
 
+_VERSION = 1
+"""The ``modelcheck_kernel_version()`` whose functions this module calls."""
+
 SaturationTest = tuple[int, float, float]
 """(kind, centre, bound) as the kernel takes them: see ``saturation_test``."""
 
@@ -37,7 +40,9 @@ def _load() -> ctypes.CDLL | None:
         return None
     try:
         library = ctypes.CDLL(spec.origin)
-    except OSError:  # built for another platform, or damaged
+        if library.modelcheck_kernel_version() != _VERSION:
+            return None  # built from another version of _kernel.c: reinstall to rebuild
+    except (OSError, AttributeError):  # built for another platform, damaged, or too old
         return None
     pointer, size, flt = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     function = library.modelcheck_reduce_f32

@@ -21,7 +21,7 @@ SATURATIONS = [None, (-0.99, 0.99), (0.005, 0.995), (-math.inf, 6.0), (-2.0, 1.0
 @pytest.fixture(autouse=True, scope="module")
 def built():
     if kernel.LIBRARY is None:
-        pytest.fail("modelcheck._kernel is not built: reinstall with a C compiler present")
+        pytest.fail("modelcheck._kernel is not built or out of date: reinstall (pip install -e .)")
 
 
 def reduced(x3: torch.Tensor, shift: torch.Tensor, saturation=None) -> list[np.ndarray]:
@@ -157,3 +157,10 @@ def test_a_check_with_the_kernel_equals_one_without(monkeypatch):
             assert (got is None) == (want is None), name
             if got is not None:
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_a_library_of_another_version_is_not_called(monkeypatch):
+    monkeypatch.setattr(kernel, "_VERSION", kernel._VERSION + 1)
+    assert kernel._load() is None
+    monkeypatch.undo()
+    assert kernel._load() is not None
