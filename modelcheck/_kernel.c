@@ -1,9 +1,11 @@
-/* One pass over a float32 activation for modelcheck's statistics (see modelcheck/kernel.py).
+/* One pass over a float32 activation, and one over its sample, for modelcheck's statistics
+ * (loaded by modelcheck/kernel.py).
  *
  * The activation is a contiguous (outer, units, inner) block. In a single read it yields, per
  * unit, the sum of x, the sum of (x - shift)^2, and the count of values that are positive
  * (activity) or at or beyond the flat regions of a bounded activation (saturation); and the
  * block's minimum and maximum. Eager PyTorch needs five or six passes for the same results.
+ * The sample's pass yields its power sums to the fourth and its count of nonzero values.
  *
  * Where units lie side by side, their sums go straight into double; where each unit's values
  * lie in runs, they are summed in float32 vector lanes 256 at a time and those sums in double.
@@ -55,8 +57,8 @@ INLINE float saturated_flag(float v, int saturation, float centre, float bound) 
 }
 
 /* Rows of (units x inner) values reduced position by position, each position's sums straight
- * in double, its counts exact in float32 (fewer than 2^24 rows: see kernel.py), then the
- * positions of each unit added up. For a Linear's outputs (inner == 1) and channels with few
+ * in double, its counts exact in float32 (under 2^24 rows: see stats._flags_dtype), then
+ * the positions of each unit added up. For a Linear's outputs (inner == 1) and channels with few
  * positions each, where a unit's run is too short to fill vector lanes. */
 INLINE int rows_of_kind(Reduction *p, const int saturation) {
     int64_t units = p->units, inner = p->inner, columns = units * inner;

@@ -1,6 +1,7 @@
-"""The compiled one-pass reduction of float32 activations on the CPU (``_kernel.c``).
+"""The compiled one-pass reductions of float32 activations and their samples on the CPU
+(``_kernel.c``), called through ctypes.
 
-Installing modelcheck builds it where a C compiler is found; where none is, or with
+Installing modelcheck builds them where a C compiler is found; where none is, or with
 ``MODELCHECK_NO_KERNEL=1`` set, the statistics take PyTorch's own operations, which give
 the same results in five or six passes over each activation instead of one.
 """
