@@ -33,8 +33,7 @@ from torch.overrides import TorchFunctionMode
 from modelcheck.errors import BatchOutOfMemory, CaptureError, ProbeError
 from modelcheck.families import ACTIVATION_FAMILIES
 from modelcheck.probe import Batch
-
-LOSSES = ("auto", "cross_entropy", "mse", "bce")
+from modelcheck.settings import LOSS_CHOICES
 
 
 @dataclass(frozen=True, slots=True)
@@ -815,8 +814,8 @@ def run(
     ``recorder_factory`` builds the recorder for models that forward hooks cannot see into
     (``capture_graph.GraphRecorder`` for TorchScript and torch.export).
     """
-    if loss not in LOSSES:
-        raise ProbeError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if loss not in LOSS_CHOICES:
+        raise ProbeError(f"unknown loss {loss!r}; choose one of {', '.join(LOSS_CHOICES)}")
     dtype, device = _model_dtype_device(model)
     axes = UnitAxes(unit_axes or {})
     recorder = (recorder_factory or _Recorder)(model, observer, gradients, axes)
