@@ -680,12 +680,15 @@ class TensorSummary:
 
     def _into_slots(self, x3: torch.Tensor, slots: _BatchSlots) -> None:
         plan, first = self._plan_for(x3), slots.filled
-        pieces = max(1, len(plan.pieces))
-        if plan.kernel_shift is not None:
-            self._kernel_into_slots(x3, slots, plan)
+        if plan.kernel_shift is not None:  # the whole batch in one compiled pass
+            kernel.reduce_into(x3, plan.kernel_shift, slots.rows[first], plan.saturation)
+            pieces = 1
+            self._row_filled(slots, x3.numel())
         else:
+            pieces = len(plan.pieces)
             for piece, planned in zip(x3.split(plan.rows) if pieces > 1 else (x3,), plan.pieces):
-                self._piece_into_slots(piece, slots, *planned)
+                self._piece_into_row(piece, slots.rows[slots.filled], *planned)
+                self._row_filled(slots, piece.numel())
         if first + pieces <= slots.capacity:  # no fold in between overwrote them
             self._last_rows = (slots, first, pieces)
 
@@ -732,23 +735,22 @@ class TensorSummary:
             self._fold()
         return True
 
-    def _kernel_into_slots(self, x3: torch.Tensor, slots: _BatchSlots, plan: _Plan) -> None:
-        """Reduce ``x3`` into the next slot row in one pass of the compiled kernel."""
-        kernel.reduce_into(x3, plan.kernel_shift, slots.rows[slots.filled], plan.saturation)
-        self.count += x3.numel()
+    def _row_filled(self, slots: _BatchSlots, values: int) -> None:
+        """Count a slot row just written, folding the slots once they are all full."""
+        self.count += values
         slots.filled += 1
         if slots.filled == slots.capacity:
             self._fold()
 
-    def _piece_into_slots(
+    def _piece_into_row(
         self,
         x3: torch.Tensor,
-        slots: _BatchSlots,
+        row: tuple[torch.Tensor, ...],
         shift: torch.Tensor,
         flags_dtype: torch.dtype,
     ) -> None:
-        """Reduce one piece into the next slot row, with the shift its plan broadcast."""
-        unit_sum, unit_dsumsq, low, high, active, saturated = slots.rows[slots.filled]
+        """Reduce one piece into a slot row, with the shift its plan broadcast."""
+        unit_sum, unit_dsumsq, low, high, active, saturated = row
         # (x - shift)² in one fused pass into the workspace (sub then square is two).
         squares = torch._C._nn.mse_loss(x3, shift, 0, out=_workspace(self._scratch, x3))
         torch.sum(x3, _POSITIONS, out=unit_sum)
@@ -760,10 +762,6 @@ class TensorSummary:
             torch.sum(torch.gt(x3, 0, out=flags), _POSITIONS, out=active)
         if self.saturation is not None:
             torch.sum(self._saturation_flags(x3, flags), _POSITIONS, out=saturated)
-        self.count += x3.numel()
-        slots.filled += 1
-        if slots.filled == slots.capacity:
-            self._fold()
 
     def _fold(self) -> None:
         """Add the batches waiting in the slots to the float64 accumulators."""
