@@ -4,6 +4,10 @@
 Installing modelcheck builds them where a C compiler is found; where none is, or with
 ``MODELCHECK_NO_KERNEL=1`` set, the statistics take PyTorch's own operations, which give
 the same results in five or six passes over each activation instead of one.
+
+A large activation is reduced on as many threads as PyTorch's own operations use, when the
+kernel shares PyTorch's OpenMP runtime: those threads are still spinning from the layer that
+wrote it. With a runtime of its own, it would only compete with them, and stays on one thread.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 __all__ = [
     "LIBRARY",
+    "THREADED",
     "SaturationTest",
     "accepts",
     "add_power_sums",
@@ -26,7 +31,7 @@ __all__ = [
 
 _NONE, _ABOVE, _AWAY = 0, 1, 2  # the kernel's kinds of saturation test
 
-_VERSION = 1
+_VERSION = 2
 """The ``modelcheck_kernel_version()`` whose functions this module calls."""
 
 SaturationTest = tuple[int, float, float]
@@ -48,7 +53,7 @@ def _load() -> ctypes.CDLL | None:
     pointer, size, flt = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     function = library.modelcheck_reduce_f32
     function.argtypes = [pointer, size, size, size, *[pointer] * 7]
-    function.argtypes += [ctypes.c_int, flt, flt]
+    function.argtypes += [ctypes.c_int, flt, flt, ctypes.c_int]
     function.restype = ctypes.c_int
     function = library.modelcheck_power_sums_f32
     function.argtypes = [pointer, size, ctypes.c_double, pointer, pointer]
@@ -56,7 +61,23 @@ def _load() -> ctypes.CDLL | None:
     return library
 
 
+def _shares_torch_threads(library: ctypes.CDLL | None) -> bool:
+    """Whether the kernel was built with OpenMP and its runtime is the one PyTorch runs on:
+    its ``omp_get_max_threads`` is the very function PyTorch's own library resolves. (Other
+    libraries may bring runtimes of their own, as scikit-learn's wheels do.)"""
+    if library is None or not library.modelcheck_kernel_threaded():
+        return False
+    try:
+        ours = library.omp_get_max_threads
+        theirs = ctypes.CDLL(torch._C.__file__).omp_get_max_threads
+    except (OSError, AttributeError):  # PyTorch without OpenMP, or a platform that hides it
+        return False
+    return ctypes.cast(ours, ctypes.c_void_p).value == ctypes.cast(theirs, ctypes.c_void_p).value
+
+
 LIBRARY = _load()
+THREADED = _shares_torch_threads(LIBRARY)
+"""Whether reductions run on PyTorch's intra-op threads (see the module docstring)."""
 
 
 def accepts(x: torch.Tensor) -> bool:
@@ -101,6 +122,7 @@ def reduce_into(
         active.data_ptr() if active.numel() else None,
         saturated.data_ptr() if saturated.numel() else None,
         *saturation,
+        torch.get_num_threads() if THREADED else 1,
     )
     if failed:
         raise MemoryError("out of memory in modelcheck's reduction kernel")

@@ -3,6 +3,7 @@ uses it against one that does not."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import numpy as np
@@ -88,6 +89,54 @@ def test_large_activations_agree_with_numpy(shape):
     x3 = torch.randn(shape, generator=torch.Generator().manual_seed(1)).relu_() + 0.25
     shift = x3[:2].mean((0, 2))
     assert_agree(reduced(x3, shift), expected(x3, shift), x3)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    "shape", [(3001, 700, 1), (4099, 64, 2), (17, 64, 1200), (1, 300, 1000)],
+    ids=["rows", "rows-of-pairs", "runs", "one-row"],
+)  # fmt: skip
+def test_each_thread_count_agrees_with_numpy(shape, threads, monkeypatch):
+    # Split by outer rows (one row: a single thread), the parts added up in order.
+    monkeypatch.setattr(kernel, "THREADED", True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x3 = torch.randn(shape, generator=torch.Generator().manual_seed(threads)) - 0.5
+        x3[-1, 0, -1] = -40.0  # the extremes in the last part
+        x3[-1, -1, 0] = 40.0
+        shift = x3[:1].mean((0, 2))
+        saturation = (-math.inf, 1.5)
+        want = expected(x3, shift, saturation)
+        assert_agree(reduced(x3, shift, saturation), want, x3)
+    finally:
+        torch.set_num_threads(before)
+
+
+class FakeLibrary:
+    def __init__(self, threaded: int, function) -> None:
+        self.modelcheck_kernel_threaded = lambda: threaded
+        self.omp_get_max_threads = function
+
+
+def test_threads_are_used_only_on_pytorchs_own_openmp_runtime():
+    torch_runtime = ctypes.CDLL(torch._C.__file__).omp_get_max_threads
+    assert kernel._shares_torch_threads(FakeLibrary(1, torch_runtime))
+    assert not kernel._shares_torch_threads(FakeLibrary(0, torch_runtime))  # no OpenMP
+    # A runtime of its own (here any other function): its threads would compete with PyTorch's.
+    assert not kernel._shares_torch_threads(FakeLibrary(1, ctypes.CDLL(None).abs))
+    assert not kernel._shares_torch_threads(None)
+
+
+def test_the_kernel_runs_on_pytorchs_threads():
+    # Built with OpenMP and loaded after PyTorch, the kernel gets PyTorch's libgomp.so.1 from
+    # the dynamic linker, even with scikit-learn's own runtime loaded too.
+    import sklearn.cluster  # noqa: F401  (brings scikit-learn's libgomp)
+
+    assert "OpenMP" in torch.__config__.parallel_info()
+    assert kernel.LIBRARY.modelcheck_kernel_threaded()
+    assert kernel._shares_torch_threads(kernel.LIBRARY)
+    assert kernel.THREADED
 
 
 @pytest.mark.parametrize("inner", [1, 5])
