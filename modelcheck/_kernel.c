@@ -102,7 +102,8 @@ INLINE int rows_of_kind(Reduction *p, const int saturation) {
             float v0 = r0[c], v1 = r1[c], v2 = r2[c], v3 = r3[c], m = shift[c];
             float d0 = v0 - m, d1 = v1 - m, d2 = v2 - m, d3 = v3 - m;
             s[c] += ((double)v0 + (double)v1) + ((double)v2 + (double)v3);
-            q[c] += ((double)(d0 * d0) + (double)(d1 * d1)) + ((double)(d2 * d2) + (double)(d3 * d3));
+            q[c] += ((double)(d0 * d0) + (double)(d1 * d1)) +
+                    ((double)(d2 * d2) + (double)(d3 * d3));
             a[c] += positive(v0) + positive(v1) + positive(v2) + positive(v3);
             t[c] += saturated_flag(v0, saturation, centre, bound) +
                     saturated_flag(v1, saturation, centre, bound) +
