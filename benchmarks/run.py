@@ -266,9 +266,15 @@ def machine() -> list[str]:
         f"({torch.get_num_threads()} threads), numpy {np.__version__}, "
         f"{platform.system()} {platform.release()}",
         "- load average at start / end: {start} / {end} (the machine is shared)",
-        "- statistics of float32 CPU activations: "
-        + ("one pass of the compiled kernel" if kernel.LIBRARY else "PyTorch's operations"),
+        f"- statistics of float32 CPU activations: {_reductions()}",
     ]
+
+
+def _reductions() -> str:
+    if kernel.LIBRARY is None:
+        return "PyTorch's operations"
+    threads = "PyTorch's threads" if kernel.THREADED else "one thread"
+    return f"one pass of the compiled kernel, large activations on {threads}"
 
 
 def _s(seconds: float) -> str:
