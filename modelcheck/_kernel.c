@@ -41,9 +41,6 @@ int modelcheck_kernel_threaded(void) {
 /* Runs shorter than this are reduced row by row instead: vector lanes over runs of 4 or 16
  * values spend more time starting and ending than summing (64x512x4: 1.4 ms by runs). */
 #define ROWS_BELOW 64
-/* Rows of the row path reduced together: their sums are added in registers before the
- * per-position accumulators are loaded and stored (those of a 2048-wide output fill L1). */
-#define BLOCK 4
 /* Activations smaller than this (in values) take one thread: waking a second costs more. */
 #define PARALLEL_FROM (1 << 18)
 
@@ -94,7 +91,9 @@ INLINE int rows_of_kind(Reduction *p, const int saturation) {
     for (int64_t c = 0; c < columns; c++) shift[c] = p->shift[c / inner];
     float low = INFINITY, high = -INFINITY, nan = 0.0f, centre = p->centre, bound = p->bound;
     int64_t r = 0;
-    for (; r + BLOCK <= p->outer; r += BLOCK) {
+    /* Four rows at a time: their values are added in registers before the per-position
+     * accumulators are loaded and stored (those of a 2048-wide output fill L1). */
+    for (; r + 4 <= p->outer; r += 4) {
         const float *r0 = p->x + r * columns, *r1 = r0 + columns, *r2 = r1 + columns,
                     *r3 = r2 + columns;
 #pragma omp simd reduction(min : low) reduction(max : high, nan)
@@ -221,10 +220,11 @@ int modelcheck_reduce_f32(const float *x, int64_t outer, int64_t units, int64_t 
         };
         failed |= inner < ROWS_BELOW ? reduce_rows(&parts[i]) : reduce_runs(&parts[i]);
     }
+    for (int i = 1; i < threads; i++)
+        for (int64_t j = 0; j < 4 * units; j++) totals[j] += totals[4 * units * i + j];
     float least = INFINITY, most = -INFINITY;
     int nan = 0;
     for (int i = 0; i < threads; i++) {
-        for (int64_t j = 0; i > 0 && j < 4 * units; j++) totals[j] += totals[4 * units * i + j];
         least = parts[i].low < least ? parts[i].low : least;
         most = parts[i].high > most ? parts[i].high : most;
         nan |= parts[i].nan;
