@@ -7,8 +7,9 @@
  * block's minimum and maximum. Eager PyTorch needs five or six passes for the same results.
  * The sample's pass yields its power sums to the fourth and its count of nonzero values.
  *
- * Where units lie side by side, their sums go straight into double; where each unit's values
- * lie in runs, they are summed in float32 vector lanes 256 at a time and those sums in double.
+ * Where units lie side by side, eight rows are added in float32 and those sums in double; where
+ * each unit's values lie in runs, they are summed in float32 vector lanes 256 at a time and
+ * those sums in double.
  * Either way the rounding is no worse than PyTorch's pairwise float32 sums (~1e-7 relative).
  *
  * Built with OpenMP, a large activation is split between threads by its outer rows. Loaded
@@ -65,6 +66,8 @@ typedef struct {
 #define INLINE static inline __attribute__((always_inline))
 
 INLINE float positive(float v) { return v > 0.0f ? 1.0f : 0.0f; }
+INLINE float lesser(float a, float b) { return a < b ? a : b; }
+INLINE float greater(float a, float b) { return a > b ? a : b; }
 
 /* 1 where v is at or beyond the flat regions; `saturation` is a constant in each caller, so
  * the compiler writes one loop per kind. */
@@ -74,9 +77,45 @@ INLINE float saturated_flag(float v, int saturation, float centre, float bound) 
     return fabsf(v - centre) >= bound ? 1.0f : 0.0f;
 }
 
-/* Rows of (units x inner) values reduced position by position, each position's sums straight
- * in double, its counts exact in float32 (under 2^24 rows: see stats._flags_dtype), then
- * the positions of each unit added up. For a Linear's outputs (inner == 1) and channels with few
+/* Each unit's value repeated over its `inner` positions. */
+static void spread(float *restrict to, const float *restrict from, int64_t units, int64_t inner) {
+    for (int64_t u = 0; u < units; u++)
+        for (int64_t i = 0; i < inner; i++) to[u * inner + i] = from[u];
+}
+
+/* total[u] += the sum of unit u's `inner` per-position sums. The loops over units are kept
+ * free of divisions and of pointers that might alias: as written first (u = c / inner), they
+ * cost as much as reducing a 64x1024 activation's values. */
+static void add_sums(double *restrict total, const double *restrict sums, int64_t units,
+                     int64_t inner) {
+    if (inner == 1) {
+        for (int64_t u = 0; u < units; u++) total[u] += sums[u];
+        return;
+    }
+    for (int64_t u = 0; u < units; u++) {
+        double sum = 0.0;
+        for (int64_t i = 0; i < inner; i++) sum += sums[u * inner + i];
+        total[u] += sum;
+    }
+}
+
+/* The same for counts kept in float32. */
+static void add_counts(double *restrict total, const float *restrict counts, int64_t units,
+                       int64_t inner) {
+    if (inner == 1) {
+        for (int64_t u = 0; u < units; u++) total[u] += counts[u];
+        return;
+    }
+    for (int64_t u = 0; u < units; u++) {
+        double sum = 0.0;
+        for (int64_t i = 0; i < inner; i++) sum += counts[u * inner + i];
+        total[u] += sum;
+    }
+}
+
+/* Rows of (units x inner) values reduced position by position, each position's sums in
+ * double, its counts exact in float32 (under 2^24 rows: see stats._flags_dtype), then the
+ * positions of each unit added up. For a Linear's outputs (inner == 1) and channels with few
  * positions each, where a unit's run is too short to fill vector lanes. */
 INLINE int rows_of_kind(Reduction *p, const int saturation) {
     int64_t units = p->units, inner = p->inner, columns = units * inner;
@@ -88,32 +127,41 @@ INLINE int rows_of_kind(Reduction *p, const int saturation) {
     }
     double *s = sums, *q = sums + columns;
     float *a = floats, *t = floats + columns, *shift = floats + 2 * columns;
-    for (int64_t c = 0; c < columns; c++) shift[c] = p->shift[c / inner];
+    spread(shift, p->shift, units, inner);
     float low = INFINITY, high = -INFINITY, nan = 0.0f, centre = p->centre, bound = p->bound;
     int64_t r = 0;
-    /* Four rows at a time: their values are added in registers before the per-position
-     * accumulators are loaded and stored (those of a 2048-wide output fill L1). */
-    for (; r + 4 <= p->outer; r += 4) {
-        const float *r0 = p->x + r * columns, *r1 = r0 + columns, *r2 = r1 + columns,
-                    *r3 = r2 + columns;
+    /* Eight rows at a time, added pairwise in float32 (as exact as PyTorch's float32 sums)
+     * before their sums go to double: one conversion per eight values, not per value. */
+    for (; r + 8 <= p->outer; r += 8) {
+        const float *b = p->x + r * columns;
 #pragma omp simd reduction(min : low) reduction(max : high, nan)
         for (int64_t c = 0; c < columns; c++) {
-            float v0 = r0[c], v1 = r1[c], v2 = r2[c], v3 = r3[c], m = shift[c];
+            float v0 = b[c], v1 = b[c + columns], v2 = b[c + 2 * columns],
+                  v3 = b[c + 3 * columns], v4 = b[c + 4 * columns], v5 = b[c + 5 * columns],
+                  v6 = b[c + 6 * columns], v7 = b[c + 7 * columns], m = shift[c];
             float d0 = v0 - m, d1 = v1 - m, d2 = v2 - m, d3 = v3 - m;
-            s[c] += ((double)v0 + (double)v1) + ((double)v2 + (double)v3);
-            q[c] += ((double)(d0 * d0) + (double)(d1 * d1)) +
-                    ((double)(d2 * d2) + (double)(d3 * d3));
-            a[c] += positive(v0) + positive(v1) + positive(v2) + positive(v3);
-            t[c] += saturated_flag(v0, saturation, centre, bound) +
-                    saturated_flag(v1, saturation, centre, bound) +
-                    saturated_flag(v2, saturation, centre, bound) +
-                    saturated_flag(v3, saturation, centre, bound);
-            float low01 = v0 < v1 ? v0 : v1, low23 = v2 < v3 ? v2 : v3;
-            float high01 = v0 > v1 ? v0 : v1, high23 = v2 > v3 ? v2 : v3;
-            float least = low01 < low23 ? low01 : low23, most = high01 > high23 ? high01 : high23;
+            float d4 = v4 - m, d5 = v5 - m, d6 = v6 - m, d7 = v7 - m;
+            s[c] += (double)(((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)));
+            q[c] += (double)(((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) +
+                             ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)));
+            a[c] += ((positive(v0) + positive(v1)) + (positive(v2) + positive(v3))) +
+                    ((positive(v4) + positive(v5)) + (positive(v6) + positive(v7)));
+            t[c] += ((saturated_flag(v0, saturation, centre, bound) +
+                      saturated_flag(v1, saturation, centre, bound)) +
+                     (saturated_flag(v2, saturation, centre, bound) +
+                      saturated_flag(v3, saturation, centre, bound))) +
+                    ((saturated_flag(v4, saturation, centre, bound) +
+                      saturated_flag(v5, saturation, centre, bound)) +
+                     (saturated_flag(v6, saturation, centre, bound) +
+                      saturated_flag(v7, saturation, centre, bound)));
+            float least = lesser(lesser(lesser(v0, v1), lesser(v2, v3)),
+                                 lesser(lesser(v4, v5), lesser(v6, v7)));
+            float most = greater(greater(greater(v0, v1), greater(v2, v3)),
+                                 greater(greater(v4, v5), greater(v6, v7)));
             low = least < low ? least : low;
             high = most > high ? most : high;
-            nan = v0 != v0 || v1 != v1 || v2 != v2 || v3 != v3 ? 1.0f : nan;
+            nan = (v0 != v0 || v1 != v1 || v2 != v2 || v3 != v3 || v4 != v4 || v5 != v5 ||
+                   v6 != v6 || v7 != v7) ? 1.0f : nan;
         }
     }
     for (; r < p->outer; r++) {
@@ -130,13 +178,10 @@ INLINE int rows_of_kind(Reduction *p, const int saturation) {
             nan = v != v ? 1.0f : nan;
         }
     }
-    for (int64_t c = 0; c < columns; c++) {
-        int64_t u = c / inner;
-        p->sum[u] += s[c];
-        p->dsumsq[u] += q[c];
-        if (p->active) p->active[u] += a[c];
-        if (p->saturated) p->saturated[u] += t[c];
-    }
+    add_sums(p->sum, s, units, inner);
+    add_sums(p->dsumsq, q, units, inner);
+    if (p->active) add_counts(p->active, a, units, inner);
+    if (p->saturated) add_counts(p->saturated, t, units, inner);
     free(sums), free(floats);
     p->low = low, p->high = high, p->nan = nan != 0.0f;
     return 0;
@@ -191,6 +236,10 @@ VECTOR_VARIANTS static int reduce_runs(Reduction *p) {
     }
 }
 
+static void narrow(float *restrict to, const double *restrict from, int64_t n) {
+    for (int64_t i = 0; i < n; i++) to[i] = (float)from[i];
+}
+
 /* Reduce x into the float32 outputs (each of `units` values; low and high one each; active
  * and saturated may be NULL), on up to `threads` threads, each taking a share of the outer
  * rows into totals of its own, added up in a fixed order. Returns 0, or 1 when memory ran out
@@ -229,10 +278,11 @@ int modelcheck_reduce_f32(const float *x, int64_t outer, int64_t units, int64_t 
         most = parts[i].high > most ? parts[i].high : most;
         nan |= parts[i].nan;
     }
-    for (int64_t u = 0; !failed && u < units; u++) {
-        sum[u] = (float)totals[u], dsumsq[u] = (float)totals[units + u];
-        if (active) active[u] = (float)totals[2 * units + u];
-        if (saturated) saturated[u] = (float)totals[3 * units + u];
+    if (!failed) {
+        narrow(sum, totals, units);
+        narrow(dsumsq, totals + units, units);
+        if (active) narrow(active, totals + 2 * units, units);
+        if (saturated) narrow(saturated, totals + 3 * units, units);
     }
     /* Like torch.aminmax: a NaN anywhere makes both extremes NaN. */
     *low = nan ? NAN : least;

@@ -140,9 +140,10 @@ def test_the_kernel_runs_on_pytorchs_threads():
 
 
 @pytest.mark.parametrize("inner", [1, 5])
-def test_a_nan_makes_both_extremes_nan_as_torch_aminmax_does(inner):
-    x3 = torch.randn(6, 4, inner)
-    x3[3, 2, 0] = math.nan
+@pytest.mark.parametrize("outer", [6, 19])  # rows one by one; blocks of eight, then the rest
+def test_a_nan_makes_both_extremes_nan_as_torch_aminmax_does(outer, inner):
+    x3 = torch.randn(outer, 4, inner)
+    x3[min(7, outer - 1), 2, 0] = math.nan  # the last row of a block, where there are blocks
     x3[1, 1, 0] = math.inf
     got = reduced(x3, torch.zeros(4))
     assert np.isnan(got[2]) and np.isnan(got[3])
