@@ -311,6 +311,20 @@ def test_quantiles_are_numpys_exactly_when_every_value_is_kept(values, ties):
     np.testing.assert_array_equal(dist.quantiles, expected)
 
 
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    values=arrays(np.float64, st.integers(1, 300), elements=finite_floats),
+    ties=st.booleans(),
+)
+def test_histogram_is_numpys_exactly_when_every_value_is_kept(values, ties):
+    if ties:  # few distinct values: many of them fall on bin edges
+        values = np.round(values / (np.ptp(values) or 1.0) * 10.0)
+    dist = summarise([torch.from_numpy(values).reshape(-1, 1)]).finalize()
+    counts, edges = np.histogram(values, bins=50)
+    np.testing.assert_array_equal(dist.histogram.counts, counts)
+    np.testing.assert_array_equal(dist.histogram.edges, edges)
+
+
 def test_gradient_rms_and_mean_magnitude_match_numpy():
     grads = [torch.randn(30, 7, dtype=torch.float64) * 1e-3 for _ in range(3)]
     summary = GradientSummary(Sampler(1 << 16, seed=0))
