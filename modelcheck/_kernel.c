@@ -5,7 +5,9 @@
  * unit, the sum of x, the sum of (x - shift)^2, and the count of values that are positive
  * (activity) or at or beyond the flat regions of a bounded activation (saturation); and the
  * block's minimum and maximum. Eager PyTorch needs five or six passes for the same results.
- * The sample's pass yields its power sums to the fourth and its count of nonzero values.
+ * The same pass copies the activation's sample (values at fixed random positions) while each
+ * row is still in cache. The sample's pass yields its power sums to the fourth and its count of
+ * nonzero values.
  *
  * Where units lie side by side, eight rows are added in float32 and those sums in double; where
  * each unit's values lie in runs, they are summed in float32 vector lanes 256 at a time and
@@ -26,7 +28,7 @@ enum { SATURATION_NONE = 0, SATURATION_ABOVE = 1, SATURATION_AWAY = 2 };
 /* Raised with every change to a signature below: kernel.py loads only the version it calls,
  * so a library left from an older checkout (an editable install not rebuilt) is not called
  * with the wrong arguments. */
-int modelcheck_kernel_version(void) { return 2; }
+int modelcheck_kernel_version(void) { return 3; }
 
 /* Whether this build can run a reduction on more than one thread. */
 int modelcheck_kernel_threaded(void) {
@@ -54,7 +56,35 @@ typedef struct {
     double *sum, *dsumsq, *active, *saturated; /* per unit; active/saturated may be NULL */
     float low, high;
     int nan; /* a NaN was seen */
+    /* The sample: out[to[k]] = value at flat position at[k] (ascending) of the whole
+     * activation, for k from `next` on while at[k] lies in this part, which starts at
+     * flat position `offset`. */
+    const int64_t *at, *to;
+    int64_t count, next, offset;
+    float *out;
 } Reduction;
+
+/* Copy the sampled values among the part's first `end` values not copied yet: called as
+ * each row is reduced, while it is still in cache. */
+static inline void gather(Reduction *p, int64_t end) {
+    const int64_t *restrict at = p->at, *restrict to = p->to;
+    const float *restrict x = p->x - p->offset; /* indexed by whole-activation positions */
+    float *restrict out = p->out;
+    int64_t k = p->next, count = p->count, stop = p->offset + end;
+    for (; k < count && at[k] < stop; k++) out[to[k]] = x[at[k]];
+    p->next = k;
+}
+
+/* The first k with at[k] >= position. */
+static int64_t first_at(const int64_t *at, int64_t count, int64_t position) {
+    int64_t low = 0, high = count;
+    while (low < high) {
+        int64_t middle = low + (high - low) / 2;
+        if (at[middle] < position) low = middle + 1;
+        else high = middle;
+    }
+    return low;
+}
 
 /* Built for AVX2 as well as the baseline where the compiler can pick at load time: the
  * passes are twice as fast with 8-value lanes. */
@@ -163,6 +193,7 @@ INLINE int rows_of_kind(Reduction *p, const int saturation) {
             nan = (v0 != v0 || v1 != v1 || v2 != v2 || v3 != v3 || v4 != v4 || v5 != v5 ||
                    v6 != v6 || v7 != v7) ? 1.0f : nan;
         }
+        gather(p, (r + 8) * columns);
     }
     for (; r < p->outer; r++) {
         const float *row = p->x + r * columns;
@@ -177,6 +208,7 @@ INLINE int rows_of_kind(Reduction *p, const int saturation) {
             high = v > high ? v : high;
             nan = v != v ? 1.0f : nan;
         }
+        gather(p, (r + 1) * columns);
     }
     add_sums(p->sum, s, units, inner);
     add_sums(p->dsumsq, q, units, inner);
@@ -215,6 +247,7 @@ INLINE int runs_of_kind(Reduction *p, const int saturation) {
                 if (p->saturated) p->saturated[u] += t;
             }
         }
+        gather(p, (r + 1) * units * inner);
     }
     p->low = low, p->high = high, p->nan = nan != 0.0f;
     return 0;
@@ -242,12 +275,14 @@ static void narrow(float *restrict to, const double *restrict from, int64_t n) {
 
 /* Reduce x into the float32 outputs (each of `units` values; low and high one each; active
  * and saturated may be NULL), on up to `threads` threads, each taking a share of the outer
- * rows into totals of its own, added up in a fixed order. Returns 0, or 1 when memory ran out
- * (the outputs are then unspecified). */
+ * rows into totals of its own, added up in a fixed order; and copy its sample: sample[to[k]]
+ * = x[at[k]] for the `count` ascending flat positions at (count 0: none). Returns 0, or 1 when
+ * memory ran out (the outputs are then unspecified). */
 int modelcheck_reduce_f32(const float *x, int64_t outer, int64_t units, int64_t inner,
                           const float *shift, float *sum, float *dsumsq, float *low,
                           float *high, float *active, float *saturated, int saturation,
-                          float centre, float bound, int threads) {
+                          float centre, float bound, const int64_t *at, const int64_t *to,
+                          int64_t count, float *sample, int threads) {
     if (threads < 1 || outer < threads || outer * units * inner < PARALLEL_FROM) threads = 1;
     double *totals = calloc((size_t)(4 * units * threads), sizeof(double));
     Reduction *parts = calloc((size_t)threads, sizeof(Reduction));
@@ -260,12 +295,15 @@ int modelcheck_reduce_f32(const float *x, int64_t outer, int64_t units, int64_t 
     for (int i = 0; i < threads; i++) {
         int64_t first = outer * i / threads, last = outer * (i + 1) / threads;
         double *mine = totals + 4 * units * i;
+        int64_t offset = first * units * inner;
         parts[i] = (Reduction){
-            .x = x + first * units * inner, .outer = last - first, .units = units,
+            .x = x + offset, .outer = last - first, .units = units,
             .inner = inner, .shift = shift, .saturation = saturation, .centre = centre,
             .bound = bound, .sum = mine, .dsumsq = mine + units,
             .active = active ? mine + 2 * units : NULL,
             .saturated = saturated ? mine + 3 * units : NULL,
+            .at = at, .to = to, .count = count, .next = first_at(at, count, offset),
+            .offset = offset, .out = sample,
         };
         failed |= inner < ROWS_BELOW ? reduce_rows(&parts[i]) : reduce_runs(&parts[i]);
     }

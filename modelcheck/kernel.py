@@ -31,7 +31,7 @@ __all__ = [
 
 _NONE, _ABOVE, _AWAY = 0, 1, 2  # the kernel's kinds of saturation test
 
-_VERSION = 2
+_VERSION = 3
 """The ``modelcheck_kernel_version()`` whose functions this module calls."""
 
 SaturationTest = tuple[int, float, float]
@@ -53,7 +53,7 @@ def _load() -> ctypes.CDLL | None:
     pointer, size, flt = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     function = library.modelcheck_reduce_f32
     function.argtypes = [pointer, size, size, size, *[pointer] * 7]
-    function.argtypes += [ctypes.c_int, flt, flt, ctypes.c_int]
+    function.argtypes += [ctypes.c_int, flt, flt, pointer, pointer, size, pointer, ctypes.c_int]
     function.restype = ctypes.c_int
     function = library.modelcheck_power_sums_f32
     function.argtypes = [pointer, size, ctypes.c_double, pointer, pointer]
@@ -106,11 +106,15 @@ def reduce_into(
     shift: torch.Tensor,
     outputs: tuple[torch.Tensor, ...],
     saturation: SaturationTest,
+    sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Reduce ``x3`` in one pass into ``outputs`` = (sum, dsumsq, low, high, active,
     saturated): per unit the sum of x and of (x - shift)², the count of positive values
-    and of saturated ones (each of those two skipped when empty), and the extremes."""
+    and of saturated ones (each of those two skipped when empty), and the extremes. With
+    ``sample`` = (at, to, out), the same pass also sets out[to] = x3's flat values at the
+    ascending int64 positions ``at``."""
     unit_sum, unit_dsumsq, low, high, active, saturated = outputs
+    at, to, out = sample if sample is not None else (None, None, None)
     failed = LIBRARY.modelcheck_reduce_f32(
         x3.data_ptr(),
         *x3.shape,
@@ -122,6 +126,10 @@ def reduce_into(
         active.data_ptr() if active.numel() else None,
         saturated.data_ptr() if saturated.numel() else None,
         *saturation,
+        None if at is None else at.data_ptr(),
+        None if to is None else to.data_ptr(),
+        0 if at is None else at.numel(),
+        None if out is None else out.data_ptr(),
         torch.get_num_threads() if THREADED else 1,
     )
     if failed:

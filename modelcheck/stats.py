@@ -504,6 +504,7 @@ class Sampler:
         # drawing keys for the 16 times the capacity a full-rate probe samples.
         self.reservoir_offer = math.inf if not batches else -(-2 * RESERVOIR_SIZE // batches)
         self._positions: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._sorted: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def take(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -514,14 +515,31 @@ class Sampler:
         flat = _flat(x)
         if flat.numel() <= self.sample_size:
             return flat.clone(), 1.0
-        key = (flat.numel(), flat.device)
-        positions = self._positions.get(key)
-        if positions is None:
-            gen = torch.Generator(device=flat.device).manual_seed(self.seed + flat.numel())
-            positions = self._positions[key] = torch.randint(
-                flat.numel(), (self.sample_size,), generator=gen, device=flat.device
-            )
+        positions = self._positions_for(flat.numel(), flat.device)
         return flat.index_select(0, positions), flat.numel() / self.sample_size
+
+    def for_kernel(self, x3: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], float] | None:
+        """The sample ``take`` would copy, for the kernel to copy in its pass instead, as
+        ((ascending positions, their places in the sample, the empty sample), how many
+        values each stands for); None when every value is taken."""
+        n = x3.numel()
+        if n <= self.sample_size:
+            return None
+        key = (n, x3.device)
+        ordered = self._sorted.get(key)
+        if ordered is None:
+            ordered = self._sorted[key] = self._positions_for(n, x3.device).sort()
+        out = torch.empty(self.sample_size, dtype=x3.dtype, device=x3.device)
+        return (*ordered, out), n / self.sample_size
+
+    def _positions_for(self, n: int, device: torch.device) -> torch.Tensor:
+        positions = self._positions.get((n, device))
+        if positions is None:
+            gen = torch.Generator(device=device).manual_seed(self.seed + n)
+            positions = self._positions[(n, device)] = torch.randint(
+                n, (self.sample_size,), generator=gen, device=device
+            )
+        return positions
 
     def keys(self, n: int, device: torch.device) -> torch.Tensor:
         """log(u) for n uniform u: divided by a value's weight, its reservoir key."""
@@ -614,9 +632,11 @@ class TensorSummary:
         x3 = _three_axes(x, unit_dim)
         self.updates += 1
         self._last_rows = None
+        sample = None
         if same_as is None or not self._copied_from(same_as, x3):
-            self._reduce(x3)
-        sample = self.sampler.take(x3)
+            sample = self._reduce(x3)
+        if sample is None:
+            sample = self.sampler.take(x3)
         self._pending.append(sample)
         self._pending_values += sample[0].numel()
         if self._pending_values >= _SAMPLE_FLUSH:
@@ -666,22 +686,30 @@ class TensorSummary:
         self.reservoir.add(candidates, keys)
         self._pending, self._pending_values = [], 0
 
-    def _reduce(self, x3: torch.Tensor) -> None:
+    def _reduce(self, x3: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """Reduce a batch; returns its sample when the kernel copied that in the same pass."""
         if self.count and x3.shape[1] != self.units:
             self._fold()  # a module called with differently shaped inputs
             self._absorb(self._batch_part(x3))
-            return
+            return None
         if self._slots is None or not self._slots.fits(x3):
             self._fold()  # the first batch, or one of another dtype
             if self.count == 0:
                 self._start(x3)
             self._slots = _BatchSlots(x3, self.activity, self.saturation is not None)
-        self._into_slots(x3, self._slots)
+        return self._into_slots(x3, self._slots)
 
-    def _into_slots(self, x3: torch.Tensor, slots: _BatchSlots) -> None:
+    def _into_slots(
+        self, x3: torch.Tensor, slots: _BatchSlots
+    ) -> tuple[torch.Tensor, float] | None:
         plan, first = self._plan_for(x3), slots.filled
+        sample = None
         if plan.kernel_shift is not None:  # the whole batch in one compiled pass
-            kernel.reduce_into(x3, plan.kernel_shift, slots.rows[first], plan.saturation)
+            # Its sample too, copied as each row is read: a gather afterwards would read a
+            # large activation's positions from memory again, one cache miss each.
+            sample = self.sampler.for_kernel(x3)
+            copied = None if sample is None else sample[0]
+            kernel.reduce_into(x3, plan.kernel_shift, slots.rows[first], plan.saturation, copied)
             pieces = 1
             self._row_filled(slots, x3.numel())
         else:
@@ -691,6 +719,7 @@ class TensorSummary:
                 self._row_filled(slots, piece.numel())
         if first + pieces <= slots.capacity:  # no fold in between overwrote them
             self._last_rows = (slots, first, pieces)
+        return None if sample is None else (sample[0][2], sample[1])
 
     def _plan_for(self, x3: torch.Tensor) -> _Plan:
         # A new shift (another rank's mean) is a new tensor: it makes a new plan.

@@ -25,12 +25,12 @@ def built():
         pytest.fail("modelcheck._kernel is not built or out of date: reinstall (pip install -e .)")
 
 
-def reduced(x3: torch.Tensor, shift: torch.Tensor, saturation=None) -> list[np.ndarray]:
+def reduced(x3: torch.Tensor, shift: torch.Tensor, saturation=None, sample=None):
     units = x3.shape[1]
     outputs = (*torch.full((2, units), math.nan), *torch.full((2,), math.nan))
     tracked = units if saturation else 0  # as in a summary: empty when not kept
     outputs += (torch.full((units,), math.nan), torch.full((tracked,), math.nan))
-    kernel.reduce_into(x3, shift, outputs, kernel.saturation_test(saturation))
+    kernel.reduce_into(x3, shift, outputs, kernel.saturation_test(saturation), sample)
     return [t.double().numpy() for t in outputs]
 
 
@@ -97,18 +97,24 @@ def test_large_activations_agree_with_numpy(shape):
     ids=["rows", "rows-of-pairs", "runs", "one-row"],
 )  # fmt: skip
 def test_each_thread_count_agrees_with_numpy(shape, threads, monkeypatch):
-    # Split by outer rows (one row: a single thread), the parts added up in order.
+    # Split by outer rows (one row: a single thread), the parts added up in order, each
+    # part copying the sample's values that fall in its rows.
     monkeypatch.setattr(kernel, "THREADED", True)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        x3 = torch.randn(shape, generator=torch.Generator().manual_seed(threads)) - 0.5
+        gen = torch.Generator().manual_seed(threads)
+        x3 = torch.randn(shape, generator=gen) - 0.5
         x3[-1, 0, -1] = -40.0  # the extremes in the last part
         x3[-1, -1, 0] = 40.0
         shift = x3[:1].mean((0, 2))
         saturation = (-math.inf, 1.5)
+        positions = torch.randint(x3.numel(), (5000,), generator=gen)
+        positions[:3] = torch.tensor([0, x3.numel() - 1, positions[3]])  # both ends; a repeat
+        sample = (*positions.sort(), torch.full((5000,), math.nan))
         want = expected(x3, shift, saturation)
-        assert_agree(reduced(x3, shift, saturation), want, x3)
+        assert_agree(reduced(x3, shift, saturation, sample), want, x3)
+        assert torch.equal(sample[2], x3.reshape(-1)[positions])
     finally:
         torch.set_num_threads(before)
 
@@ -181,6 +187,7 @@ def test_it_takes_contiguous_float32_cpu_tensors_only():
 
 def statistics(report):
     fields = ("mean", "std", "min", "max", "zero_fraction", "unit_mean", "unit_std")
+    fields += ("skewness", "kurtosis", "quantiles")  # from the sample, which the kernel copies
     fields += ("unit_active_fraction", "unit_saturated_fraction", "saturated_value_fraction")
     return {layer.name: [getattr(layer.activation, f) for f in fields] for layer in report.layers}
 
