@@ -938,14 +938,15 @@ class TensorSummary:
         self.sample_nonzero.add_(other.sample_nonzero)
         self.reservoir.merge(other.reservoir)
 
-    def range_flag(self) -> torch.Tensor:
-        """A device bool that is True when float32 squares could not hold these values."""
+    def square_terms(self) -> torch.Tensor | None:
+        """What shows whether float32 squares could hold these values, for
+        ``_any_outside_square_range``; None when they were not taken in float32."""
         if self.unit_sum is None or self.precise:
-            return torch.zeros((), dtype=torch.bool)
+            return None
         self._fold()
         extremes = torch.cat([self.unit_min, self.unit_max]).abs()
         largest = torch.where(torch.isfinite(extremes), extremes, 0).max()
-        return _outside_square_range(largest, self.unit_dsumsq.sum(), self.unit_sum.sum())
+        return torch.stack([largest, self.unit_dsumsq.sum(), self.unit_sum.sum()])
 
     def finite_flag(self) -> torch.Tensor:
         """A device bool that is True when some value seen so far was NaN or infinite.
@@ -1161,15 +1162,15 @@ class GradientSummary:
             return torch.zeros((), dtype=torch.bool)
         return ~torch.isfinite(self.sumabs if self.magnitudes else self.sumsq)
 
-    def range_flag(self) -> torch.Tensor:
-        """True when float32 squares could not hold these gradients (see _widened)."""
+    def square_terms(self) -> torch.Tensor | None:
+        """As ``TensorSummary.square_terms``, for these gradients (see _widened)."""
         if self.sumsq is None or self.precise:
-            return torch.zeros((), dtype=torch.bool)
+            return None
         # No extremes are kept for gradients: their rms bounds the largest from below, an
         # infinite rms of finite values (an overflow) included.
         rms = torch.sqrt(self.sumsq / self.count)
         total = self.sumabs if self.magnitudes else torch.zeros_like(self.sumsq)
-        return _outside_square_range(rms, self.sumsq, total)
+        return torch.stack([rms, self.sumsq, total])
 
     def finalize(self) -> GradientStats | None:
         if self.count == 0:
@@ -1229,13 +1230,14 @@ class ParameterSummary:
         lo, hi = torch.aminmax(flat)
         self.values = torch.stack([flat[0], dsum, dsumsq, lo, hi]).to(torch.float64)
 
-    def range_flag(self) -> torch.Tensor:
+    def square_terms(self) -> torch.Tensor | None:
+        """As ``TensorSummary.square_terms``, for this parameter."""
         if self.values is None:
-            return torch.zeros((), dtype=torch.bool)
+            return None
         _, dsum, dsumsq, lo, hi = self.values
         largest = torch.maximum(lo.abs(), hi.abs())
         largest = torch.where(torch.isfinite(largest), largest, 0)
-        return _outside_square_range(largest, dsumsq, dsum)
+        return torch.stack([largest, dsumsq, dsum])
 
     def finalize(self) -> ParameterStats | None:
         if self.values is None:
@@ -1405,15 +1407,15 @@ class StatsCollector:
         """One host read per device: did float32 squares fail some value (SQUARE_RANGE)?"""
         if self.precise:
             return False
-        flags = [self.input.range_flag(), self.output.range_flag()]
+        terms = [self.input.square_terms(), self.output.square_terms()]
         for state in self.layers.values():
-            flags += [
-                state.activation.range_flag(),
-                state.output_grad.range_flag(),
-                state.param_grad.range_flag(),
-                *(p.range_flag() for p in state.parameters),
+            terms += [
+                state.activation.square_terms(),
+                state.output_grad.square_terms(),
+                state.param_grad.square_terms(),
+                *(p.square_terms() for p in state.parameters),
             ]
-        return _any_flag(flags)
+        return _any_outside_square_range([t for t in terms if t is not None])
 
     def add_nonfinite_counts(self, counter: NonfiniteCounter) -> None:
         """Take exact counts from a second, counting-only run over the same batches."""
@@ -1467,6 +1469,19 @@ class StatsCollector:
             output_argmax=None if self.argmax is None else tuple(self.argmax.tolist()),
             sample_size=self.sampler.sample_size,
         )
+
+
+def _any_outside_square_range(terms: Sequence[torch.Tensor]) -> bool:
+    """Whether any summary's (largest magnitude, sum of squares, sum) fails float32 squares
+    (``_outside_square_range``), tested for all of a device's summaries at once: one host
+    read per device, and a handful of operations rather than a handful per summary."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in terms:
+        by_device.setdefault(t.device, []).append(t)
+    return any(
+        bool(_outside_square_range(*torch.stack(group).unbind(1)).any())
+        for group in by_device.values()
+    )
 
 
 def _any_flag(flags: Sequence[torch.Tensor]) -> bool:

@@ -68,6 +68,22 @@ def test_extreme_activations_are_summarised_exactly_and_raise_no_false_nonfinite
     json.loads(report.to_json())  # every number JSON can hold
 
 
+def test_an_extreme_inner_layer_calls_for_float64_squares_on_its_own():
+    # Only the first layer is 1e20 large: the Tanh after it brings the output back to ±1,
+    # so neither the input's nor the output's summary shows that float32 squares overflow.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+    with torch.no_grad():
+        model[0].weight.mul_(1e20)
+        model[0].bias.mul_(1e20)
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(1))
+    report = modelcheck.check(model, x, batch_size=16)
+    assert_matches_numpy(report, outputs(model, x), rel=1e-6)
+    assert report.layer("0").parameters[0].std == pytest.approx(
+        model[0].weight.detach().double().std(unbiased=False).item(), rel=1e-6
+    )
+
+
 @pytest.mark.parametrize("scale", [1e30, 1e-30], ids=lambda s: f"{s:g}")
 def test_extreme_gradients_keep_their_magnitude(scale):
     """Parameter gradients of 1e30 square to 1e60: float32 squares would say inf, and
