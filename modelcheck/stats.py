@@ -518,10 +518,12 @@ class Sampler:
         positions = self._positions_for(flat.numel(), flat.device)
         return flat.index_select(0, positions), flat.numel() / self.sample_size
 
-    def for_kernel(self, x3: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], float] | None:
+    def for_kernel(
+        self, x3: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
         """The sample ``take`` would copy, for the kernel to copy in its pass instead, as
-        ((ascending positions, their places in the sample, the empty sample), how many
-        values each stands for); None when every value is taken."""
+        (ascending positions, their places in the sample, the empty sample, how many values
+        each stands for); None when every value is taken."""
         n = x3.numel()
         if n <= self.sample_size:
             return None
@@ -530,7 +532,7 @@ class Sampler:
         if ordered is None:
             ordered = self._sorted[key] = self._positions_for(n, x3.device).sort()
         out = torch.empty(self.sample_size, dtype=x3.dtype, device=x3.device)
-        return (*ordered, out), n / self.sample_size
+        return (*ordered, out, n / self.sample_size)
 
     def _positions_for(self, n: int, device: torch.device) -> torch.Tensor:
         positions = self._positions.get((n, device))
@@ -708,8 +710,8 @@ class TensorSummary:
             # Its sample too, copied as each row is read: a gather afterwards would read a
             # large activation's positions from memory again, one cache miss each.
             sample = self.sampler.for_kernel(x3)
-            copied = None if sample is None else sample[0]
-            kernel.reduce_into(x3, plan.kernel_shift, slots.rows[first], plan.saturation, copied)
+            copy = None if sample is None else sample[:3]
+            kernel.reduce_into(x3, plan.kernel_shift, slots.rows[first], plan.saturation, copy)
             pieces = 1
             self._row_filled(slots, x3.numel())
         else:
@@ -719,7 +721,7 @@ class TensorSummary:
                 self._row_filled(slots, piece.numel())
         if first + pieces <= slots.capacity:  # no fold in between overwrote them
             self._last_rows = (slots, first, pieces)
-        return None if sample is None else (sample[0][2], sample[1])
+        return None if sample is None else sample[2:]  # (values, weight), as take gives
 
     def _plan_for(self, x3: torch.Tensor) -> _Plan:
         # A new shift (another rank's mean) is a new tensor: it makes a new plan.
@@ -1475,22 +1477,24 @@ def _any_outside_square_range(terms: Sequence[torch.Tensor]) -> bool:
     """Whether any summary's (largest magnitude, sum of squares, sum) fails float32 squares
     (``_outside_square_range``), tested for all of a device's summaries at once: one host
     read per device, and a handful of operations rather than a handful per summary."""
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for t in terms:
-        by_device.setdefault(t.device, []).append(t)
     return any(
         bool(_outside_square_range(*torch.stack(group).unbind(1)).any())
-        for group in by_device.values()
+        for group in _by_device(terms)
     )
 
 
 def _any_flag(flags: Sequence[torch.Tensor]) -> bool:
     """Whether any device bool is True: one host read per device the flags are on, not
     one per flag (each read waits for the device)."""
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for flag in flags:
-        by_device.setdefault(flag.device, []).append(flag)
-    return any(bool(torch.stack(group).any()) for group in by_device.values())
+    return any(bool(torch.stack(group).any()) for group in _by_device(flags))
+
+
+def _by_device(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``tensors`` grouped by the device they are on, to be read once per device."""
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return list(groups.values())
 
 
 class NonfiniteCounter:
