@@ -227,25 +227,36 @@ def mmap_probe(rows_list: list[int], width: int) -> list[dict[str, float]]:
     return results
 
 
-STARTUP_COMMANDS = (["--version"], ["rules"], ["rule", "MC101"], ["--show-settings"])
+# Each with the exit code it must end with.
+STARTUP_COMMANDS = (
+    (["--version"], 0),
+    (["rules"], 0),
+    (["rule", "MC101"], 0),
+    (["--show-settings"], 0),
+    (["missing.pt"], 2),  # a check refused for its model path
+)
 
 
 def startup(repeat: int) -> dict[str, float]:
     """Wall time of fresh processes: the commands that run no model, and the imports a
     check cannot avoid (Python alone, Python importing torch)."""
     commands = {
-        "python -c pass": [sys.executable, "-c", "pass"],
-        "python -c 'import torch'": [sys.executable, "-c", "import torch"],
+        "python -c pass": ([sys.executable, "-c", "pass"], 0),
+        "python -c 'import torch'": ([sys.executable, "-c", "import torch"], 0),
     }
-    for argv in STARTUP_COMMANDS:
-        commands["modelcheck " + " ".join(argv)] = [sys.executable, "-m", "modelcheck.cli", *argv]
-    runs = {
-        name: functools.partial(subprocess.run, command, check=True, capture_output=True)
-        for name, command in commands.items()
-    }
+    for argv, code in STARTUP_COMMANDS:
+        name = "modelcheck " + " ".join(argv)
+        commands[name] = ([sys.executable, "-m", "modelcheck.cli", *argv], code)
+    runs = {name: functools.partial(_run_expecting, *command) for name, command in commands.items()}
     times = medians(runs, repeat)
     del times["rounds"]
     return times
+
+
+def _run_expecting(command: list[str], code: int) -> None:
+    done = subprocess.run(command, capture_output=True)
+    if done.returncode != code:
+        sys.exit(f"{' '.join(command)} exited {done.returncode}, not {code}: {done.stderr!r}")
 
 
 # -- the write-up ------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from modelcheck import __version__, config
 from modelcheck import rules as rules_module
 from modelcheck.errors import ConfigError, ModelcheckError
+from modelcheck.filekind import sniff
 from modelcheck.renderers import (
     FORMATS,
     STATISTICS_FORMATS,
@@ -271,6 +272,7 @@ def _check_command(argv: list[str]) -> int:
     inputs = [args.model, spec, *rule_files, configured.path and str(configured.path)]
     _check_output(args.output, inputs)  # before the work, not after it
     _check_html_path(args.html, [*inputs, args.output])
+    sniff(args.model)  # a path that holds no model is refused before torch's start-up
     # Only here, where a model runs, are torch and the stages imported (~1.5 s): --help,
     # --show-settings and `modelcheck rule` answer without them.
     from modelcheck.distributed import launched

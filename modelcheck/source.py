@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
-import itertools
 import logging
 import os
 import pickle
@@ -28,25 +27,12 @@ from unittest import mock
 import torch
 
 from modelcheck.errors import ModelcheckError, SourceError
+from modelcheck.filekind import ARCHIVES, sniff
 
 __all__ = ["LoadedModel", "import_factory", "load_model", "verify_archive"]
 
 # Keys under which training scripts commonly nest the state_dict of a checkpoint.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
-
-# The first pickle of a legacy (pre-zip) torch.save file is this number; a plain pickle has none.
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-
-# Leading bytes of files people mistake for model files.
-_FOREIGN_SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
-    (b"\xff\xd8\xff", "a JPEG image"),
-    (b"GIF8", "a GIF image"),
-    (b"%PDF", "a PDF document"),
-    (b"\x1f\x8b", "a gzip archive"),
-    (b"\x89HDF\r\n\x1a\n", "an HDF5 file"),
-    (b"\x93NUMPY", "a NumPy array"),
-)
 
 _ARCH_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -77,7 +63,9 @@ def load_model(
     with ``arch_kwargs``. A whole pickled module is only unpickled when ``trust`` is true.
     """
     shown = os.fspath(path)
-    kind = _sniff(shown)
+    kind = sniff(shown)
+    if kind in ARCHIVES:
+        verify_archive(shown)  # before anything unpickles a record
     if kind == "torchscript":
         return _load_torchscript(shown)
     if kind == "torch-export":
@@ -123,62 +111,6 @@ def import_factory(spec: str) -> Callable[..., torch.nn.Module]:
             f"--arch {spec}: '{attribute}' is a {type(factory).__name__}, not callable"
         )
     return factory
-
-
-# --- recognising the file --------------------------------------------------------------------
-
-
-def _sniff(path: str) -> str:
-    """Classify the file: "torchscript", "torch-export", "safetensors", "torch" (torch.save
-    output) or "pickle" (a plain pickle).
-
-    Everything else is refused here, before any unpickling, with the reason it was recognised.
-    """
-    try:
-        size = os.stat(path).st_size
-        if os.path.isdir(path):
-            raise SourceError(f"{path} is a directory, not a model file")
-        with open(path, "rb") as file:
-            head = file.read(1024)
-    except FileNotFoundError:
-        raise SourceError(f"{path} does not exist") from None
-    except OSError as error:
-        raise SourceError(f"{path} cannot be read ({error.strerror or error})") from None
-    if size == 0:
-        raise SourceError(f"{path} is empty")
-    for signature, what in _FOREIGN_SIGNATURES:
-        if head.startswith(signature):
-            raise SourceError(f"{path} is not a PyTorch file (looks like {what})")
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        kind = _archive_kind(path)
-        verify_archive(path)  # torch.save, TorchScript and torch.export archives alike
-        return kind
-    if _looks_like_safetensors(head, size):
-        return "safetensors"
-    # torch.save always writes pickle protocol 2 or later, whose first byte is PROTO (0x80);
-    # protocol 0 text pickles are not worth mistaking every text file for a model.
-    if not head.startswith(pickle.PROTO):
-        if _looks_like_text(head):
-            raise SourceError(f"{path} is not a PyTorch file (looks like a text file)")
-        raise SourceError(f"{path} is not a PyTorch file (unrecognised content)")
-    return "torch" if _is_legacy_torch_file(path) else "pickle"
-
-
-def _archive_kind(path: str) -> str:
-    """Tell the zip archives torch writes apart by what they hold: TorchScript (code/ and
-    constants.pkl), torch.export (archive_format, models/), torch.save (data.pkl)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        raise SourceError(f"{path} is truncated or corrupted (incomplete zip archive)") from None
-    if any(n.endswith("/archive_format") or "serialized_exported_program" in n for n in names):
-        return "torch-export"
-    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-        return "torchscript"
-    if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
-        raise SourceError(f"{path} is a zip archive but not a PyTorch file (no data.pkl inside)")
-    return "torch"
 
 
 def _load_torchscript(path: str) -> LoadedModel:
@@ -308,33 +240,6 @@ def verify_archive(path: str, error: type[ModelcheckError] = SourceError) -> Non
         raise error(f"{path} is truncated or corrupted ({_brief(failure)})") from None
     if damaged is not None:
         raise error(f"{path} is corrupted: its record {damaged} fails its checksum")
-
-
-def _looks_like_safetensors(head: bytes, size: int) -> bool:
-    # safetensors: an 8-byte little-endian header length, then the JSON header itself.
-    header_length = int.from_bytes(head[:8], "little")
-    return len(head) > 8 and head[8:9] == b"{" and 8 + header_length <= size
-
-
-def _looks_like_text(head: bytes) -> bool:
-    if b"\0" in head:
-        return False
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return error.start >= len(head) - 3  # a character cut off by the 1 KiB window
-    return True
-
-
-def _is_legacy_torch_file(path: str) -> bool:
-    """Tell a pre-zip torch.save file from a plain pickle by its first pickle, unexecuted."""
-    try:
-        with open(path, "rb") as file:
-            ops = itertools.islice(pickletools.genops(file), 4)  # stop early on a big pickle
-            values = [arg for op, arg, _ in ops if op.name != "PROTO"]
-    except Exception:  # unparseable: let torch.load report the damage
-        return True
-    return values == [_LEGACY_MAGIC, None]
 
 
 # --- unpickling ------------------------------------------------------------------------------

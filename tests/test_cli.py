@@ -256,6 +256,8 @@ def test_unknown_rule_suggests_a_close_one(capsys):
         (["--version"], 0),
         (["--bogus"], 2),
         (["rule", "nothing-like-it"], 2),
+        (["missing.pt"], 2),
+        (["."], 2),
     ],
 )
 def test_commands_that_run_no_model_do_not_import_torch(tmp_path, argv, exit_code):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from modelcheck.errors import SourceError
+from modelcheck.filekind import ARCHIVES, sniff
 from modelcheck.source import LoadedModel, import_factory, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +82,22 @@ def test_legacy_non_zip_torch_save_format_is_read(tmp_path: Path) -> None:
     path = saved(model.state_dict(), tmp_path / "old.pt", _use_new_zipfile_serialization=False)
 
     assert same_weights(load_model(path, arch=MLP_SPEC).module, model)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")  # deprecated, still read
+def test_each_format_is_told_from_its_bytes(tmp_path: Path) -> None:
+    state = archs.make_mlp().state_dict()
+    zipped = saved(state, tmp_path / "a.bin")
+    legacy = saved(state, tmp_path / "b.bin", _use_new_zipfile_serialization=False)
+    script = tmp_path / "c.bin"
+    torch.jit.save(torch.jit.script(archs.make_mlp()), script)
+    plain = tmp_path / "d.bin"
+    plain.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}))
+
+    kinds = [sniff(str(p)) for p in (zipped, legacy, script, plain)]
+
+    assert kinds == ["torch", "torch-legacy", "torchscript", "pickle"]
+    assert [k in ARCHIVES for k in kinds] == [True, False, True, False]
 
 
 def test_arch_kwargs_are_passed_to_the_factory(tmp_path: Path) -> None:
