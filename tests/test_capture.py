@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from models import DigitsCNN, RowLSTM, RowTransformer, gaussian, trained_seed_network
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import modelcheck
-from modelcheck import capture
+from modelcheck import capture, kernel
 from modelcheck.demo import IrisFFNN
 
 
@@ -224,6 +225,110 @@ def test_forward_only_mode_records_no_gradients():
     report = modelcheck.check(IrisFFNN(), gaussian(features=4), gradients=False)
     assert all(layer.output_grad is None and layer.param_grad is None for layer in report.layers)
     assert report.probe.loss == "none (forward only)"
+
+
+# -- nothing waits for the device until the end ------------------------------------------------
+
+aten = torch.ops.aten
+_WAITS_FOR_THE_DEVICE = {
+    aten._local_scalar_dense.default,  # item(), float(), bool() of a tensor
+    aten.is_nonzero.default,
+    aten.equal.default,
+    # Shapes that depend on the values: the host must read them before going on.
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+    aten.unique_dim.default,
+}
+_HOST_COPIES = ("cpu", "tolist", "numpy", "item")
+
+
+class _HostReads(TorchDispatchMode):
+    """Records every operation that would make the host wait for a GPU; the host copies
+    of a CPU tensor reach no dispatcher, so those methods are watched as well."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.operations = 0
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operations += 1
+        if func in _WAITS_FOR_THE_DEVICE:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def watching(self, name: str):
+        method = getattr(torch.Tensor, name)
+
+        def watched(tensor, *args, **kwargs):
+            self.reads.append(f"Tensor.{name}")
+            return method(tensor, *args, **kwargs)
+
+        return watched
+
+
+def _reads_while_running(monkeypatch, model, x, **options) -> _HostReads:
+    """The host reads made inside ``capture.run`` (hooks, statistics, backward) during
+    a check on PyTorch's operations: the path GPUs take."""
+    monkeypatch.setattr(kernel, "LIBRARY", None)
+    watch, run = _HostReads(), capture.run
+
+    def watched_run(*args, **kwargs):
+        with pytest.MonkeyPatch.context() as patch, watch:
+            for name in _HOST_COPIES:
+                patch.setattr(torch.Tensor, name, watch.watching(name))
+            return run(*args, **kwargs)
+
+    monkeypatch.setattr(capture, "run", watched_run)
+    modelcheck.check(model, x, **options)
+    return watch
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8 * 16 * 16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.norm(self.conv(x)))
+        h = torch.tanh(h + self.conv(x))  # a residual sum, a functional activation
+        return self.head(h.flatten(1))
+
+
+def test_batches_make_the_host_wait_for_nothing(monkeypatch):
+    """Issue 6: a GPU check reads its summaries back once, at the end. Ten batches with
+    gradients: the slots fold, and the conv's samples are folded in, during the run."""
+    torch.manual_seed(0)
+    x, y = torch.randn(160, 3, 16, 16), torch.randint(0, 5, (160,))
+
+    watch = _reads_while_running(monkeypatch, _Residual(), (x, y), batch_size=16)
+
+    assert watch.operations > 1000  # the mode saw the run
+    assert watch.reads == []
+
+
+class _ReadsItsLoss(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x)
+        self.last = float(out.detach().mean())
+        self.copy = out.detach().cpu()
+        return out
+
+
+def test_a_host_read_inside_the_run_is_seen(monkeypatch):
+    """The watch above can fail: a model's own reads, once per batch, are all seen."""
+    watch = _reads_while_running(monkeypatch, _ReadsItsLoss(), gaussian(features=4), batch_size=64)
+
+    assert watch.reads.count(str(aten._local_scalar_dense.default)) == 4  # one per batch
+    assert set(watch.reads) == {str(aten._local_scalar_dense.default), "Tensor.cpu"}
 
 
 # -- the model comes back as it was given ------------------------------------------------------
