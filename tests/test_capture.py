@@ -299,13 +299,21 @@ class _Residual(nn.Module):
         return self.head(h.flatten(1))
 
 
-def test_batches_make_the_host_wait_for_nothing(monkeypatch):
+@pytest.mark.filterwarnings("ignore:`torch.jit")  # deprecated, still checked
+@pytest.mark.parametrize("form", ["module", "traced", "exported"])
+def test_batches_make_the_host_wait_for_nothing(monkeypatch, form):
     """Issue 6: a GPU check reads its summaries back once, at the end. Ten batches with
-    gradients: the slots fold, and the conv's samples are folded in, during the run."""
+    gradients: the slots fold, and the conv's samples are folded in, during the run.
+    Traced and exported models go through capture_graph's recorder instead of hooks."""
     torch.manual_seed(0)
     x, y = torch.randn(160, 3, 16, 16), torch.randint(0, 5, (160,))
+    model = _Residual().eval()
+    if form == "traced":
+        model = torch.jit.trace(model, x[:16])
+    elif form == "exported":
+        model = torch.export.export(model, (x[:16],))
 
-    watch = _reads_while_running(monkeypatch, _Residual(), (x, y), batch_size=16)
+    watch = _reads_while_running(monkeypatch, model, (x, y), batch_size=16)
 
     assert watch.operations > 1000  # the mode saw the run
     assert watch.reads == []
