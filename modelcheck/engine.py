@@ -112,11 +112,12 @@ def _evaluate(
 ) -> tuple[list[Finding], tuple[tuple[str, str | None], ...]]:
     """The findings, and which (rule, layer) pairs were checked at all."""
     metrics = derive(stats, parameters=parameters, loss=loss)
-    findings = _without_layer_ignores(rules.evaluate(chosen, metrics), settings)
+    found, looked_at = rules.evaluate(chosen, metrics)
+    findings = _without_layer_ignores(found, settings)
     slugs = {r.code: r.slug for r in chosen}
     checked = tuple(
         (code, layer)
-        for code, layer in rules.applicable(chosen, metrics)
+        for code, layer in looked_at
         if not _ignored_here(code, slugs[code], layer, settings.per_layer_ignores)
     )
     return findings, checked

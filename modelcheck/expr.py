@@ -137,8 +137,13 @@ def _describe(value: object) -> str:
 # ---------------------------------------------------------------------------- values
 
 
+_PLAIN_TYPES = frozenset({bool, int, float, str, type(None)})
+
+
 def _normalize(value: object) -> object:
     """Turn numpy scalars into Python ones and lists of numbers into arrays."""
+    if type(value) in _PLAIN_TYPES:  # most values: rules run thousands of evaluations
+        return value
     if isinstance(value, np.ndarray):
         return value.item() if value.ndim == 0 else value
     if isinstance(value, np.generic):
@@ -934,9 +939,14 @@ class Expression:
         if not isinstance(env, Mapping):
             what = f"evaluation needs a mapping of names to values, got {type(env).__name__}"
             raise RuleError(_message(self._where, what, self.source))
+        with np.errstate(all="ignore"):  # IEEE results, not warnings
+            return self.value_in(env)
+
+    def value_in(self, env: Mapping[str, object]) -> object:
+        """``evaluate`` inside the caller's ``np.errstate(all="ignore")``, for a caller that
+        evaluates thousands of times: entering it costs more than most expressions do."""
         try:
-            with np.errstate(all="ignore"):  # IEEE results, not warnings
-                return _normalize(self._run(env))
+            return _normalize(self._run(env))
         except _Problem as problem:
             message = _message(self._where, problem.what, self.source, problem.segment)
             raise RuleError(message) from problem.__cause__

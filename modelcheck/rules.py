@@ -507,41 +507,48 @@ def select(
 # -- evaluating --------------------------------------------------------------------------
 
 
-def evaluate(rules: Sequence[Rule], metrics: Metrics) -> list[Finding]:
-    """Findings of every rule, worst first; a rule reports a layer at most once."""
-    findings = []
-    for rule in rules:
-        found: dict[str | None, Finding] = {}
-        for check in rule.checks:
-            for finding in _run_check(rule, check, metrics):
-                kept = found.get(finding.layer)
-                if kept is None or severity_rank(finding.severity) > severity_rank(kept.severity):
-                    found[finding.layer] = finding
-        findings += found.values()
-    return sort_findings(findings)
-
-
-def applicable(rules: Sequence[Rule], metrics: Metrics) -> list[tuple[str, str | None]]:
-    """The (rule code, layer name) pairs the rules looked at, in rule and layer order.
+def evaluate(
+    rules: Sequence[Rule], metrics: Metrics
+) -> tuple[list[Finding], list[tuple[str, str | None]]]:
+    """Findings of every rule, worst first (a rule reports a layer at most once), and the
+    (rule code, layer name) pairs the rules looked at, in rule and layer order.
 
     A check looks at a layer when its ``applies-to`` holds there (a dead-units check does
     not look at a Linear layer); a model-scope check looks at the model, layer None. CI
     formats that report passes as well as findings (JUnit) need this denominator.
     """
-    pairs: dict[tuple[str, str | None], None] = {}
-    for rule in rules:
-        for check in rule.checks:
-            if check.scope == "model":
-                rows: Sequence[Mapping[str, object]] = [metrics.model]
-            else:
-                found = metrics.layers if check.scope == "layer" else metrics.parameters
-                rows = [{**metrics.model, **row} for row in found]
-            for env in rows:
-                env = {**env, **rule.params}
-                if check.applies_to is None or expr.truthy(check.applies_to.evaluate(env)):
-                    layer = None if check.scope == "model" else str(env.get("name"))
-                    pairs[(rule.code, layer)] = None
-    return list(pairs)
+    rows = _rows(metrics)
+    findings: list[Finding] = []
+    looked_at: dict[tuple[str, str | None], None] = {}
+    with np.errstate(all="ignore"):  # IEEE results, not warnings (see Expression.value_in)
+        for rule in rules:
+            findings += _findings_of(rule, rows, looked_at)
+    return sort_findings(findings), list(looked_at)
+
+
+def _findings_of(
+    rule: Rule,
+    rows: Mapping[str, Sequence[Mapping[str, object]]],
+    looked_at: dict[tuple[str, str | None], None],
+) -> Iterable[Finding]:
+    """The rule's findings, one per layer at most: the most severe of its checks'."""
+    found: dict[str | None, Finding] = {}
+    for check in rule.checks:
+        for finding in _run_check(rule, check, rows[check.scope], looked_at):
+            kept = found.get(finding.layer)
+            if kept is None or severity_rank(finding.severity) > severity_rank(kept.severity):
+                found[finding.layer] = finding
+    return found.values()
+
+
+def _rows(metrics: Metrics) -> dict[str, list[Mapping[str, object]]]:
+    """What a check of each scope evaluates, row by row: a layer's or a parameter's
+    metrics see the model's too. Built once for every check."""
+    return {
+        "model": [metrics.model],
+        "layer": [{**metrics.model, **row} for row in metrics.layers],
+        "parameter": [{**metrics.model, **row} for row in metrics.parameters],
+    }
 
 
 def sort_findings(findings: Iterable[Finding]) -> list[Finding]:
@@ -556,13 +563,21 @@ class _Hit:
     threshold: float | None
 
 
-def _run_check(rule: Rule, check: Check, metrics: Metrics) -> list[Finding]:
-    if check.scope == "model":
-        items = [metrics.model]
-    else:
-        rows = metrics.layers if check.scope == "layer" else metrics.parameters
-        items = [{**metrics.model, **row} for row in rows]
-    hits = [hit for env in items if (hit := _hit(rule, check, env)) is not None]
+def _run_check(
+    rule: Rule,
+    check: Check,
+    rows: Sequence[Mapping[str, object]],
+    looked_at: dict[tuple[str, str | None], None],
+) -> list[Finding]:
+    """The check's findings over ``rows``; every row it applies to goes into ``looked_at``."""
+    hits = []
+    for row in rows:
+        env = {**row, **rule.params}
+        if check.applies_to is not None and not expr.truthy(check.applies_to.value_in(env)):
+            continue
+        looked_at[(rule.code, None if check.scope == "model" else str(env.get("name")))] = None
+        if (hit := _hit(check, env)) is not None:
+            hits.append(hit)
     if not hits:
         return []
     if check.report != "each":
@@ -572,21 +587,18 @@ def _run_check(rule: Rule, check: Check, metrics: Metrics) -> list[Finding]:
     return [_finding(rule, check, h, h, 0, [h]) for h in hits]
 
 
-def _hit(rule: Rule, check: Check, env: Mapping[str, object]) -> _Hit | None:
-    env = {**env, **rule.params}
-    if check.applies_to is not None and not expr.truthy(check.applies_to.evaluate(env)):
-        return None
-    value = check.value.evaluate(env)
+def _hit(check: Check, env: dict[str, object]) -> _Hit | None:
+    value = check.value.value_in(env)
     env["value"] = value
     if not check.thresholds:
-        if expr.truthy(check.condition.evaluate(env)):
+        if expr.truthy(check.condition.value_in(env)):
             return _Hit(env, check.severity, value, None)
         return None
     for severity in SEVERITIES:
         threshold = check.thresholds.get(severity)
         if threshold is None:
             continue
-        if expr.truthy(check.condition.evaluate({**env, "threshold": threshold})):
+        if expr.truthy(check.condition.value_in({**env, "threshold": threshold})):
             return _Hit({**env, "threshold": threshold}, severity, value, threshold)
     return None
 
