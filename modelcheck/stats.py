@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -940,15 +941,32 @@ class TensorSummary:
         self.sample_nonzero.add_(other.sample_nonzero)
         self.reservoir.merge(other.reservoir)
 
-    def square_terms(self) -> torch.Tensor | None:
-        """What shows whether float32 squares could hold these values, for
-        ``_any_outside_square_range``; None when they were not taken in float32."""
-        if self.unit_sum is None or self.precise:
-            return None
-        self._fold()
-        extremes = torch.cat([self.unit_min, self.unit_max]).abs()
-        largest = torch.where(torch.isfinite(extremes), extremes, 0).max()
-        return torch.stack([largest, self.unit_dsumsq.sum(), self.unit_sum.sum()])
+    @staticmethod
+    def square_terms(summaries: Sequence[TensorSummary]) -> torch.Tensor:
+        """What shows whether float32 squares could hold each summary's values, for
+        ``_outside_square_range``: a (3, n) float64 tensor of (largest finite magnitude,
+        sum of squared deviations, sum), in a few operations for all of them. The
+        summaries are started, in float32 (or wider) and on one device."""
+        for summary in summaries:
+            summary._fold()
+        extremes = torch.stack(
+            [torch.cat([s.unit_min for s in summaries]), torch.cat([s.unit_max for s in summaries])]
+        ).abs_()
+        largest = torch.where(torch.isfinite(extremes), extremes, 0).amax(0)
+        # Each summary's per-unit sums, added up by index: one add for all of them.
+        device = extremes.device
+        units = torch.tensor([s.unit_sum.numel() for s in summaries], device=device)
+        owner = torch.repeat_interleave(torch.arange(len(summaries), device=device), units)
+        per_unit = torch.stack(
+            [
+                torch.cat([s.unit_dsumsq for s in summaries]),
+                torch.cat([s.unit_sum for s in summaries]),
+            ],
+            dim=1,
+        )
+        totals = torch.zeros(len(summaries), 2, dtype=torch.float64, device=device)
+        totals.index_add_(0, owner, per_unit)
+        return torch.cat([largest.unsqueeze(0), totals.T])
 
     def finite_flag(self) -> torch.Tensor:
         """A device bool that is True when some value seen so far was NaN or infinite.
@@ -1164,15 +1182,19 @@ class GradientSummary:
             return torch.zeros((), dtype=torch.bool)
         return ~torch.isfinite(self.sumabs if self.magnitudes else self.sumsq)
 
-    def square_terms(self) -> torch.Tensor | None:
+    @staticmethod
+    def square_terms(summaries: Sequence[GradientSummary]) -> torch.Tensor:
         """As ``TensorSummary.square_terms``, for these gradients (see _widened)."""
-        if self.sumsq is None or self.precise:
-            return None
-        # No extremes are kept for gradients: their rms bounds the largest from below, an
-        # infinite rms of finite values (an overflow) included.
-        rms = torch.sqrt(self.sumsq / self.count)
-        total = self.sumabs if self.magnitudes else torch.zeros_like(self.sumsq)
-        return torch.stack([rms, self.sumsq, total])
+        sumsq = torch.stack([g.sumsq for g in summaries])
+        counts = torch.tensor([g.count for g in summaries], dtype=sumsq.dtype, device=sumsq.device)
+        zero = sumsq.new_zeros(())
+        totals = torch.stack([g.sumabs if g.magnitudes else zero for g in summaries])
+        # No extremes are kept for gradients: the rms bounds the largest from below (an
+        # infinite rms of finite values, an overflow, included), and so does the mean
+        # magnitude where it is kept, which stays nonzero when every square underflowed.
+        # (A tiny output gradient shows in its layer's parameter gradients.)
+        largest = torch.maximum(torch.sqrt(sumsq / counts), totals / counts)
+        return torch.stack([largest, sumsq, totals])
 
     def finalize(self) -> GradientStats | None:
         if self.count == 0:
@@ -1232,14 +1254,13 @@ class ParameterSummary:
         lo, hi = torch.aminmax(flat)
         self.values = torch.stack([flat[0], dsum, dsumsq, lo, hi]).to(torch.float64)
 
-    def square_terms(self) -> torch.Tensor | None:
-        """As ``TensorSummary.square_terms``, for this parameter."""
-        if self.values is None:
-            return None
-        _, dsum, dsumsq, lo, hi = self.values
-        largest = torch.maximum(lo.abs(), hi.abs())
-        largest = torch.where(torch.isfinite(largest), largest, 0)
-        return torch.stack([largest, dsumsq, dsum])
+    @staticmethod
+    def square_terms(summaries: Sequence[ParameterSummary]) -> torch.Tensor:
+        """As ``TensorSummary.square_terms``, for these parameters."""
+        values = torch.stack([p.values for p in summaries])  # (shift, dsum, dsumsq, lo, hi)
+        extremes = values[:, 3:].abs()
+        largest = torch.where(torch.isfinite(extremes), extremes, 0).amax(1)
+        return torch.stack([largest, values[:, 2], values[:, 1]])
 
     def finalize(self) -> ParameterStats | None:
         if self.values is None:
@@ -1409,15 +1430,17 @@ class StatsCollector:
         """One host read per device: did float32 squares fail some value (SQUARE_RANGE)?"""
         if self.precise:
             return False
-        terms = [self.input.square_terms(), self.output.square_terms()]
+        activations, gradients, parameters = [self.input, self.output], [], []
         for state in self.layers.values():
-            terms += [
-                state.activation.square_terms(),
-                state.output_grad.square_terms(),
-                state.param_grad.square_terms(),
-                *(p.square_terms() for p in state.parameters),
-            ]
-        return _any_outside_square_range([t for t in terms if t is not None])
+            activations.append(state.activation)
+            gradients += [state.output_grad, state.param_grad]
+            parameters += state.parameters
+        kinds = [
+            (TensorSummary, [a for a in activations if a.unit_sum is not None], "unit_sum"),
+            (GradientSummary, [g for g in gradients if g.sumsq is not None], "sumsq"),
+            (ParameterSummary, [p for p in parameters if p.values is not None], "values"),
+        ]
+        return _any_outside_square_range(kinds)
 
     def add_nonfinite_counts(self, counter: NonfiniteCounter) -> None:
         """Take exact counts from a second, counting-only run over the same batches."""
@@ -1473,28 +1496,40 @@ class StatsCollector:
         )
 
 
-def _any_outside_square_range(terms: Sequence[torch.Tensor]) -> bool:
+def _any_outside_square_range(kinds: Sequence[tuple[type, Sequence[object], str]]) -> bool:
     """Whether any summary's (largest magnitude, sum of squares, sum) fails float32 squares
-    (``_outside_square_range``), tested for all of a device's summaries at once: one host
-    read per device, and a handful of operations rather than a handful per summary."""
+    (``_outside_square_range``). ``kinds`` holds (class, summaries, the attribute whose
+    device a summary is on); each class's ``square_terms`` takes all of a device's
+    summaries at once: one host read per device, and a handful of operations rather than
+    a handful per summary (a model of 400 small layers has over a thousand)."""
+    terms: dict[torch.device, list[torch.Tensor]] = {}
+    for kind, summaries, held_in in kinds:
+        on_device = _by_device(summaries, lambda s, held_in=held_in: getattr(s, held_in).device)
+        for device, group in on_device.items():
+            terms.setdefault(device, []).append(kind.square_terms(group))
     return any(
-        bool(_outside_square_range(*torch.stack(group).unbind(1)).any())
-        for group in _by_device(terms)
+        bool(_outside_square_range(*torch.cat(group, dim=1)).any()) for group in terms.values()
     )
 
 
 def _any_flag(flags: Sequence[torch.Tensor]) -> bool:
     """Whether any device bool is True: one host read per device the flags are on, not
     one per flag (each read waits for the device)."""
-    return any(bool(torch.stack(group).any()) for group in _by_device(flags))
+    on_device = _by_device(flags, lambda t: t.device)
+    return any(bool(torch.stack(group).any()) for group in on_device.values())
 
 
-def _by_device(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """``tensors`` grouped by the device they are on, to be read once per device."""
-    groups: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault(t.device, []).append(t)
-    return list(groups.values())
+_Item = TypeVar("_Item")
+
+
+def _by_device(
+    items: Sequence[_Item], device_of: Callable[[_Item], torch.device]
+) -> dict[torch.device, list[_Item]]:
+    """``items`` grouped by the device they are on, to be read once per device."""
+    groups: dict[torch.device, list[_Item]] = {}
+    for item in items:
+        groups.setdefault(device_of(item), []).append(item)
+    return groups
 
 
 class NonfiniteCounter:

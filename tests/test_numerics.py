@@ -100,6 +100,34 @@ def test_extreme_gradients_keep_their_magnitude(scale):
     assert report.findings == ()
 
 
+class _TinyGradients(nn.Module):
+    """Passes its input on unchanged and scales the gradient flowing back by 1e-30."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1e-30 + (x - x * 1e-30).detach()
+
+
+def test_gradients_below_float32_squares_under_normal_activations_keep_their_magnitude():
+    """Every activation and weight is ordinary; only the gradients reaching the first layer
+    are ~1e-31, whose float32 squares are 0. Their mean magnitude shows it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), _TinyGradients(), nn.Tanh(), nn.Linear(8, 5))
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+    report = modelcheck.check(model, x, batch_size=16, select=["nonfinite"])
+    direction = torch.randn(5, generator=torch.Generator().manual_seed(0))
+    first = model[0](x)
+    loss = (model[1:](first) * direction).sum() / 16  # the surrogate loss of a probe without labels
+    at_output, weight, bias = torch.autograd.grad(loss, [first, *model[0].parameters()])
+    params = torch.cat([weight.reshape(-1), bias]).double().numpy()
+    assert report.layer("0").param_grad.rms == pytest.approx(
+        np.sqrt((params**2).mean()), rel=1e-6, abs=0
+    )
+    outputs = at_output.double().numpy()
+    assert report.layer("0").output_grad.rms == pytest.approx(
+        np.sqrt((outputs**2).mean()), rel=1e-6, abs=0
+    )
+
+
 def test_constant_layer_has_std_zero_and_undefined_shape_not_nan():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     with torch.no_grad():

@@ -24,11 +24,13 @@ from modelcheck.stats import (
     RESERVOIR_SIZE,
     SAMPLED_ERROR_BOUNDS,
     SAMPLED_MOMENTS_MEASURED,
+    SQUARE_RANGE,
     GradientSummary,
     ParameterSummary,
     Sampler,
     StatsCollector,
     TensorSummary,
+    _outside_square_range,
     _reshifted_part,
     _three_axes,
     batch_sample_size,
@@ -484,6 +486,72 @@ def test_parameter_with_a_nan_counts_it_and_has_no_spread():
     stats = ParameterSummary("weight", p).finalize()
     assert stats.nonfinite == 1
     assert math.isnan(stats.std)
+
+
+# -- whether float32 squares held the values: every summary of a device at once ----------------
+
+
+def _largest_finite(values: np.ndarray) -> float:
+    finite = np.abs(values[np.isfinite(values)])
+    return float(finite.max()) if finite.size else 0.0
+
+
+def test_square_terms_of_many_activation_summaries_are_each_their_own():
+    """Per-unit sums of summaries with 1 to 9 units, added up by index in one go, must
+    land on their own summary; extremes that are infinite do not count as the largest.
+    Out of float32's range (the 2nd and 3rd) only the largest magnitude is exact."""
+    gen = torch.Generator().manual_seed(27)
+    cases = [(3, 1.0, 0.0), (9, 1e-20, 0.0), (1, 2.0, -1e19), (5, 1e3, 0.5), (2, 1.0, 0.0)]
+    batches = [torch.randn(16, u, generator=gen) * scale + at for u, scale, at in cases]
+    batches[4][3, 1] = -math.inf
+    summaries = [summarise([b, b * 0.5]) for b in batches]
+
+    terms = TensorSummary.square_terms(summaries)
+
+    assert terms.shape == (3, len(cases)) and terms.dtype == torch.float64
+    flagged = _outside_square_range(*terms).tolist()
+    assert flagged == [False, True, True, False, False]  # below 1e-18, above 1e18
+    for column, summary, batch, out in zip(terms.T.tolist(), summaries, batches, flagged):
+        values = torch.cat([batch, batch * 0.5]).double().numpy()
+        assert column[0] == _largest_finite(values)
+        if not out and np.isfinite(values).all():
+            shift = summary.unit_shift.double().numpy()
+            expected = (((values - shift) ** 2).sum(), values.sum())
+            assert column[1:] == pytest.approx(expected, rel=1e-6)
+
+
+def test_square_terms_of_parameters_and_gradients_are_each_their_own():
+    gen = torch.Generator().manual_seed(28)
+    weights = [torch.randn(4, 3, generator=gen) * s + 2.0 for s in (1.0, 1e-3, 1e25, 1.0)]
+    weights[3][1, 1] = -1e19  # the largest magnitude is the minimum; its square still fits
+    grads = [torch.randn(6, 2, generator=gen) * s for s in (1.0, 1e-25, 3.0)]
+    parameters = [ParameterSummary("weight", w) for w in weights]
+    sampler = Sampler(1 << 16, seed=0)
+    gradients = [GradientSummary(sampler), GradientSummary(sampler), GradientSummary()]
+    for summary, g in zip(gradients, grads):
+        summary.update([g])
+
+    weight_terms = ParameterSummary.square_terms(parameters)
+    grad_terms = GradientSummary.square_terms(gradients)
+
+    assert weight_terms.shape == (3, 4) and grad_terms.shape == (3, 3)
+    # Weights of 2 ± 1e25 square to 1e50; one of -1e19 is beyond 1e18. Gradients of
+    # 1e-25 square to 1e-50, 0 in float32: their mean magnitude, kept for parameter
+    # gradients, shows them.
+    assert _outside_square_range(*weight_terms).tolist() == [False, False, True, True]
+    assert weight_terms[0, 3] == -float(weights[3][1, 1])
+    assert _outside_square_range(*grad_terms).tolist() == [False, True, False]
+    for column, w in zip(weight_terms.T.tolist()[:2], weights):
+        d = w.double().numpy().ravel() - float(w.reshape(-1)[0])
+        expected = (_largest_finite(w.double().numpy()), (d**2).sum(), d.sum())
+        assert column == pytest.approx(expected, rel=1e-5)
+    assert grad_terms[0, 1] == pytest.approx(np.abs(grads[1].double().numpy()).mean(), rel=1e-6)
+    for column, g, kept in zip(grad_terms.T.tolist()[::2], grads[::2], (True, False)):
+        values = g.double().numpy()
+        total = np.abs(values).sum() if kept else 0.0  # output gradients keep no magnitude
+        expected = (np.sqrt((values**2).mean()), (values**2).sum(), total)
+        assert column == pytest.approx(expected, rel=1e-6)
+    assert SQUARE_RANGE == (1e-18, 1e18)  # the bounds the cases above straddle
 
 
 def test_batches_after_the_shift_is_replaced_are_reduced_around_the_new_one():
