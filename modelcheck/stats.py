@@ -1208,18 +1208,26 @@ class GradientSummary:
         )
 
 
-_DOT_CHUNK = 1 << 20
-"""Values per dot product: BLAS accumulates a dot in the input dtype, so a float32 sum of
-squares stays within ~1e-7 of exact only over chunks of about a million values."""
+_ONE_DOT = 1 << 16
+_DOT_ROW = 1 << 14
+"""BLAS accumulates a dot product in the input dtype, on some CPUs nearly sequentially: a
+float32 dot of a million values was off by up to 3.6e-6 (AMD EPYC, MKL). Up to _ONE_DOT
+values one dot stays within ~2e-7; beyond, one batched product takes partial dots of
+_DOT_ROW values (within ~1e-7, summed in float64), and from a million values on it is
+faster than one dot was (137 -> 100 us at 1M values, 644 -> 479 us at 4M, on that CPU)."""
 
 
 def _sum_of_squares(g: torch.Tensor) -> torch.Tensor:
     """sum(g²) reading g once and writing nothing: a weight's gradient can be as large
     as the weight, and squaring it into a buffer first costs three passes instead of one."""
     flat = _flat(g)
-    if flat.numel() <= _DOT_CHUNK:
+    if flat.numel() <= _ONE_DOT:
         return torch.dot(flat, flat)
-    return torch.stack([torch.dot(c, c) for c in flat.split(_DOT_CHUNK)]).sum(dtype=torch.float64)
+    whole = flat.numel() - flat.numel() % _DOT_ROW
+    rows = flat[:whole].view(-1, 1, _DOT_ROW)
+    total = torch.bmm(rows, rows.transpose(1, 2)).sum(dtype=torch.float64)
+    tail = flat[whole:]
+    return total + torch.dot(tail, tail) if tail.numel() else total
 
 
 def fan_in(shape: Sequence[int]) -> int | None:
