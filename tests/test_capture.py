@@ -319,7 +319,7 @@ def test_batches_make_the_host_wait_for_nothing(monkeypatch, form):
     assert watch.reads == []
 
 
-class _ReadsItsLoss(nn.Module):
+class _ReadsItsOutput(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(4, 3)
@@ -333,7 +333,9 @@ class _ReadsItsLoss(nn.Module):
 
 def test_a_host_read_inside_the_run_is_seen(monkeypatch):
     """The watch above can fail: a model's own reads, once per batch, are all seen."""
-    watch = _reads_while_running(monkeypatch, _ReadsItsLoss(), gaussian(features=4), batch_size=64)
+    watch = _reads_while_running(
+        monkeypatch, _ReadsItsOutput(), gaussian(features=4), batch_size=64
+    )
 
     assert watch.reads.count(str(aten._local_scalar_dense.default)) == 4  # one per batch
     assert set(watch.reads) == {str(aten._local_scalar_dense.default), "Tensor.cpu"}
