@@ -543,7 +543,7 @@ def _findings_of(
 
 def _rows(metrics: Metrics) -> dict[str, list[Mapping[str, object]]]:
     """What a check of each scope evaluates, row by row: a layer's or a parameter's
-    metrics see the model's too. Built once for every check."""
+    metrics see the model's too. Built once, for all the checks."""
     return {
         "model": [metrics.model],
         "layer": [{**metrics.model, **row} for row in metrics.layers],

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -941,6 +941,11 @@ class TensorSummary:
         self.sample_nonzero.add_(other.sample_nonzero)
         self.reservoir.merge(other.reservoir)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the accumulators are (a started summary)."""
+        return self.unit_sum.device
+
     @staticmethod
     def square_terms(summaries: Sequence[TensorSummary]) -> torch.Tensor:
         """What shows whether float32 squares could hold each summary's values, for
@@ -1182,6 +1187,11 @@ class GradientSummary:
             return torch.zeros((), dtype=torch.bool)
         return ~torch.isfinite(self.sumabs if self.magnitudes else self.sumsq)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the sums are (a started summary)."""
+        return self.sumsq.device
+
     @staticmethod
     def square_terms(summaries: Sequence[GradientSummary]) -> torch.Tensor:
         """As ``TensorSummary.square_terms``, for these gradients (see _widened)."""
@@ -1261,6 +1271,11 @@ class ParameterSummary:
         dsumsq = d.mul_(d).sum()
         lo, hi = torch.aminmax(flat)
         self.values = torch.stack([flat[0], dsum, dsumsq, lo, hi]).to(torch.float64)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the summary's values are (a floating-point parameter with values)."""
+        return self.values.device
 
     @staticmethod
     def square_terms(summaries: Sequence[ParameterSummary]) -> torch.Tensor:
@@ -1443,12 +1458,21 @@ class StatsCollector:
             activations.append(state.activation)
             gradients += [state.output_grad, state.param_grad]
             parameters += state.parameters
-        kinds = [
-            (TensorSummary, [a for a in activations if a.unit_sum is not None], "unit_sum"),
-            (GradientSummary, [g for g in gradients if g.sumsq is not None], "sumsq"),
-            (ParameterSummary, [p for p in parameters if p.values is not None], "values"),
-        ]
-        return _any_outside_square_range(kinds)
+        kinds = (
+            (TensorSummary, [a for a in activations if a.unit_sum is not None]),
+            (GradientSummary, [g for g in gradients if g.sumsq is not None]),
+            (ParameterSummary, [p for p in parameters if p.values is not None]),
+        )
+        # Each kind's square_terms takes all of a device's summaries of that kind at once:
+        # a handful of operations rather than a handful per summary (a model of 400 small
+        # layers has over a thousand), then one host read per device.
+        terms: dict[torch.device, list[torch.Tensor]] = {}
+        for kind, summaries in kinds:
+            for device, group in _by_device(summaries).items():
+                terms.setdefault(device, []).append(kind.square_terms(group))
+        return any(
+            bool(_outside_square_range(*torch.cat(group, dim=1)).any()) for group in terms.values()
+        )
 
     def add_nonfinite_counts(self, counter: NonfiniteCounter) -> None:
         """Take exact counts from a second, counting-only run over the same batches."""
@@ -1504,39 +1528,26 @@ class StatsCollector:
         )
 
 
-def _any_outside_square_range(kinds: Sequence[tuple[type, Sequence[object], str]]) -> bool:
-    """Whether any summary's (largest magnitude, sum of squares, sum) fails float32 squares
-    (``_outside_square_range``). ``kinds`` holds (class, summaries, the attribute whose
-    device a summary is on); each class's ``square_terms`` takes all of a device's
-    summaries at once: one host read per device, and a handful of operations rather than
-    a handful per summary (a model of 400 small layers has over a thousand)."""
-    terms: dict[torch.device, list[torch.Tensor]] = {}
-    for kind, summaries, held_in in kinds:
-        on_device = _by_device(summaries, lambda s, held_in=held_in: getattr(s, held_in).device)
-        for device, group in on_device.items():
-            terms.setdefault(device, []).append(kind.square_terms(group))
-    return any(
-        bool(_outside_square_range(*torch.cat(group, dim=1)).any()) for group in terms.values()
-    )
-
-
 def _any_flag(flags: Sequence[torch.Tensor]) -> bool:
     """Whether any device bool is True: one host read per device the flags are on, not
     one per flag (each read waits for the device)."""
-    on_device = _by_device(flags, lambda t: t.device)
-    return any(bool(torch.stack(group).any()) for group in on_device.values())
+    return any(bool(torch.stack(group).any()) for group in _by_device(flags).values())
 
 
-_Item = TypeVar("_Item")
+class _HasDevice(Protocol):
+    @property
+    def device(self) -> torch.device: ...
 
 
-def _by_device(
-    items: Sequence[_Item], device_of: Callable[[_Item], torch.device]
-) -> dict[torch.device, list[_Item]]:
-    """``items`` grouped by the device they are on, to be read once per device."""
-    groups: dict[torch.device, list[_Item]] = {}
+_OnDevice = TypeVar("_OnDevice", bound=_HasDevice)
+
+
+def _by_device(items: Sequence[_OnDevice]) -> dict[torch.device, list[_OnDevice]]:
+    """``items`` (tensors or started summaries) grouped by the device they are on, to be
+    read once per device."""
+    groups: dict[torch.device, list[_OnDevice]] = {}
     for item in items:
-        groups.setdefault(device_of(item), []).append(item)
+        groups.setdefault(item.device, []).append(item)
     return groups
 
 
