@@ -7,7 +7,7 @@
  * block's minimum and maximum. Eager PyTorch needs five or six passes for the same results.
  * The same pass copies the activation's sample (values at fixed random positions) while each
  * row is still in cache. The sample's pass yields its power sums to the fourth and its count of
- * nonzero values.
+ * nonzero values. A model's parameters are summarised in one call for all of them.
  *
  * Where units lie side by side, eight rows are added in float32 and those sums in double; where
  * each unit's values lie in runs, they are summed in float32 vector lanes 256 at a time and
@@ -28,7 +28,7 @@ enum { SATURATION_NONE = 0, SATURATION_ABOVE = 1, SATURATION_AWAY = 2 };
 /* Raised with every change to a signature below: kernel.py loads only the version it calls,
  * so a library left from an older checkout (an editable install not rebuilt) is not called
  * with the wrong arguments. */
-int modelcheck_kernel_version(void) { return 3; }
+int modelcheck_kernel_version(void) { return 4; }
 
 /* Whether this build can run a reduction on more than one thread. */
 int modelcheck_kernel_threaded(void) {
@@ -353,4 +353,73 @@ VECTOR_VARIANTS static void power_sums(const float *values, int64_t n, double sh
 void modelcheck_power_sums_f32(const float *values, int64_t n, double shift, double *sums,
                                int64_t *nonzero) {
     power_sums(values, n, shift, sums, nonzero);
+}
+
+/* Values of a parameter reduced by one thread at a time: large parameters are split. */
+#define BLOCK (1 << 16)
+
+/* out = (sum of d, sum of d^2, minimum, maximum) of n values, d = x - shift: in float32 runs
+ * of RUN values (as exact as PyTorch's pairwise float32 sums), added up in double. */
+VECTOR_VARIANTS static void deviations(const float *x, int64_t n, float shift, double *out) {
+    double sum = 0.0, squares = 0.0;
+    float low = INFINITY, high = -INFINITY, nan = 0.0f;
+    for (int64_t start = 0; start < n; start += RUN) {
+        int64_t stop = start + RUN < n ? start + RUN : n;
+        float s = 0.0f, q = 0.0f;
+#pragma omp simd reduction(+ : s, q) reduction(min : low) reduction(max : high, nan)
+        for (int64_t i = start; i < stop; i++) {
+            float v = x[i], d = v - shift;
+            s += d;
+            q += d * d;
+            low = v < low ? v : low;
+            high = v > high ? v : high;
+            nan = v != v ? 1.0f : nan;
+        }
+        sum += s, squares += q;
+    }
+    out[0] = sum, out[1] = squares;
+    out[2] = nan != 0.0f ? NAN : low, out[3] = nan != 0.0f ? NAN : high;
+}
+
+/* For each of `count` float32 parameters (data[i], sizes[i] > 0 values): its first value,
+ * then the sums of the deviations from it and of their squares, the minimum and the maximum
+ * (both NaN when a value is NaN, as torch.aminmax) into out[5 i .. 5 i + 4]. The blocks of
+ * every parameter are shared between up to `threads` threads and added up in a fixed order.
+ * One call for a whole model: a few small operations per parameter cost more than their
+ * passes. Returns 0, or 1 when memory ran out. */
+int modelcheck_parameters_f32(int64_t count, const float *const *data, const int64_t *sizes,
+                              double *out, int threads) {
+    int64_t blocks = 0, values = 0;
+    for (int64_t i = 0; i < count; i++)
+        blocks += (sizes[i] + BLOCK - 1) / BLOCK, values += sizes[i];
+    double *parts = malloc((size_t)(4 * blocks) * sizeof(double));
+    int64_t *owner = malloc((size_t)(2 * blocks) * sizeof(int64_t)), *start = owner + blocks;
+    if (parts == NULL || owner == NULL) {
+        free(parts), free(owner);
+        return 1;
+    }
+    for (int64_t i = 0, b = 0; i < count; i++)
+        for (int64_t at = 0; at < sizes[i]; at += BLOCK, b++) owner[b] = i, start[b] = at;
+    if (threads < 1 || values < PARALLEL_FROM) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t i = owner[b], left = sizes[i] - start[b];
+        deviations(data[i] + start[b], left < BLOCK ? left : BLOCK, data[i][0], parts + 4 * b);
+    }
+    for (int64_t i = 0, b = 0; i < count; i++) {
+        double sum = 0.0, squares = 0.0, low = INFINITY, high = -INFINITY;
+        int nan = 0;
+        for (; b < blocks && owner[b] == i; b++) {
+            const double *part = parts + 4 * b;
+            sum += part[0], squares += part[1];
+            nan |= part[2] != part[2];
+            low = part[2] < low ? part[2] : low;
+            high = part[3] > high ? part[3] : high;
+        }
+        double *mine = out + 5 * i;
+        mine[0] = data[i][0], mine[1] = sum, mine[2] = squares;
+        mine[3] = nan ? NAN : low, mine[4] = nan ? NAN : high;
+    }
+    free(parts), free(owner);
+    return 0;
 }

@@ -1,5 +1,5 @@
-"""The compiled one-pass reductions of float32 activations and their samples on the CPU
-(``_kernel.c``), called through ctypes.
+"""The compiled one-pass reductions of float32 activations, their samples and the model's
+parameters on the CPU (``_kernel.c``), called through ctypes.
 
 Installing modelcheck builds them where a C compiler is found; where none is, or with
 ``MODELCHECK_NO_KERNEL=1`` set, the statistics take PyTorch's own operations, which give
@@ -16,6 +16,7 @@ import ctypes
 import importlib.util
 import math
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -25,13 +26,14 @@ __all__ = [
     "SaturationTest",
     "accepts",
     "add_power_sums",
+    "parameter_values",
     "reduce_into",
     "saturation_test",
 ]
 
 _NONE, _ABOVE, _AWAY = 0, 1, 2  # the kernel's kinds of saturation test
 
-_VERSION = 3
+_VERSION = 4
 """The ``modelcheck_kernel_version()`` whose functions this module calls."""
 
 SaturationTest = tuple[int, float, float]
@@ -58,6 +60,9 @@ def _load() -> ctypes.CDLL | None:
     function = library.modelcheck_power_sums_f32
     function.argtypes = [pointer, size, ctypes.c_double, pointer, pointer]
     function.restype = None
+    function = library.modelcheck_parameters_f32
+    function.argtypes = [size, pointer, pointer, pointer, ctypes.c_int]
+    function.restype = ctypes.c_int
     return library
 
 
@@ -148,3 +153,17 @@ def add_power_sums(
         sums.data_ptr(),
         None if nonzero is None else nonzero.data_ptr(),
     )
+
+
+def parameter_values(parameters: Sequence[torch.Tensor]) -> torch.Tensor:
+    """For each nonempty tensor the kernel accepts, in one call for all of them: its first
+    value, the sums of the deviations from it and of their squares, its minimum and its
+    maximum, as a (len(parameters), 5) float64 tensor."""
+    count = len(parameters)
+    data = (ctypes.c_void_p * count)(*(p.data_ptr() for p in parameters))
+    sizes = (ctypes.c_int64 * count)(*(p.numel() for p in parameters))
+    values = torch.empty(count, 5, dtype=torch.float64)
+    threads = torch.get_num_threads() if THREADED else 1
+    if LIBRARY.modelcheck_parameters_f32(count, data, sizes, values.data_ptr(), threads):
+        raise MemoryError("out of memory in modelcheck's reduction kernel")
+    return values

@@ -459,7 +459,7 @@ class Reservoir:
         values, keys = torch.cat(self._values), torch.cat(self._keys)
         if values.numel() > self.capacity:
             kept = torch.topk(keys, self.capacity, sorted=False).indices
-            values, keys = values[kept], keys[kept]
+            values, keys = values.index_select(0, kept), keys.index_select(0, kept)
         self._values, self._keys = [values], [keys]
 
     @property
@@ -1270,12 +1270,15 @@ def fan_in(shape: Sequence[int]) -> int | None:
 
 
 class ParameterSummary:
-    """One parameter, reduced on its device when first seen and read at the end.
+    """One parameter: its first value, the sums of deviations from it (which sits inside
+    the values, so the spread survives even for all-equal weights) and of their squares,
+    and the extremes, read on its device.
 
-    Sums of deviations from the first element (which sits inside the values, so the
-    spread survives even for all-equal weights) and the extremes, in four passes;
-    Welford's ``std_mean`` costs several times more. Non-finite values are counted
-    only when the sums show there are some.
+    Parameters do not change during a run, so they are reduced when first asked for, at
+    its end: ``reduce_all`` takes every float32 parameter in CPU memory in one call of the
+    compiled kernel, as a few small operations per parameter cost more than its pass. Others
+    take four passes each; Welford's ``std_mean`` costs several times more. Non-finite
+    values are counted only when the sums show there are some.
     """
 
     def __init__(
@@ -1283,21 +1286,37 @@ class ParameterSummary:
     ) -> None:
         p = _widened(p.detach(), precise)
         self.name, self.shape = name, tuple(p.shape)
+        self.empty = p.numel() == 0 or not p.is_floating_point()
         self._tensor = p
-        if p.numel() == 0 or not p.is_floating_point():
-            self.values = None
-            return
-        flat = p.reshape(-1)
-        d = torch.sub(flat, flat[0], out=_workspace({} if scratch is None else scratch, flat))
-        dsum = d.sum()
-        dsumsq = d.mul_(d).sum()
-        lo, hi = torch.aminmax(flat)
-        self.values = torch.stack([flat[0], dsum, dsumsq, lo, hi]).to(torch.float64)
+        self._scratch = {} if scratch is None else scratch
+        self._values: torch.Tensor | None = None
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """(first value, sum of deviations, sum of their squares, min, max) in float64;
+        None for a parameter with no floating-point values."""
+        if self._values is None and not self.empty:
+            ParameterSummary.reduce_all([self])
+        return self._values
+
+    @staticmethod
+    def reduce_all(summaries: Sequence[ParameterSummary]) -> None:
+        """Reduce every summary not reduced yet: those the kernel takes, in one call."""
+        waiting = [s for s in summaries if s._values is None and not s.empty]
+        flats = [s._tensor.reshape(-1) for s in waiting]
+        compiled = [i for i, flat in enumerate(flats) if kernel.accepts(flat)]
+        if compiled:
+            values = kernel.parameter_values([flats[i] for i in compiled])
+            for i, row in zip(compiled, values):
+                waiting[i]._values = row
+        for summary, flat in zip(waiting, flats):
+            if summary._values is None:
+                summary._values = _parameter_values(flat, summary._scratch)
 
     @property
     def device(self) -> torch.device:
-        """Where the summary's values are (a floating-point parameter with values)."""
-        return self.values.device
+        """Where the parameter is, and its summary's values."""
+        return self._tensor.device
 
     @staticmethod
     def square_terms(summaries: Sequence[ParameterSummary]) -> torch.Tensor:
@@ -1326,6 +1345,15 @@ class ParameterSummary:
             fan_in=fan_in(self.shape),
             nonfinite=nonfinite,
         )
+
+
+def _parameter_values(flat: torch.Tensor, scratch: dict) -> torch.Tensor:
+    """``ParameterSummary.values`` of a flat tensor, in PyTorch's operations."""
+    d = torch.sub(flat, flat[0], out=_workspace(scratch, flat))
+    dsum = d.sum()
+    dsumsq = d.mul_(d).sum()
+    lo, hi = torch.aminmax(flat)
+    return torch.stack([flat[0], dsum, dsumsq, lo, hi]).to(torch.float64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1480,10 +1508,11 @@ class StatsCollector:
             activations.append(state.activation)
             gradients += [state.output_grad, state.param_grad]
             parameters += state.parameters
+        ParameterSummary.reduce_all(parameters)
         kinds = (
             (TensorSummary, [a for a in activations if a.unit_sum is not None]),
             (GradientSummary, [g for g in gradients if g.sumsq is not None]),
-            (ParameterSummary, [p for p in parameters if p.values is not None]),
+            (ParameterSummary, [p for p in parameters if not p.empty]),
         )
         # Each kind's square_terms takes all of a device's summaries of that kind at once:
         # a handful of operations rather than a handful per summary (a model of 400 small
@@ -1523,6 +1552,7 @@ class StatsCollector:
             self.argmax = other.argmax if self.argmax is None else self.argmax + other.argmax
 
     def finalize(self, order: Sequence[LayerInfo]) -> RunStats:
+        ParameterSummary.reduce_all([p for state in self.layers.values() for p in state.parameters])
         layers = []
         for info in order:
             state = self.layers[info.name]

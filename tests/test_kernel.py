@@ -177,6 +177,38 @@ def test_power_sums_agree_with_numpy(n, seed, centre, zeros):
     assert int(nonzero) == 7 + np.count_nonzero(values.numpy())
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_parameters_in_one_call_agree_with_numpy(threads, monkeypatch):
+    # Sizes on both sides of the kernel's 65,536-value blocks, one value, a mean far from
+    # zero; blocks of every parameter shared between threads, each added up in order.
+    monkeypatch.setattr(kernel, "THREADED", True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(threads)
+        sizes = [1, 7, 65_536, 65_537, 300_000]
+        parameters = [torch.randn(n, generator=gen) * 0.01 + 3.0 for n in sizes]
+        parameters[3][-1] = 9.0  # the maximum in a parameter's last block
+        got = kernel.parameter_values(parameters).numpy()
+    finally:
+        torch.set_num_threads(before)
+    for row, p in zip(got, parameters):
+        x = p.double().numpy()
+        d = x - x[0]
+        assert row[0] == x[0] and (row[3], row[4]) == (x.min(), x.max())
+        np.testing.assert_allclose(row[1:3], [d.sum(), (d * d).sum()], rtol=1e-6, atol=1e-9)
+
+
+def test_a_nan_in_a_parameter_makes_its_extremes_nan_and_no_others():
+    parameters = [torch.randn(70_000), torch.randn(70_000), torch.randn(5)]
+    parameters[0][66_000] = math.nan  # in its second block
+    parameters[1][3] = math.inf
+    got = kernel.parameter_values(parameters).numpy()
+    assert np.isnan(got[0, 1:]).all()
+    assert np.isinf(got[1, 1:3]).all() and got[1, 4] == math.inf and np.isfinite(got[1, 3])
+    assert np.isfinite(got[2]).all()
+
+
 def test_it_takes_contiguous_float32_cpu_tensors_only():
     x = torch.randn(4, 3, 2)
     assert kernel.accepts(x)

@@ -377,6 +377,18 @@ def test_parameter_summary_matches_numpy_and_counts_fan_in_like_torch():
     assert ParameterSummary("bias", conv.bias).finalize().fan_in is None
 
 
+@pytest.mark.parametrize("shape", [(1024, 768), (300_001,), (64, 3, 7, 7)])
+def test_parameter_summary_of_any_shape_matches_numpy(shape):
+    # Large enough for the kernel's threads, one long row, and rows of a conv weight.
+    gen = torch.Generator().manual_seed(24)
+    p = 0.5 + 0.02 * torch.randn(shape, generator=gen)  # a mean far from zero
+    stats = ParameterSummary("weight", p).finalize()
+    w = p.double().numpy()
+    assert stats.std == pytest.approx(w.std(), rel=1e-6)
+    assert stats.mean == pytest.approx(w.mean(), rel=1e-7)
+    assert (stats.min, stats.max) == (w.min(), w.max())
+
+
 def test_nonfinite_values_raise_the_flag_without_a_count_pass():
     data = torch.randn(20, 4, dtype=torch.float64)
     data[3, 1] = math.nan
