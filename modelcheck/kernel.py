@@ -109,27 +109,21 @@ def saturation_test(saturation: tuple[float, float] | None) -> SaturationTest:
 def reduce_into(
     x3: torch.Tensor,
     shift: torch.Tensor,
-    outputs: tuple[torch.Tensor, ...],
+    outputs: Sequence[int | None],
     saturation: SaturationTest,
     sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Reduce ``x3`` in one pass into ``outputs`` = (sum, dsumsq, low, high, active,
-    saturated): per unit the sum of x and of (x - shift)², the count of positive values
-    and of saturated ones (each of those two skipped when empty), and the extremes. With
-    ``sample`` = (at, to, out), the same pass also sets out[to] = x3's flat values at the
-    ascending int64 positions ``at``."""
-    unit_sum, unit_dsumsq, low, high, active, saturated = outputs
+    """Reduce ``x3`` in one pass into ``outputs``, the addresses of float32 arrays (sum,
+    dsumsq, low, high, active, saturated): per unit the sum of x and of (x - shift)², the
+    count of positive values and of saturated ones (each of those two skipped when None),
+    and the extremes (one value each). With ``sample`` = (at, to, out), the same pass also
+    sets out[to] = x3's flat values at the ascending int64 positions ``at``."""
     at, to, out = sample if sample is not None else (None, None, None)
     failed = LIBRARY.modelcheck_reduce_f32(
         x3.data_ptr(),
         *x3.shape,
         shift.data_ptr(),
-        unit_sum.data_ptr(),
-        unit_dsumsq.data_ptr(),
-        low.data_ptr(),
-        high.data_ptr(),
-        active.data_ptr() if active.numel() else None,
-        saturated.data_ptr() if saturated.numel() else None,
+        *outputs,
         *saturation,
         None if at is None else at.data_ptr(),
         None if to is None else to.data_ptr(),

@@ -266,6 +266,8 @@ class _BatchSlots:
     reductions over the activation themselves."""
 
     __slots__ = (
+        "_bases",
+        "_rows",
         "active",
         "capacity",
         "dsumsq",
@@ -274,7 +276,6 @@ class _BatchSlots:
         "flags_dtype",
         "max",
         "min",
-        "rows",
         "saturated",
         "sum",
         "units",
@@ -291,11 +292,27 @@ class _BatchSlots:
         counts = {"dtype": self.flags_dtype, "device": device}
         self.active = torch.empty(rows, self.units if activity else 0, **counts)
         self.saturated = torch.empty(rows, self.units if saturation else 0, **counts)
-        # Views made once: slicing a row on every batch costs a few microseconds each.
-        self.rows = list(
-            zip(self.sum, self.dsumsq, self.min, self.max, self.active, self.saturated)
-        )
+        self._rows: list[tuple[torch.Tensor, ...]] | None = None
+        self._bases: list[tuple[int, int]] | None = None
         self.filled = 0
+
+    def row(self, i: int) -> tuple[torch.Tensor, ...]:
+        """Row i of each result, as (sum, dsumsq, min, max, active, saturated) views."""
+        if self._rows is None:  # made once: slicing rows on every batch costs microseconds
+            tensors = (self.sum, self.dsumsq, self.min, self.max, self.active, self.saturated)
+            self._rows = list(zip(*tensors))
+        return self._rows[i]
+
+    def addresses(self, i: int) -> tuple[int | None, ...]:
+        """Where row i of each result is in memory, for the kernel: no views to make (a
+        few microseconds each); None for a result not kept."""
+        if self._bases is None:
+            tensors = (self.sum, self.dsumsq, self.min, self.max, self.active, self.saturated)
+            self._bases = [
+                (t.data_ptr(), t.stride(0) * t.element_size()) if t.numel() else (None, 0)
+                for t in tensors
+            ]
+        return tuple(None if at is None else at + i * step for at, step in self._bases)
 
     def fits(self, x3: torch.Tensor) -> bool:
         return (
@@ -734,13 +751,13 @@ class TensorSummary:
             # large activation's positions from memory again, one cache miss each.
             sample = self.sampler.for_kernel(x3)
             copy = None if sample is None else sample[:3]
-            kernel.reduce_into(x3, plan.kernel_shift, slots.rows[first], plan.saturation, copy)
+            kernel.reduce_into(x3, plan.kernel_shift, slots.addresses(first), plan.saturation, copy)
             pieces = 1
             self._row_filled(slots, x3.numel())
         else:
             pieces = len(plan.pieces)
             for piece, planned in zip(x3.split(plan.rows) if pieces > 1 else (x3,), plan.pieces):
-                self._piece_into_row(piece, slots.rows[slots.filled], *planned)
+                self._piece_into_row(piece, slots.row(slots.filled), *planned)
                 self._row_filled(slots, piece.numel())
         if first + pieces <= slots.capacity:  # no fold in between overwrote them
             self._last_rows = (slots, first, pieces)

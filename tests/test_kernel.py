@@ -30,7 +30,8 @@ def reduced(x3: torch.Tensor, shift: torch.Tensor, saturation=None, sample=None)
     outputs = (*torch.full((2, units), math.nan), *torch.full((2,), math.nan))
     tracked = units if saturation else 0  # as in a summary: empty when not kept
     outputs += (torch.full((units,), math.nan), torch.full((tracked,), math.nan))
-    kernel.reduce_into(x3, shift, outputs, kernel.saturation_test(saturation), sample)
+    addresses = [t.data_ptr() if t.numel() else None for t in outputs]
+    kernel.reduce_into(x3, shift, addresses, kernel.saturation_test(saturation), sample)
     return [t.double().numpy() for t in outputs]
 
 
