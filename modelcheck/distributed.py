@@ -325,7 +325,7 @@ def _merge_reservoirs(summaries: list[TensorSummary], group: Group) -> None:
         return
     rows = []
     for s in live:
-        values, keys = s.reservoir.values, s.reservoir.keys
+        values, keys = s.reservoir.contents()
         pad = s.reservoir.capacity - values.numel()
         rows.append(
             torch.cat([values.to(device), torch.zeros(pad, dtype=torch.float64, device=device)])
@@ -339,7 +339,7 @@ def _merge_reservoirs(summaries: list[TensorSummary], group: Group) -> None:
     gathered = [torch.empty_like(local) for _ in range(group.size)]
     dist.all_gather(gathered, local, group=group.handle)
     for s in live:
-        s.reservoir = Reservoir(s.reservoir.capacity, s.reservoir.device)
+        s.reservoir = Reservoir(s.reservoir.capacity, s.reservoir.device, s.reservoir.draw)
     for flat in gathered:
         start = 0
         for s in live:
@@ -350,7 +350,8 @@ def _merge_reservoirs(summaries: list[TensorSummary], group: Group) -> None:
             )
             start += 2 * capacity
             kept = torch.isfinite(keys) | (keys == math.inf)
-            s.reservoir.add(values[kept].to(s.reservoir.device), keys[kept].to(s.reservoir.device))
+            device = s.reservoir.device
+            s.reservoir.add(values[kept].to(device), 1.0, keys[kept].to(device))
 
 
 def check_shards(batches: int, group: Group) -> None:

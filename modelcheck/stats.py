@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -452,45 +452,68 @@ class Reservoir:
     Each kept value carries the key log(u)/w (Efraimidis-Spirakis); keeping the largest
     keys merges batches and ranks without growing. Candidates are gathered and cut back
     to the capacity only every few batches, so a batch costs an append, not a top-k.
-    Nothing is dropped while the total stays within the capacity: small probes are exact.
+    Keys are drawn (by ``draw``: log(u) for n uniform u) only when a cut or another rank
+    needs them: a probe of known length offers at most the capacity in all (see
+    ``TensorSummary._flush_samples``), and nothing is dropped while the total stays within
+    the capacity, so its candidates need no keys at all, and small probes are exact.
     """
 
-    __slots__ = ("_keys", "_values", "capacity", "device")
+    __slots__ = ("_pieces", "capacity", "device", "draw")
 
-    def __init__(self, capacity: int, device: torch.device) -> None:
+    def __init__(
+        self, capacity: int, device: torch.device, draw: Callable[[int, torch.device], torch.Tensor]
+    ) -> None:
         self.capacity = capacity
         self.device = device
-        self._values: list[torch.Tensor] = []
-        self._keys: list[torch.Tensor] = []
+        self.draw = draw
+        # (values, their keys or None until drawn, the values each stands for: a float,
+        # or a tensor of one per value)
+        self._pieces: list[tuple[torch.Tensor, torch.Tensor | None, float | torch.Tensor]] = []
 
-    def add(self, values: torch.Tensor, keys: torch.Tensor) -> None:
-        self._values.append(values)
-        self._keys.append(keys)
-        if len(self._values) > _RESERVOIR_PIECES:
+    def add(
+        self,
+        values: torch.Tensor,
+        weight: float | torch.Tensor,
+        keys: torch.Tensor | None = None,
+    ) -> None:
+        self._pieces.append((values, keys, weight))
+        if len(self._pieces) > _RESERVOIR_PIECES:
             self._compact()
 
     def _compact(self) -> None:
-        if not self._values:
+        """Join the pieces, keyed, cut back to the capacity."""
+        pieces = [(v, self._keys_of(v, k, w), 1.0) for v, k, w in self._pieces]
+        if not pieces:
             empty = torch.empty(0, dtype=torch.float64, device=self.device)
-            self._values, self._keys = [empty], [empty.clone()]
-        values, keys = torch.cat(self._values), torch.cat(self._keys)
+            pieces = [(empty, empty.clone(), 1.0)]
+        values = torch.cat([v for v, _, _ in pieces])
+        keys = torch.cat([k for _, k, _ in pieces])
         if values.numel() > self.capacity:
             kept = torch.topk(keys, self.capacity, sorted=False).indices
             values, keys = values.index_select(0, kept), keys.index_select(0, kept)
-        self._values, self._keys = [values], [keys]
+        self._pieces = [(values, keys, 1.0)]
+
+    def _keys_of(
+        self, values: torch.Tensor, keys: torch.Tensor | None, weight: float | torch.Tensor
+    ) -> torch.Tensor:
+        return keys if keys is not None else self.draw(values.numel(), self.device).div_(weight)
 
     @property
     def values(self) -> torch.Tensor:
-        self._compact()
-        return self._values[0]
+        if sum(v.numel() for v, _, _ in self._pieces) > self.capacity or not self._pieces:
+            self._compact()
+        values = [v for v, _, _ in self._pieces]
+        return torch.cat(values) if len(values) > 1 else values[0]
 
-    @property
-    def keys(self) -> torch.Tensor:
+    def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, keys), the keys drawn where missing."""
         self._compact()
-        return self._keys[0]
+        values, keys, _ = self._pieces[0]
+        return values, keys
 
     def merge(self, other: Reservoir) -> None:
-        self.add(other.values, other.keys)
+        for piece in other._pieces:
+            self.add(piece[0], piece[2], piece[1])
 
 
 def batch_sample_size(sample_size: int, batches: int | None) -> int:
@@ -544,21 +567,21 @@ class Sampler:
     ) -> None:
         self.sample_size = batch_sample_size(sample_size, batches)
         self.seed = seed
-        # Candidates each batch offers the reservoir: twice its share of the capacity when
-        # the probe's length is known, so the weighted choice still has a choice without
-        # drawing keys for the 16 times the capacity a full-rate probe samples.
-        self.reservoir_offer = math.inf if not batches else -(-2 * RESERVOIR_SIZE // batches)
+        self.batches = batches
         self._drawn: dict[tuple[int, torch.device], _Positions] = {}
+        self._orders: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def take(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(a copy of at most ``sample_size`` values of x, how many values each stands for).
 
-        Always a copy, in x's dtype: the model may overwrite ``x`` in place later.
+        Always a copy, in x's dtype: the model may overwrite ``x`` in place later. Every
+        value of a small x is taken, in a seeded random order: any run of a sample is then a
+        uniform sample of x, as the reservoir takes it.
         """
         flat = _flat(x)
         if flat.numel() <= self.sample_size:
-            return flat.clone(), 1.0
+            return flat.index_select(0, self._order_for(flat.numel(), flat.device)), 1.0
         positions = self._positions_for(flat.numel(), flat.device).in_sample_order
         return flat.index_select(0, positions), flat.numel() / self.sample_size
 
@@ -582,6 +605,13 @@ class Sampler:
                 n, self.sample_size, torch.Generator(device=device).manual_seed(self.seed + n)
             )
         return drawn
+
+    def _order_for(self, n: int, device: torch.device) -> torch.Tensor:
+        order = self._orders.get((n, device))
+        if order is None:
+            gen = torch.Generator(device=device).manual_seed(self.seed + n)
+            order = self._orders[(n, device)] = torch.randperm(n, generator=gen, device=device)
+        return order
 
     def keys(self, n: int, device: torch.device) -> torch.Tensor:
         """log(u) for n uniform u: divided by a value's weight, its reservoir key."""
@@ -652,6 +682,10 @@ class TensorSummary:
         self._shift_source: torch.Tensor | None = None
         self._pending: list[tuple[torch.Tensor, float]] = []
         self._pending_values = 0
+        # Values of the probe the reservoir's offers were counted over, and all it will
+        # have (known once the first batch is seen): see ``_offered``.
+        self._offer_seen = 0
+        self._offer_whole: int | None = None
         self._plan: _Plan | None = None
         # Workspaces shared by every summary of a run: one activation-sized buffer in
         # all, not one per layer (which would hold a batch of every activation).
@@ -687,9 +721,9 @@ class TensorSummary:
     def _flush_samples(self) -> None:
         """Fold the waiting samples into the moments, zero count and reservoir.
 
-        The reservoir is offered a prefix of each batch's sample (itself a uniform
-        sample, as positions are drawn unsorted) standing for the whole batch: selecting
-        among all sampled values would cost random keys and a top-k for every one.
+        The reservoir is offered a run of each batch's sample (itself a uniform sample, as
+        a sample's order is random) standing for the whole batch: selecting among all
+        sampled values would cost random keys and a top-k for every one.
         """
         if not self._pending:
             return
@@ -703,30 +737,46 @@ class TensorSummary:
             self.moments.add(values, self._scratch)
             if counted is not None:
                 counted.add_(torch.count_nonzero(values))
-        # At most a reservoir's worth of candidates per flush, shared by the waiting batches
-        # in proportion to their samples (all of them when they fit).
-        total = values.numel()
-        share = min(1.0, self.reservoir.capacity / total)
         offered, weights, start = [], [], 0
         for sample, weight in self._pending:
-            end = start + sample.numel()
-            # Rounded at the running total, so the shares add up to the capacity exactly;
-            # a probe of known length caps each batch's offer lower (see Sampler).
-            kept = max(1, round(end * share) - round(start * share))
-            kept = min(sample.numel(), kept, self.sampler.reservoir_offer)
-            offered.append(values[start : start + kept])
-            weights.append((kept, weight * sample.numel() / kept))
-            start = end
+            at, kept = self._offered(sample.numel(), weight, start, values.numel())
+            if kept:
+                offered.append(values[start + at : start + at + kept])
+                weights.append((kept, weight * sample.numel() / kept))
+            start += sample.numel()
+        self._pending, self._pending_values = [], 0
+        if not offered:
+            return
         candidates = torch.cat(offered) if len(offered) > 1 else offered[0]
         candidates = candidates.to(torch.float64)
-        keys = self.sampler.keys(candidates.numel(), candidates.device)
         if len({w for _, w in weights}) == 1:
-            keys.div_(weights[0][1])
+            self.reservoir.add(candidates, weights[0][1])
         else:  # a short batch: each of its values stands for fewer values
             per_value = [torch.full((n,), w, dtype=torch.float64) for n, w in weights]
-            keys.div_(torch.cat(per_value).to(keys.device))
-        self.reservoir.add(candidates, keys)
-        self._pending, self._pending_values = [], 0
+            self.reservoir.add(candidates, torch.cat(per_value).to(candidates.device))
+
+    def _offered(self, n: int, weight: float, start: int, total: int) -> tuple[int, int]:
+        """Which of a batch's ``n`` sampled values, each standing for ``weight`` values,
+        to offer the reservoir, ``start`` values into a flush of ``total``: (first, count)
+        of a run of them. Any run of a sample is a uniform sample of the batch (its order
+        is random). Each count is rounded at the running total, so the counts add up to
+        their share exactly."""
+        capacity, batches = self.reservoir.capacity, self.sampler.batches
+        if not batches:  # a stream: at most a capacity per flush, shared by its batches
+            share = min(1.0, capacity / total)
+            return 0, min(n, max(1, round((start + n) * share) - round(start * share)))
+        # A probe of known length: the capacity spread over all its batches in proportion
+        # to their values (the first standing for a typical batch), so each candidate
+        # stands for as many values as any other and the reservoir need not choose.
+        values = round(n * weight)
+        if self._offer_whole is None:
+            self._offer_whole = batches * values
+        before, self._offer_seen = self._offer_seen, self._offer_seen + values
+        first, last = (capacity * seen // self._offer_whole for seen in (before, self._offer_seen))
+        kept = min(n, last - first)
+        # Batches sample the same positions: each offers the run after the last one's,
+        # so the reservoir holds as many positions as it can rather than a few again.
+        return min(first % n, n - kept), kept
 
     def _reduce(self, x3: torch.Tensor) -> tuple[torch.Tensor, float] | None:
         """Reduce a batch; returns its sample when the kernel copied that in the same pass."""
@@ -928,7 +978,7 @@ class TensorSummary:
             setattr(self, "unit_" + name, None if value is None else _float64_copy(value))
         self.moments = MomentSample(device)
         self.sample_nonzero = torch.zeros((), dtype=torch.int64, device=device)
-        self.reservoir = Reservoir(RESERVOIR_SIZE, device)
+        self.reservoir = Reservoir(RESERVOIR_SIZE, device, self.sampler.keys)
 
     def _absorb(self, part: dict) -> None:
         if part["units"] != self.units:

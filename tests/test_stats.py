@@ -420,7 +420,7 @@ def _rank_error(sorted_values: np.ndarray, estimates, targets) -> float:
 @pytest.mark.parametrize("probe_batches", [None, 12])
 @pytest.mark.parametrize("name", ["normal", "relu", "gamma", "saturated-tanh"])
 def test_sampled_estimates_stay_within_the_stated_error_bound(name, probe_batches):
-    # A probe of known length offers the reservoir only twice its share per batch.
+    # A probe of known length offers the reservoir its share per batch: none chosen by keys.
     torch.manual_seed(12)  # Gamma samples from the global generator
     data = dict(_sampled_cases())[name]
     dist = summarise(data, 1, 8192, probe_batches).finalize()
@@ -497,6 +497,21 @@ def test_state_does_not_grow_with_the_number_of_batches():
     assert summary.moments.sums.numel() == 4
 
 
+def test_a_known_probe_fills_the_reservoir_from_many_positions_in_proportion_to_batches():
+    # Every batch samples the same positions; each offers a run after the last one's, so
+    # the reservoir holds thousands of positions, not one batch's share of them again.
+    # A batch of a third the rows gets a third of a full batch's share.
+    x = torch.arange(64 * 512 * 4, dtype=torch.float32).reshape(64, 512, 4)  # value: position
+    batches = [x + 1e6 * b for b in range(11)] + [x[:21] + 11e6]
+    summary = summarise(batches, 1, 8192, probe_batches=12)
+    dist = summary.finalize()
+    held = summary.reservoir.values.numpy()
+    positions, batch = np.unique(held % 1e6).size, held // 1e6
+    assert held.size == dist.histogram_sample_size == 4096 * (11 * 64 + 21) // (12 * 64)
+    assert positions > 3_500  # of 8,192 sampled; 341 if each batch offered the same run
+    assert np.count_nonzero(batch == 11) == pytest.approx(4096 / 12 * 21 / 64, abs=1)
+
+
 def test_a_long_probe_keeps_few_tensors_in_its_reservoir():
     # Each batch of a 2,000-batch probe offers the reservoir a handful of values; held as
     # thousands of small tensors they fragmented the heap (+50% peak memory at 100k samples).
@@ -505,10 +520,10 @@ def test_a_long_probe_keeps_few_tensors_in_its_reservoir():
     held = []
     for _ in range(600):
         summary.update(torch.randn(16, 64, generator=gen), 1)
-        held.append(len(summary.reservoir._values))
+        held.append(len(summary.reservoir._pieces))
     assert max(held) <= 9
     summary.flush()
-    assert summary.reservoir.values.numel() == 600 * 5  # ceil(2 * 4,096 / 2,000) per batch
+    assert summary.reservoir.values.numel() == 4096 * 600 // 2000  # its share of 600 batches
 
 
 def test_output_gradients_keep_only_their_sum_of_squares():
