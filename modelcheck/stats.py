@@ -910,27 +910,30 @@ class TensorSummary:
         piece: any shift is exact, one near the mean keeps the sums well conditioned, and
         a piece costs a fraction of another pass over a large activation."""
         first = x3[: _piece_rows(x3)]
-        self.start_empty(x3.shape[1], x3.device, first.mean(_POSITIONS))
+        # Few positions per unit (4 or 16: late conv layers) reduce far faster axis by axis.
+        shift = first.mean(_POSITIONS) if x3.shape[2] > 16 else first.mean(0).mean(1)
+        self.start_empty(x3.shape[1], x3.device, shift)
         self._shift_source = None
 
     def start_empty(
         self, units: int, device: torch.device, shift: torch.Tensor | None = None
     ) -> None:
         """Empty accumulators for ``units`` units (a rank that saw no batch of a layer
-        starts here too, so every rank merges state of the same shape)."""
-        zeros = torch.zeros(units, dtype=torch.float64, device=device)
-        part = {
-            "count": 0,
-            "units": units,
-            "shift": zeros if shift is None else shift,
-            "sum": zeros,
-            "dsumsq": zeros,
-            "min": torch.full((1,), math.inf, dtype=torch.float64, device=device),
-            "max": torch.full((1,), -math.inf, dtype=torch.float64, device=device),
-            "active": zeros if self.activity else None,
-            "saturated": zeros if self.saturation is not None else None,
-        }
-        self._adopt(part, device)
+        starts here too, so every rank merges state of the same shape): rows of one
+        tensor, as a few small operations per summary cost more than a small reduction."""
+        kept = [True, True, True, self.activity, self.saturation is not None]
+        rows = iter(torch.zeros(sum(kept), units, dtype=torch.float64, device=device))
+        self.unit_shift, self.unit_sum, self.unit_dsumsq, self.unit_active, self.unit_saturated = (
+            next(rows) if keep else None for keep in kept
+        )
+        if shift is not None:
+            self.unit_shift.copy_(shift)  # a float32 shift is a float64 value too
+        self.unit_min, self.unit_max = torch.full(
+            (2, 1), math.inf, dtype=torch.float64, device=device
+        )
+        self.unit_max.neg_()
+        self.count, self.units = 0, units
+        self._start_samples(device)
 
     def _batch_part(self, x3: torch.Tensor) -> dict[str, torch.Tensor | int]:
         """One batch's sums, centred on its own unit means (see ``_absorb``)."""
@@ -976,6 +979,9 @@ class TensorSummary:
         for name in _UNIT_FIELDS:
             value = part.get(name)
             setattr(self, "unit_" + name, None if value is None else _float64_copy(value))
+        self._start_samples(device)
+
+    def _start_samples(self, device: torch.device) -> None:
         self.moments = MomentSample(device)
         self.sample_nonzero = torch.zeros((), dtype=torch.int64, device=device)
         self.reservoir = Reservoir(RESERVOIR_SIZE, device, self.sampler.keys)
