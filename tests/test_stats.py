@@ -32,6 +32,7 @@ from modelcheck.stats import (
     TensorSummary,
     _outside_square_range,
     _reshifted_part,
+    _sorted,
     _three_axes,
     batch_sample_size,
 )
@@ -473,6 +474,16 @@ def test_sampled_positions_are_uniform_in_any_prefix_and_ascending_for_the_kerne
     assert bool((ascending[1:] >= ascending[:-1]).all()) and int(ascending[-1]) < n * 1_000
     out[places] = values[ascending]  # what the kernel writes, as take gathers it
     assert torch.equal(out, sampler.take(values)[0]) and weight == n * 1_000 / size
+
+
+def test_a_sample_sorts_as_numpy_sorts_it_in_float32_or_not():
+    gen = np.random.default_rng(4)
+    narrow = gen.standard_normal(4096).astype(np.float32).astype(np.float64)
+    narrow[:3] = [-0.0, 1e-40, -3.4e38]  # a signed zero, a float32 subnormal, the range's end
+    wide = narrow + 1e-12  # values float32 cannot hold: sorted in float64
+    for values in (narrow, wide):
+        np.testing.assert_array_equal(_sorted(values), np.sort(values))
+        assert _sorted(values).dtype == np.float64
 
 
 def test_a_long_probe_samples_fewer_values_per_batch_in_the_same_total():
