@@ -18,14 +18,16 @@ from modelcheck.probe import probe_from_spec
 @pytest.fixture
 def checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "nets.py").write_text(
+    # Named for this file: a module named like another test's (pytester's nets.py) would be
+    # the one already imported, whichever test ran first.
+    (tmp_path / "run_options_nets.py").write_text(
         "from torch import nn\n"
         "def make():\n"
         "    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     torch.save(seeded(0)(lambda: mlp([8, 16, 4]))().state_dict(), tmp_path / "net.pt")
-    return ["net.pt", "--arch", "nets:make"]
+    return ["net.pt", "--arch", "run_options_nets:make"]
 
 
 class _Terminal(io.StringIO):
