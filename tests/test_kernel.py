@@ -19,10 +19,7 @@ from modelcheck import kernel
 SATURATIONS = [None, (-0.99, 0.99), (0.005, 0.995), (-math.inf, 6.0), (-2.0, 1.0)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def built():
-    if kernel.LIBRARY is None:
-        pytest.fail("modelcheck._kernel is not built or out of date: reinstall (pip install -e .)")
+pytestmark = pytest.mark.usefixtures("kernel_built")
 
 
 def reduced(x3: torch.Tensor, shift: torch.Tensor, saturation=None, sample=None):
