@@ -482,12 +482,11 @@ class Reservoir:
 
     def _compact(self) -> None:
         """Join the pieces, keyed, cut back to the capacity."""
-        pieces = [(v, self._keys_of(v, k, w), 1.0) for v, k, w in self._pieces]
-        if not pieces:
+        if not self._pieces:
             empty = torch.empty(0, dtype=torch.float64, device=self.device)
-            pieces = [(empty, empty.clone(), 1.0)]
-        values = torch.cat([v for v, _, _ in pieces])
-        keys = torch.cat([k for _, k, _ in pieces])
+            self._pieces = [(empty, empty.clone(), 1.0)]
+        values = torch.cat([v for v, _, _ in self._pieces])
+        keys = torch.cat([self._keys_of(v, k, w) for v, k, w in self._pieces])
         if values.numel() > self.capacity:
             kept = torch.topk(keys, self.capacity, sorted=False).indices
             values, keys = values.index_select(0, kept), keys.index_select(0, kept)
@@ -500,7 +499,7 @@ class Reservoir:
 
     @property
     def values(self) -> torch.Tensor:
-        if sum(v.numel() for v, _, _ in self._pieces) > self.capacity or not self._pieces:
+        if not self._pieces or sum(v.numel() for v, _, _ in self._pieces) > self.capacity:
             self._compact()
         values = [v for v, _, _ in self._pieces]
         return torch.cat(values) if len(values) > 1 else values[0]
