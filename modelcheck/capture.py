@@ -733,9 +733,18 @@ def _auto_loss(output: torch.Tensor, target: torch.Tensor) -> str:
     )
 
 
+_SCRIPT_FAILURE = "The following operation failed in the TorchScript interpreter."
+"""How a TorchScript module's error begins: two tracebacks follow, and the error raised
+inside, as ``RuntimeError: ...``, is its last line."""
+
+
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    if lines[0] == _SCRIPT_FAILURE and len(lines) > 1:
+        return lines[-1].removeprefix(f"{type(error).__name__}: ")
+    return lines[0]
 
 
 # How allocators word running out of memory: CUDA and MPS raise torch.OutOfMemoryError,

@@ -441,6 +441,18 @@ def test_forward_failure_names_the_layer_and_the_shapes():
     assert "\n" not in message
 
 
+def test_torchscript_failure_shows_the_error_raised_inside_it():
+    # TorchScript puts its tracebacks first and the error itself last.
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+    with pytest.raises(modelcheck.CaptureError) as caught:
+        modelcheck.check(scripted, gaussian(features=5))
+    message = str(caught.value)
+    assert message.endswith(
+        "raised RuntimeError: mat1 and mat2 shapes cannot be multiplied (64x5 and 4x8)"
+    )
+    assert "\n" not in message
+
+
 def test_batchnorm_running_statistics_do_not_move_in_train_mode():
     model = DigitsCNN()
     mean_before = model.features[1].running_mean.clone()
