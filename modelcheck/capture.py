@@ -738,7 +738,8 @@ _SCRIPT_FAILURE = "The following operation failed in the TorchScript interpreter
 inside, as ``RuntimeError: ...``, is its last line."""
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The line of an error's message that says what went wrong."""
     lines = str(error).strip().splitlines()
     if not lines:
         return type(error).__name__
@@ -763,7 +764,7 @@ def _raise_if_out_of_memory(error: BaseException, inputs: Any, stage: str) -> No
     rows = leaf.shape[0] if leaf is not None and leaf.dim() else 1
     raise BatchOutOfMemory(
         f"the {stage} pass ran out of memory on a batch of {rows} sample{'s' * (rows != 1)}: "
-        f"{_first_line(error)}",
+        f"{first_line(error)}",
         rows,
     ) from error
 
@@ -783,12 +784,12 @@ def _loss(
         _raise_if_out_of_memory(error, inputs, "loss")
         raise ProbeError(
             f"the labels do not fit the output of shape {tuple(output.shape)} for loss "
-            f"{kind!r}: {_first_line(error)}"
+            f"{kind!r}: {first_line(error)}"
         ) from error
 
 
 def _describe_failure(recorder: _Recorder, error: BaseException) -> str:
-    cause = _first_line(error)
+    cause = first_line(error)
     if not recorder.stack:
         return f"the model's forward raised {type(error).__name__}: {cause}"
     module, name, args = recorder.stack[-1]
@@ -903,7 +904,7 @@ def _backward(
     except Exception as error:
         _raise_if_out_of_memory(error, inputs, "backward")
         raise CaptureError(
-            f"the backward pass failed: {type(error).__name__}: {_first_line(error)}"
+            f"the backward pass failed: {type(error).__name__}: {first_line(error)}"
         ) from error
 
 

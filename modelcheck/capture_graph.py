@@ -41,6 +41,7 @@ from modelcheck.capture import (
     call_model,
     channel_first_name,
     family_from_type_name,
+    first_line,
     owns_tensors,
 )
 from modelcheck.errors import CaptureError
@@ -415,6 +416,11 @@ def _instrument_script(model: torch.jit.ScriptModule) -> tuple[Any, list[_Node],
     return graph, ops, nodes
 
 
+_OBSERVED_FORWARD = "modelcheck_observed_forward"
+"""The name of a scripted model's instrumented forward: TorchScript's errors of a call to it
+(wrong arguments) begin with it, and say "forward" to the user instead."""
+
+
 def _script_function(graph: Any, ops: list, sites: Mapping[int, Site]) -> Any:
     for index in sites:
         node = ops[index]
@@ -425,7 +431,7 @@ def _script_function(graph: Any, ops: list, sites: Mapping[int, Site]) -> Any:
         observe.insertAfter(node)
         observe.output().setType(value.type())
         value.replaceAllUsesAfterNodeWith(observe, observe.output())
-    return torch._C._create_function_from_graph("modelcheck_observed_forward", graph)
+    return torch._C._create_function_from_graph(_OBSERVED_FORWARD, graph)
 
 
 # -- torch.export front end ----------------------------------------------------------------
@@ -502,11 +508,6 @@ def _exported_shapes(model: torch.fx.GraphModule) -> str:
         if node.op == "placeholder" and isinstance(value := _fx_value(node), torch.Tensor)
     ]
     return ", ".join(str(shape) for shape in shapes) or "of fixed shapes"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _not(node: torch.fx.Node) -> Any:
@@ -598,11 +599,15 @@ class GraphRecorder:
     def call(self, model: nn.Module, inputs: Any, extra: Mapping[str, Any]) -> Any:
         try:
             return call_model(_Callable(self._forward), inputs, extra)
+        except RuntimeError as error:
+            if not str(error).startswith(_OBSERVED_FORWARD):  # not an error of the call itself
+                raise
+            raise RuntimeError(str(error).replace(_OBSERVED_FORWARD, "forward")) from error
         except AssertionError as error:
             if "Guard failed" not in str(error) or isinstance(model, torch.jit.ScriptModule):
                 raise
             raise CaptureError(
-                f"the exported program does not accept this batch ({_first_line(error)}): "
+                f"the exported program does not accept this batch ({first_line(error)}): "
                 f"it was exported for inputs {_exported_shapes(model)}; export it with "
                 "dynamic_shapes (e.g. {'x': {0: torch.export.Dim('batch')}}), or pass "
                 "--batch-size to match and a probe whose size is a multiple of it"

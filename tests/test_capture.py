@@ -453,6 +453,16 @@ def test_torchscript_failure_shows_the_error_raised_inside_it():
     assert "\n" not in message
 
 
+def test_torchscript_call_error_names_the_forward_the_user_wrote():
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 8), nn.ReLU()))
+    inputs = {"a": torch.randn(8, 4), "b": torch.randn(8, 4)}  # keyword inputs it lacks
+    with pytest.raises(modelcheck.CaptureError) as caught:
+        modelcheck.check(scripted, inputs)
+    message = str(caught.value)
+    assert "forward() expected at most 2 argument(s) but received 3" in message
+    assert "modelcheck" not in message
+
+
 def test_batchnorm_running_statistics_do_not_move_in_train_mode():
     model = DigitsCNN()
     mean_before = model.features[1].running_mean.clone()
