@@ -169,8 +169,8 @@ def infer_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
         return exported
     for name, layer in model.named_modules():
         label = name or type(model).__name__
-        kind = type(layer).__name__
-        if getattr(layer, "original_name", None) == "Linear":  # a compiled nn.Linear
+        kind, torch_kind = _kinds(layer)
+        if torch_kind == "Linear" and not isinstance(layer, torch.nn.Linear):  # a compiled one
             return (int(layer.weight.shape[1]),)
         if isinstance(layer, torch.nn.Linear):
             if torch.nn.parameter.is_lazy(layer.weight):
@@ -180,19 +180,19 @@ def infer_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
                 )
             return (layer.in_features,)
         for convolution, (spatial, example) in _CONVOLUTIONS.items():
-            if isinstance(layer, convolution):
+            if torch_kind == convolution.__name__:
                 channels = layer.in_channels or "C"  # a lazy convolution does not know yet
                 raise ProbeError(
                     f"cannot infer the input shape: the first layer {label} is a {kind} with "
                     f"{layer.in_channels or 'unknown'} input channels; pass --input-shape "
                     f"{channels},{example} with your real {spatial}"
                 )
-        if isinstance(layer, torch.nn.Embedding | torch.nn.EmbeddingBag):
+        if torch_kind in ("Embedding", "EmbeddingBag"):
             raise ProbeError(
                 f"cannot infer the input shape: the first layer {label} is an {kind}, which "
                 "takes token ids; pass a probe file of ids (e.g. --probe ids.pt)"
             )
-        if isinstance(layer, torch.nn.RNNBase | torch.nn.MultiheadAttention):
+        if torch_kind in ("RNN", "LSTM", "GRU", "RNNBase", "MultiheadAttention"):
             width = getattr(layer, "input_size", None) or layer.embed_dim
             raise ProbeError(
                 f"cannot infer the input shape: the first layer {label} is a {kind} over "
@@ -202,6 +202,20 @@ def infer_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
         f"cannot infer the input shape of {type(model).__name__}: it has no Linear, Conv or "
         "Embedding layer of known size; pass --input-shape or a probe file"
     )
+
+
+def _kinds(layer: torch.nn.Module) -> tuple[str, str]:
+    """(the layer's class name, the torch layer it is or derives from, else that name too).
+    A TorchScript module is a RecursiveScriptModule that keeps its Python class's name as
+    ``original_name``."""
+    compiled = getattr(layer, "original_name", None)
+    if isinstance(compiled, str):
+        return compiled, compiled
+    torch_layers = (torch.nn.Linear, *_CONVOLUTIONS, torch.nn.Embedding, torch.nn.EmbeddingBag)
+    torch_layers += (torch.nn.RNN, torch.nn.LSTM, torch.nn.GRU, torch.nn.RNNBase)
+    torch_layers += (torch.nn.MultiheadAttention,)
+    name = type(layer).__name__
+    return name, next((t.__name__ for t in torch_layers if isinstance(layer, t)), name)
 
 
 def _exported_input_shape(model: torch.nn.Module) -> tuple[int, ...] | None:

@@ -537,6 +537,35 @@ def test_first_embedding_asks_for_a_probe_file() -> None:
     assert "the first layer 0 is an Embedding" in message and "probe file" in message
 
 
+class _TokenClassifier(nn.Module):
+    """Token ids in, as a TorchScript file of a language model would take them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids).mean(1))
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (_TokenClassifier(), "the first layer embed is an Embedding, which takes token ids"),
+        (nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten()), "the first layer 0 is a Conv2d with 3"),
+        (nn.Sequential(nn.LSTM(5, 7)), "the first layer 0 is a LSTM over sequences of 5"),
+    ],
+)
+def test_a_scripted_model_is_read_by_its_layers_classes(model, expected) -> None:
+    # A TorchScript module's layers are all RecursiveScriptModules: a later Linear must not
+    # set the shape of a model whose first layer says otherwise.
+    with pytest.raises(ProbeError) as excinfo:
+        infer_input_shape(torch.jit.script(model))
+
+    assert expected in error_line(excinfo)
+
+
 def test_model_without_a_telling_layer_asks_for_the_input_shape() -> None:
     with pytest.raises(ProbeError) as excinfo:
         infer_input_shape(nn.Sequential(nn.ReLU()))
