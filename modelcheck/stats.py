@@ -452,10 +452,11 @@ class Reservoir:
     Each kept value carries the key log(u)/w (Efraimidis-Spirakis); keeping the largest
     keys merges batches and ranks without growing. Candidates are gathered and cut back
     to the capacity only every few batches, so a batch costs an append, not a top-k.
-    Keys are drawn (by ``draw``: log(u) for n uniform u) only when a cut or another rank
-    needs them: a probe of known length offers at most the capacity in all (see
-    ``TensorSummary._offered``), and nothing is dropped while the total stays within
-    the capacity, so its candidates need no keys at all, and small probes are exact.
+    Keys are drawn (by ``draw``: log(u) for n uniform u) only when pieces are joined or
+    another rank needs them: a probe of known length offers at most the capacity in all
+    (see ``TensorSummary._offered``), and nothing is dropped while the total stays within
+    the capacity, so it keeps every candidate, and draws no key at all if it flushes at
+    most ``_RESERVOIR_PIECES`` times.
     """
 
     __slots__ = ("_pieces", "capacity", "device", "draw")
