@@ -223,6 +223,12 @@ def _exported_input_shape(model: torch.nn.Module) -> tuple[int, ...] | None:
         return None
     values = [node.meta.get("val") for node in model.graph.nodes if node.op == "placeholder"]
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if len(tensors) == 1 and not tensors[0].is_floating_point():
+        raise ProbeError(
+            "cannot infer the input shape: the exported program takes "
+            f"{str(tensors[0].dtype).removeprefix('torch.')} inputs (token ids or indices, "
+            "which random values are not); pass a probe file of them (e.g. --probe ids.pt)"
+        )
     if len(tensors) != 1 or tensors[0].dim() < 2 or not tensors[0].is_floating_point():
         return None
     try:

@@ -182,6 +182,19 @@ def test_an_exported_program_with_a_fixed_batch_says_how_to_fix_it(tmp_path, cap
 
 
 @pytest.mark.filterwarnings("ignore")
+def test_an_exported_program_of_token_ids_asks_for_a_probe_file(tmp_path, capsys):
+    path = tmp_path / "tokens.pt2"
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(40, 2))
+    ids = torch.zeros(2, 5, dtype=torch.int64)
+    batch = {"input": {0: torch.export.Dim("batch")}}
+    torch.export.save(torch.export.export(model, (ids,), dynamic_shapes=batch), path)
+    code, out, err = run_cli(capsys, path)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1
+    assert "the exported program takes int64 inputs" in err and "--probe ids.pt" in err
+
+
+@pytest.mark.filterwarnings("ignore")
 def test_a_truncated_torchscript_archive_is_one_clear_error(tmp_path, capsys):
     whole = tmp_path / "whole.pt"
     torch.jit.script(build("mlp")).save(str(whole))
