@@ -441,6 +441,7 @@ def test_forward_failure_names_the_layer_and_the_shapes():
     assert "\n" not in message
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_torchscript_failure_shows_the_error_raised_inside_it():
     # TorchScript puts its tracebacks first and the error itself last.
     scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
@@ -453,6 +454,7 @@ def test_torchscript_failure_shows_the_error_raised_inside_it():
     assert "\n" not in message
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_torchscript_call_error_names_the_forward_the_user_wrote():
     scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 8), nn.ReLU()))
     inputs = {"a": torch.randn(8, 4), "b": torch.randn(8, 4)}  # keyword inputs it lacks

@@ -549,6 +549,7 @@ class _TokenClassifier(nn.Module):
         return self.head(self.embed(ids).mean(1))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize(
     ("model", "expected"),
     [
