@@ -865,10 +865,7 @@ def run(
                 _raise_if_out_of_memory(error, inputs, "forward")
                 raise CaptureError(_describe_failure(recorder, error)) from error
             if not _is_float(output):
-                raise CaptureError(
-                    "the model returned no floating-point tensor to check; name the output "
-                    "to use with --output-key (output_key=)"
-                )
+                raise CaptureError(_not_checkable(output))
             observer.on_output(output.detach())
             n_batches += 1
             n_samples += output.shape[0] if output.dim() else 1
@@ -893,6 +890,20 @@ def run(
         dtype=str(dtype).removeprefix("torch."),
         output_key=output_path,
         notes=(*getattr(recorder, "notes", ()), *notes),
+    )
+
+
+def _not_checkable(output: torch.Tensor | None) -> str:
+    """The error line for an output with nothing to check: none found, or not floats."""
+    if output is None:
+        return (
+            "the model returned no floating-point tensor to check; name the output to use "
+            "with --output-key (output_key=)"
+        )
+    dtype = str(output.dtype).removeprefix("torch.")
+    return (
+        f"the model's output holds {dtype} values, not floating-point ones; return the scores "
+        "they come from (logits, not their argmax)"
     )
 
 

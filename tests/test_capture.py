@@ -465,6 +465,28 @@ def test_torchscript_call_error_names_the_forward_the_user_wrote():
     assert "modelcheck" not in message
 
 
+class _Argmax(nn.Module):
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.as_dict = as_dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        classes = self.fc(x).argmax(1)
+        return {"classes": classes} if self.as_dict else classes
+
+
+def test_an_integer_output_says_what_to_return_instead():
+    with pytest.raises(modelcheck.CaptureError) as caught:
+        modelcheck.check(_Argmax(as_dict=False), gaussian(features=4))
+    assert str(caught.value) == (
+        "the model's output holds int64 values, not floating-point ones; "
+        "return the scores they come from (logits, not their argmax)"
+    )
+    with pytest.raises(modelcheck.CaptureError, match="returned no floating-point tensor"):
+        modelcheck.check(_Argmax(as_dict=True), gaussian(features=4))
+
+
 def test_batchnorm_running_statistics_do_not_move_in_train_mode():
     model = DigitsCNN()
     mean_before = model.features[1].running_mean.clone()
