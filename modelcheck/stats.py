@@ -296,21 +296,22 @@ class _BatchSlots:
         self._bases: list[tuple[int, int]] | None = None
         self.filled = 0
 
+    def _results(self) -> tuple[torch.Tensor, ...]:
+        return self.sum, self.dsumsq, self.min, self.max, self.active, self.saturated
+
     def row(self, i: int) -> tuple[torch.Tensor, ...]:
         """Row i of each result, as (sum, dsumsq, min, max, active, saturated) views."""
         if self._rows is None:  # made once: slicing rows on every batch costs microseconds
-            tensors = (self.sum, self.dsumsq, self.min, self.max, self.active, self.saturated)
-            self._rows = list(zip(*tensors))
+            self._rows = list(zip(*self._results()))
         return self._rows[i]
 
     def addresses(self, i: int) -> tuple[int | None, ...]:
         """Where row i of each result is in memory, for the kernel: no views to make (a
         few microseconds each); None for a result not kept."""
         if self._bases is None:
-            tensors = (self.sum, self.dsumsq, self.min, self.max, self.active, self.saturated)
             self._bases = [
                 (t.data_ptr(), t.stride(0) * t.element_size()) if t.numel() else (None, 0)
-                for t in tensors
+                for t in self._results()
             ]
         return tuple(None if at is None else at + i * step for at, step in self._bases)
 
