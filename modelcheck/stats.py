@@ -1089,9 +1089,11 @@ class TensorSummary:
         self.flush()
         host = _to_host(self)
         positions = self.count / self.units
-        d_mean = host["sum"] / positions - host["shift"]
-        unit_mean = host["shift"] + d_mean
-        unit_var = np.maximum(host["dsumsq"] / positions - d_mean**2, 0.0)
+        # Inf outputs make inf - inf here: NaN statistics, which the nonfinite rule reports.
+        with np.errstate(invalid="ignore"):
+            d_mean = host["sum"] / positions - host["shift"]
+            unit_mean = host["shift"] + d_mean
+            unit_var = np.maximum(host["dsumsq"] / positions - d_mean**2, 0.0)
         lo, hi = float(host["min"].min()), float(host["max"].max())
         unit_var = _within_half_range(unit_var, lo, hi)
         mean = float(unit_mean.mean())
@@ -1207,7 +1209,9 @@ def _histogram(ordered: np.ndarray, lo: float, hi: float, total: int) -> Histogr
     the last its right edge too. numpy's own pass costs several times the sort."""
     if ordered.size == 0 or not (math.isfinite(lo) and math.isfinite(hi)):
         return None
-    first, last = (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
+    # Beyond 2^20 the ± is relative: lo ± 0.5 is lo itself from 2^53 on, an empty range.
+    pad = max(0.5, abs(lo) * 2.0**-21)
+    first, last = (lo, hi) if hi > lo else (lo - pad, hi + pad)
     edges = np.linspace(first, last, HISTOGRAM_BINS + 1)
     below = np.searchsorted(ordered, edges, side="left")
     below[-1] = np.searchsorted(ordered, edges[-1], side="right")

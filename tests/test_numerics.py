@@ -142,6 +142,34 @@ def test_constant_layer_has_std_zero_and_undefined_shape_not_nan():
     assert [f.rule for f in report.findings] == ["collapsed-output"]  # a finding, no crash
 
 
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("value", [3e38, -1e17])
+def test_a_constant_layer_of_huge_values_gets_a_histogram_and_a_report(value):
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.fill_(value)  # lo ± 0.5 is lo itself: numpy's histogram gives up here
+    report = modelcheck.check(model, torch.randn(30, 4))
+    histogram = report.layer("0").activation.histogram
+    edges = np.asarray(histogram.edges)
+    assert np.all(np.diff(edges) > 0) and edges[0] < np.float32(value) < edges[-1]
+    assert sum(histogram.counts) == 30 * 6
+    assert "<svg" in report.to_html()
+
+
+@pytest.mark.filterwarnings("error")
+def test_infinite_outputs_are_reported_without_numpy_warnings():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[0].bias[:3] = float("inf")
+        model[0].bias[3:] = -float("inf")
+    report = modelcheck.check(model, torch.randn(30, 4))
+    assert report.layer("0").activation.nonfinite == 30 * 6
+    assert math.isnan(report.layer("0").activation.std)
+    assert "nonfinite" in {f.rule for f in report.findings}
+    report.to_html()
+
+
 def test_single_sample_probe_runs_and_claims_no_spread_across_samples():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
