@@ -125,6 +125,20 @@ def test_nan_in_the_probe_is_a_finding_without_a_layer():
     assert findings_of(report, "collapsed-output") == []
 
 
+@pytest.mark.parametrize("where", ["weight", "probe"])
+def test_nan_everywhere_is_not_also_reported_as_dead_units(where):
+    model, x = mlp([8, 16, 16, 4]), gaussian()
+    with torch.no_grad():
+        if where == "weight":
+            model[0].weight[0, 0] = float("nan")  # unit 0 of '0', then every unit of '2'
+        else:
+            x[:, 0] = float("nan")  # every sample
+    report = modelcheck.check(model, x)
+    assert report.layer("3").activation.nonfinite > 0
+    assert findings_of(report, "dead-units") == []
+    assert len(findings_of(report, "nonfinite")) == 1
+
+
 def test_nan_gradients_from_a_finite_forward_are_found_at_the_deepest_layer():
     class SqrtOfZero(nn.Module):
         def __init__(self):
