@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import signal
 import sys
@@ -504,9 +505,15 @@ def _rules_command(argv: list[str]) -> int:
         return 0
     width = max(len(r.slug) for r in every)
     for r in every:
-        levels = ", ".join(f"{s} {format_number(t)}" for s, t in r.thresholds.items())
+        levels = ", ".join(_level(s, t) for s, t in r.thresholds.items())
         print(f"{r.code}  {r.slug:{width}}  {r.title}" + (f"  [{levels}]" if levels else ""))
     return 0
+
+
+def _level(severity: str, threshold: float) -> str:
+    """``warning 50``; an unbounded level (info at -inf: whenever the condition holds) is
+    its name alone."""
+    return f"{severity} {format_number(threshold)}" if math.isfinite(threshold) else severity
 
 
 def _rule_command(argv: list[str]) -> int:

@@ -71,7 +71,8 @@ def finding_line(f: Finding, width: int = 0) -> str:
 
 
 def _measured(f: Finding) -> str:
-    if f.value is not None and f.threshold is not None:
+    # An infinite threshold (kurtosis-growth's info level) bounds nothing worth printing.
+    if f.value is not None and f.threshold is not None and math.isfinite(f.threshold):
         return f"{format_number(f.value)} vs {format_number(f.threshold)} — "
     if f.value is not None:
         return f"{format_number(f.value)} — "

@@ -229,6 +229,8 @@ def test_rules_lists_every_core_rule(capsys):
     assert code == 0
     for slug in slugs:
         assert slug in out
+    kurtosis = next(line for line in out.splitlines() if "kurtosis-growth" in line)
+    assert kurtosis.endswith("[warning 50, info]")  # info whenever it grows: no -inf
 
 
 @pytest.mark.parametrize("name", ["MC101", "dead-units"])

@@ -28,6 +28,7 @@ from models import (
 from torch import nn
 
 import modelcheck
+from modelcheck.renderers import finding_line, format_number
 
 
 def findings_of(report, rule: str):
@@ -86,6 +87,8 @@ def test_kurtosis_growth_is_information_at_the_deepest_hidden_layer():
     finding = only(report, "kurtosis-growth")
     assert finding.severity == "info"
     assert finding.layer == "layers.3.relu"  # the last relu feeds the output: not hidden
+    line = finding_line(finding)
+    assert f"info  {format_number(finding.value)} — excess kurtosis rises" in line, line
 
 
 def test_kurtosis_growth_beyond_fifty_is_a_warning():
