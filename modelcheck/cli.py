@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from modelcheck import __version__, config
 from modelcheck import rules as rules_module
-from modelcheck.errors import ConfigError, ModelcheckError
+from modelcheck.errors import CaptureError, ConfigError, ModelcheckError
 from modelcheck.filekind import sniff
 from modelcheck.renderers import (
     FORMATS,
@@ -39,6 +39,9 @@ from modelcheck.settings import LOSS_CHOICES, SEVERITY_CHOICES, Settings
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
+
+    from modelcheck.probe import Probe
 
 COMMANDS = ("demo", "rules", "rule")
 DEMO_HTML = "modelcheck-demo.html"
@@ -313,10 +316,36 @@ def _check_file(
         seed=settings.seed,
         standardize=not args.no_standardize,
     )
-    report = check(loaded, probe, settings=settings)
+    try:
+        report = check(loaded, probe, settings=settings)
+    except CaptureError as error:
+        hint = _label_column_hint(spec, args.target, loaded.module, probe)
+        if not hint:
+            raise
+        raise CaptureError(f"{error}; {hint}") from error
     # The format found, first, where a reader (not a parser) reads the output.
     readable = args.format == "text" and not args.statistics
     return _emit(report, args, f"{args.model}: {loaded.description}\n" if readable else "")
+
+
+def _label_column_hint(spec: str, target: str | None, module: nn.Module, probe: Probe) -> str:
+    """Advice for a forward that failed on a CSV read without --target, where the CSV has one
+    column more than the model's first Linear takes: the label most likely went in too."""
+    from modelcheck.probe import infer_input_shape
+
+    if target is not None or not spec.lower().endswith(".csv"):
+        return ""
+    try:
+        (features,) = infer_input_shape(module)
+    except (ModelcheckError, ValueError):  # no Linear first, or a multi-axis sample
+        return ""
+    columns = next(iter(probe.batches)).inputs.shape[-1]
+    if columns != features + 1:
+        return ""
+    return (
+        f"all {columns} columns of {spec} went in as inputs and the model takes {features}: "
+        "if one is the label, name it with --target"
+    )
 
 
 def _check_output_flags(args: argparse.Namespace) -> None:

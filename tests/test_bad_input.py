@@ -364,6 +364,12 @@ MATRIX = [
         ["p.csv", "line 2", "'x' is not a number"],
     ),
     (
+        "probe-csv-with-its-label-column-as-input",
+        _file("p.csv", "a,b,c,d,e,f,g,h,y\n" + "1,2,3,4,5,6,7,8,0\n" * 3),
+        ["model.pt", *MLP, "--probe", "{f}"],
+        ["9 columns of p.csv went in as inputs", "model takes 8", "--target"],
+    ),
+    (
         "probe-file-that-is-not-what-it-says",
         _file("p.npy", "x,y\n1,2\n"),
         ["model.pt", *MLP, "--probe", "{f}"],
