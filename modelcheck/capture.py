@@ -18,6 +18,7 @@ import fnmatch
 import inspect
 import math
 import random
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -396,6 +397,7 @@ class _Recorder(TorchFunctionMode):
         self.held_bytes = 0
         self.first_batch = True
         self.changed_in_place: set[str] = set()
+        self.gradless: dict[str, None] = {}  # see pass_on_gradient
 
     # hooks ------------------------------------------------------------------------
 
@@ -577,8 +579,8 @@ class _Recorder(TorchFunctionMode):
         self.held_bytes += size
         return True
 
-    def _grad(self, layer: LayerInfo, grad: torch.Tensor) -> None:
-        self.observer.on_output_grad(layer, grad)
+    def _grad(self, layer: LayerInfo, grad: torch.Tensor | None) -> None:
+        pass_on_gradient(self.observer, layer, grad, self.gradless)
 
     def _producer(self, tensor: Any) -> tuple[str, int, int] | None:
         if not isinstance(tensor, torch.Tensor):
@@ -599,6 +601,28 @@ class _Recorder(TorchFunctionMode):
                 return producer[1]
             return _default_dim(out)
         return out.dim() - 1
+
+
+def pass_on_gradient(
+    observer: Observer, layer: LayerInfo, grad: torch.Tensor | None, gradless: dict[str, None]
+) -> None:
+    """A layer output's gradient to the observer; an operator with no backward (a dynamically
+    quantized Linear) gives None, and the layer is noted in ``gradless`` instead."""
+    if grad is None:
+        gradless[layer.name] = None
+    else:
+        observer.on_output_grad(layer, grad)
+
+
+def _gradless_note(recorder: _Recorder) -> list[str]:
+    names = [f"'{name}'" for name in recorder.layers if name in recorder.gradless]
+    if not names:
+        return []
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return [
+        f"no gradient reached the outputs of {shown}: an operator on the way has no backward "
+        "(a dynamically quantized Linear, for one), so those layers have no gradient statistics"
+    ]
 
 
 def _normal_mode() -> AbstractContextManager:
@@ -889,7 +913,7 @@ def run(
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
         output_key=output_path,
-        notes=(*getattr(recorder, "notes", ()), *notes),
+        notes=(*recorder.notes, *_gradless_note(recorder), *notes),
     )
 
 
@@ -901,6 +925,11 @@ def _not_checkable(output: torch.Tensor | None) -> str:
             "with --output-key (output_key=)"
         )
     dtype = str(output.dtype).removeprefix("torch.")
+    if output.is_complex():
+        return (
+            f"the model's output holds {dtype} values, not real ones; return real values "
+            "(the magnitude with .abs(), or torch.view_as_real)"
+        )
     return (
         f"the model's output holds {dtype} values, not floating-point ones; return the scores "
         "they come from (logits, not their argmax)"
@@ -911,7 +940,11 @@ def _backward(
     value: torch.Tensor, wrt: Sequence[torch.Tensor], inputs: Any
 ) -> tuple[torch.Tensor | None, ...]:
     try:
-        return torch.autograd.grad(value, wrt, allow_unused=True)
+        with warnings.catch_warnings():
+            # PyTorch's warning for an operator with no backward; the report notes the
+            # layers it leaves without gradients (see pass_on_gradient).
+            warnings.filterwarnings("ignore", "(?s).*an autograd kernel was not registered")
+            return torch.autograd.grad(value, wrt, allow_unused=True)
     except Exception as error:
         _raise_if_out_of_memory(error, inputs, "backward")
         raise CaptureError(

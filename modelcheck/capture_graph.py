@@ -43,6 +43,7 @@ from modelcheck.capture import (
     family_from_type_name,
     first_line,
     owns_tensors,
+    pass_on_gradient,
 )
 from modelcheck.errors import CaptureError
 
@@ -530,6 +531,7 @@ class GraphRecorder:
         self.axes = axes
         self.stack: list = []  # no module stack to report a failure against
         self.notes: list[str] = []
+        self.gradless: dict[str, None] = {}  # see capture.pass_on_gradient
         self.layers: dict[str, LayerInfo] = {}
         self.module_layers: dict[nn.Module, LayerInfo] = {}
         self._dims: dict[str, int] = {}  # unit axis each layer last used, for inheritance
@@ -631,7 +633,9 @@ class GraphRecorder:
                 self._dims[layer.name] = layer_dim
             self.observer.on_activation(layer, value, layer_dim)
             if self.gradients and value.requires_grad:
-                value.register_hook(lambda g, layer=layer: self.observer.on_output_grad(layer, g))
+                value.register_hook(
+                    lambda g, layer=layer: pass_on_gradient(self.observer, layer, g, self.gradless)
+                )
 
     def _unit_dim(self, site: Site, value: torch.Tensor) -> int:
         if value.dim() <= 1:

@@ -465,6 +465,7 @@ def _facts(report: Report) -> tuple[Fact, ...]:
             f"{probe.source} · {probe.samples:,} samples in "
             f"{_plural(probe.batches, 'batch', 'batches')} · {labels}",
         ),
+        *(Fact("Note", note) for note in probe.notes),
         *_estimates(report),
         Fact(
             "Checked",

@@ -170,8 +170,8 @@ def infer_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
     for name, layer in model.named_modules():
         label = name or type(model).__name__
         kind, torch_kind = _kinds(layer)
-        if torch_kind == "Linear" and not isinstance(layer, torch.nn.Linear):  # a compiled one
-            return (int(layer.weight.shape[1]),)
+        if torch_kind == "Linear" and not isinstance(layer, torch.nn.Linear):
+            return _other_linear_input(layer, label)
         if isinstance(layer, torch.nn.Linear):
             if torch.nn.parameter.is_lazy(layer.weight):
                 raise ProbeError(
@@ -201,6 +201,21 @@ def infer_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
     raise ProbeError(
         f"cannot infer the input shape of {type(model).__name__}: it has no Linear, Conv or "
         "Embedding layer of known size; pass --input-shape or a probe file"
+    )
+
+
+def _other_linear_input(layer: torch.nn.Module, label: str) -> tuple[int, ...]:
+    """The input size of a Linear that is not an nn.Linear: a scripted one keeps
+    ``in_features``, a traced one only its weight; a quantized one's weight is a method."""
+    features = getattr(layer, "in_features", None)
+    if isinstance(features, int):
+        return (features,)
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return (int(weight.shape[1]),)
+    raise ProbeError(
+        f"cannot infer the input shape: the first layer {label} is a Linear whose input size "
+        "it does not tell; pass --input-shape"
     )
 
 

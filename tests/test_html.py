@@ -217,6 +217,15 @@ def test_header_states_the_measured_error_bound_when_something_was_sampled():
     assert "Estimates" not in {f.label for f in html_renderer.build_page(whole).banner.facts}
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_header_lists_the_notes_of_the_run():
+    model = seeded(0)(lambda: mlp([8, 16, 4]))()
+    report = modelcheck.check(torch.jit.script(model), torch.randn(32, 8))
+    notes = [f.value for f in html_renderer.build_page(report).banner.facts if f.label == "Note"]
+    assert notes == list(report.probe.notes) and len(notes) == 1
+    assert "TorchScript" in notes[0] and html.escape(notes[0]) in report.to_html()
+
+
 def test_unit_strip_lists_exactly_the_dead_units():
     report = FAULTY["dead ReLU"]()
     layer = report.layer("3")
