@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -485,6 +486,42 @@ def test_an_integer_output_says_what_to_return_instead():
     )
     with pytest.raises(modelcheck.CaptureError, match="returned no floating-point tensor"):
         modelcheck.check(_Argmax(as_dict=True), gaussian(features=4))
+
+
+class _Spectrum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.fft(self.fc(x))
+
+
+def test_a_complex_output_is_told_to_return_real_values():
+    with pytest.raises(modelcheck.CaptureError) as caught:
+        modelcheck.check(_Spectrum(), gaussian(features=4))
+    message = str(caught.value)
+    assert "holds complex64 values" in message and ".abs()" in message
+    assert "argmax" not in message
+
+
+def _dynamically_quantized() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated, not gone
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+@pytest.mark.filterwarnings("error")
+def test_layers_behind_an_operator_with_no_backward_are_noted_without_gradients():
+    # quantized::linear_dynamic has no backward: the outputs of '0' and '1' get None.
+    report = modelcheck.check(_dynamically_quantized(), gaussian())
+    assert report.layer("0").output_grad is None and report.layer("1").output_grad is None
+    assert report.layer("2").output_grad is not None
+    assert report.layer("1").activation.count == 256 * 16
+    (note,) = [n for n in report.probe.notes if "no gradient" in n]
+    assert note.startswith("no gradient reached the outputs of '0', '1': ")
 
 
 def test_batchnorm_running_statistics_do_not_move_in_train_mode():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import tracemalloc
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -508,6 +509,17 @@ def test_input_shape_comes_from_the_first_linear_in_registration_order() -> None
 
     assert infer_input_shape(model) == (7,)
     assert infer_input_shape(archs.make_mlp()) == (4,)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")  # deprecated, still checked
+def test_input_shape_comes_from_a_linear_that_is_not_an_nn_linear() -> None:
+    model = nn.Sequential(nn.Linear(7, 3), nn.ReLU(), nn.Linear(3, 1))
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated, not gone
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear})
+        traced = torch.jit.trace(model, torch.randn(2, 7))
+    assert infer_input_shape(quantized) == (7,)  # its weight is a method
+    assert infer_input_shape(traced) == (7,)  # no in_features, a weight
 
 
 def test_first_conv_asks_for_the_input_shape() -> None:
