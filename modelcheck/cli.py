@@ -450,6 +450,8 @@ def _device(text: str | None) -> torch.device | None:
 
 
 def _available(device: torch.device) -> bool:
+    import torch
+
     backend = getattr(torch, device.type, None)
     return bool(backend is not None and getattr(backend, "is_available", lambda: False)())
 

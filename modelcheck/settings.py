@@ -19,6 +19,9 @@ LOSS_CHOICES = ("auto", "cross_entropy", "mse", "bce")
 DATASETS = ("iris", "digits", "wine", "breast_cancer")
 """scikit-learn's bundled datasets that ``probe`` may name."""
 DEFAULT_SAMPLE_SIZE = 16_384
+SEED_MAX = 2**32 - 1
+"""The largest seed: torch's generators take 64 bits, and modelcheck seeds them with the
+seed plus an offset."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +84,16 @@ def _boolean(value: object, where: str) -> bool:
     return value
 
 
-def _integer(minimum: int, optional: bool = False) -> Callable[[object, str], int | None]:
+def _integer(
+    minimum: int, optional: bool = False, maximum: int | None = None
+) -> Callable[[object, str], int | None]:
     def convert(value: object, where: str) -> int | None:
         if value is None and optional:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{where}: expected an integer >= {minimum}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{where}: expected an integer <= {maximum}, got {value!r}")
         return value
 
     return convert
@@ -161,7 +168,10 @@ OPTIONS: Mapping[str, Option] = {
     "gradients": Option("run the backward pass and check gradients", _boolean),
     "batch_size": Option("probe samples per batch", _integer(1)),
     "max_samples": Option("use at most this many probe samples", _integer(1, optional=True)),
-    "seed": Option("seed of the random probe, the surrogate loss and the sampling", _integer(0)),
+    "seed": Option(
+        "seed of the random probe, the surrogate loss and the sampling",
+        _integer(0, maximum=SEED_MAX),
+    ),
     "sample_size": Option(
         "values sampled per layer and batch for moments and histograms (a probe of more "
         "than 16 batches spreads 16 batches' worth over all of them)",

@@ -44,8 +44,8 @@ def test_device_cpu_runs_the_check_there(checkpoint, capsys):
 
 @pytest.mark.parametrize(
     ("device", "needle"),
-    [("gpu0", "is not a device"), ("cuda:7", "cuda:7")],
-    ids=["not-a-device", "cuda-that-is-not-there"],
+    [("gpu0", "is not a device"), ("cuda:7", "cuda:7"), ("meta", "no meta device")],
+    ids=["not-a-device", "cuda-that-is-not-there", "a-device-type-with-no-backend"],
 )
 def test_unusable_device_exits_two_with_one_line(checkpoint, capsys, device, needle):
     if device.startswith("cuda") and torch.cuda.device_count() > 7:
@@ -55,6 +55,17 @@ def test_unusable_device_exits_two_with_one_line(checkpoint, capsys, device, nee
     assert code == 2
     assert len(err) == 1 and err[0].startswith("modelcheck: error: --device")
     assert needle in err[0]
+
+
+def test_a_seed_beyond_32_bits_exits_two_with_one_line(checkpoint, capsys):
+    code = main([*checkpoint, "--seed", str(2**32)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert (
+        err[0]
+        == f"modelcheck: error: command line: seed: expected an integer <= {2**32 - 1}, got {2**32}"
+    )
+    assert main([*checkpoint, "--seed", str(2**32 - 1), "--format", "json"]) == 0
 
 
 def test_progress_bar_is_off_under_pytest_and_off_a_terminal(monkeypatch):
