@@ -903,6 +903,11 @@ def run(
                     grads = _backward(value, wrt, inputs)
                     if trainable:
                         _report_param_grads(recorder, owners, trainable, grads)
+    if loss_name == "surrogate" and loss != "auto":
+        notes.append(
+            f"loss {loss!r} needs labels and the probe has none: the backward pass started "
+            "from the seeded surrogate loss sum(output · v) instead"
+        )
     return CaptureRun(
         layers=tuple(recorder.layers.values()),
         loss=loss_name if gradients else "none (forward only)",

@@ -34,6 +34,19 @@ def test_seed_network_layers_are_seen_with_their_functional_relus():
     assert report.layer("fc2.relu").family == "relu"
 
 
+def test_a_loss_asked_for_without_labels_is_noted_as_not_used():
+    model, x, y = trained_seed_network()
+
+    def loss_notes(*args, **kwargs) -> list[str]:
+        report = modelcheck.check(model, *args, **kwargs)
+        return [n for n in report.probe.notes if n.startswith("loss ")]
+
+    (note,) = loss_notes(x, loss="mse")
+    assert note.startswith("loss 'mse' needs labels and the probe has none")
+    assert loss_notes(x) == [] and loss_notes(x, y, loss="mse") == []
+    assert loss_notes(x, loss="mse", gradients=False) == []
+
+
 def test_seed_layer_two_is_exactly_relu_of_fc2_of_relu_of_fc1():
     model, x, _ = trained_seed_network()
     model = model.double()  # exact comparison in float64
