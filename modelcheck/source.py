@@ -427,28 +427,61 @@ def _load_state_dict(
     arch_kwargs: Mapping[str, object] | None,
     fmt: str = "state_dict",
 ) -> LoadedModel:
-    held = f"{'safetensors file' if fmt == 'safetensors' else 'state_dict'} ({len(state)} tensors)"
+    kind = "safetensors file" if fmt == "safetensors" else "state_dict"
+    details = [f"{len(state)} tensors"]
     if wrapper:
-        held = f"state_dict ({len(state)} tensors, under the checkpoint key '{wrapper}')"
+        details.append(f"under the checkpoint key '{wrapper}'")
     if arch is None:
         raise SourceError(
-            f"{path} holds a {held}; pass --arch package.module:factory to build the model "
-            "it belongs to"
+            f"{path} holds a {kind} ({', '.join(details)}); pass --arch package.module:factory "
+            "to build the model it belongs to"
         )
     kwargs = dict(arch_kwargs or {})
     call = f"{arch}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
     module = _build(import_factory(arch), call, kwargs)
-    # Checkpoints written before a buffer became non-persistent still hold it (Hugging Face
-    # BERT's embeddings.position_ids): the module rebuilds it, so the file's copy is not needed.
-    state = {k: v for k, v in state.items() if k not in _non_persistent_buffers(module)}
+    state, prefix = _fitting_keys(state, module)
+    if prefix:
+        details.append(f"keys without the prefix '{prefix}'")
     mismatch = _first_mismatch(state, module.state_dict())
     if mismatch:
-        raise SourceError(f"{path} does not fit --arch {arch}: {mismatch}")
+        read = f" (its keys read without the prefix '{prefix}')" if prefix else ""
+        raise SourceError(f"{path} does not fit --arch {arch}{read}: {mismatch}")
     try:
         module.load_state_dict(state, strict=True)
     except Exception as error:  # e.g. a custom _load_from_state_dict that refuses the values
         raise SourceError(f"{path} does not fit --arch {arch}: {_brief(error)}") from None
-    return LoadedModel(module, path, fmt, f"{held} loaded into {call}")
+    return LoadedModel(module, path, fmt, f"{kind} ({', '.join(details)}) loaded into {call}")
+
+
+def _fitting_keys(
+    state: Mapping[str, torch.Tensor], module: torch.nn.Module
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The file's state as the module's keys name it, and the prefix removed for that.
+
+    A model saved from inside a wrapper has every key under the wrapper's attribute:
+    'module.' (DataParallel, DistributedDataParallel), '_orig_mod.' (torch.compile). Of the
+    keys as they are and without each run of leading components they all share, the ones
+    with the fewest mismatches are taken, so an error names the keys the model knows.
+    Checkpoints written before a buffer became non-persistent still hold it (Hugging Face
+    BERT's embeddings.position_ids): the module rebuilds it, so the file's copy is dropped.
+    """
+    model_state, dropped = module.state_dict(), _non_persistent_buffers(module)
+    best = {k: v for k, v in state.items() if k not in dropped}
+    best_prefix, fewest = "", len(_mismatches(best, model_state))
+    keys, prefix = list(state), ""
+    while fewest and (head := _shared_head(keys)):
+        prefix += head
+        keys = [key.removeprefix(head) for key in keys]
+        stripped = {k: v for k, v in zip(keys, state.values()) if k not in dropped}
+        if len(problems := _mismatches(stripped, model_state)) < fewest:
+            best, best_prefix, fewest = stripped, prefix, len(problems)
+    return best, best_prefix
+
+
+def _shared_head(keys: list[str]) -> str | None:
+    """The first component of every key, with its dot, when all keys have that one."""
+    heads = {key.partition(".")[0] + "." for key in keys}
+    return heads.pop() if len(heads) == 1 and all("." in key for key in keys) else None
 
 
 def _non_persistent_buffers(module: torch.nn.Module) -> set[str]:
@@ -480,6 +513,16 @@ def _first_mismatch(
 
     Checked before load_state_dict because its own error lists every key over many lines.
     """
+    problems = _mismatches(file_state, model_state)
+    if not problems:
+        return None
+    more = len(problems) - 1
+    return problems[0] + (f" (and {more} more mismatched key{'s' * (more > 1)})" if more else "")
+
+
+def _mismatches(
+    file_state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor]
+) -> list[str]:
     problems = []
     for key, wanted in model_state.items():
         if key not in file_state:
@@ -494,10 +537,7 @@ def _first_mismatch(
         for key, value in file_state.items()
         if key not in model_state
     ]
-    if not problems:
-        return None
-    more = len(problems) - 1
-    return problems[0] + (f" (and {more} more mismatched key{'s' * (more > 1)})" if more else "")
+    return problems
 
 
 # --- importing the factory -------------------------------------------------------------------

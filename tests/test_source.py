@@ -122,6 +122,39 @@ def test_common_checkpoint_wrappings_are_unwrapped(tmp_path: Path, key: str) -> 
     assert f"'{key}'" in loaded.description
 
 
+@pytest.mark.parametrize(
+    "prefix", ["module.", "_orig_mod.", "_orig_mod.module."], ids=["ddp", "compile", "both"]
+)
+def test_keys_saved_from_inside_a_wrapper_lose_its_prefix(tmp_path: Path, prefix: str) -> None:
+    model = archs.make_mlp()
+    state = {prefix + key: value for key, value in model.state_dict().items()}
+    path = saved({"model": state}, tmp_path / "checkpoint.pt")
+
+    loaded = load_model(path, arch=MLP_SPEC)
+
+    assert same_weights(loaded.module, model)
+    assert loaded.description == (
+        f"state_dict (6 tensors, under the checkpoint key 'model', keys without the prefix "
+        f"'{prefix}') loaded into {MLP_SPEC}()"
+    )
+
+
+def test_a_wrapped_state_dict_that_does_not_fit_names_the_keys_the_model_knows(
+    tmp_path: Path,
+) -> None:
+    state = {f"module.{key}": value for key, value in archs.make_mlp().state_dict().items()}
+    del state["module.fc3.bias"]
+    path = saved(state, tmp_path / "partial.pt")
+
+    with pytest.raises(SourceError) as excinfo:
+        load_model(path, arch=MLP_SPEC)
+
+    assert error_line(excinfo) == (
+        f"{path} does not fit --arch {MLP_SPEC} (its keys read without the prefix 'module.'): "
+        "key 'fc3.bias' (shape (3,)) is in the model but not in the file"
+    )
+
+
 def test_state_dict_without_arch_says_to_pass_arch(tmp_path: Path) -> None:
     path = saved(archs.make_mlp().state_dict(), tmp_path / "weights.pt")
 
