@@ -58,6 +58,7 @@ def check(
         module = module.module()
     if not isinstance(module, nn.Module):
         raise ConfigError(f"check(): model must be a torch.nn.Module, not {type(module).__name__}")
+    module, unwrapped = _uncompiled(module)
     chosen = select_rules(settings)
     probe_data = probe
     probe = _as_probe(probe, labels, module, settings, input_shape)
@@ -95,7 +96,7 @@ def check(
             gradients=run.gradients,
             sample_size=measured.sample_size,
             output_key=run.output_key,
-            notes=run.notes + measured.notes,
+            notes=unwrapped + run.notes + measured.notes,
         ),
         layers=stats.layers,
         input=stats.input,
@@ -104,6 +105,19 @@ def check(
         rules=chosen,
         fail_on=settings.fail_on,
         checked=checked,
+    )
+
+
+def _uncompiled(module: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
+    """The module torch.compile wrapped, and a note saying it was checked instead: hooks do
+    not see into a compiled graph, and TorchDynamo refuses the ones modelcheck adds. (Told
+    by name: importing torch._dynamo to compare types costs a second.)"""
+    original = getattr(module, "_orig_mod", None)
+    if type(module).__name__ != "OptimizedModule" or not isinstance(original, nn.Module):
+        return module, ()
+    return original, (
+        "torch.compile'd model: its original module was checked, run eagerly (it computes the "
+        "same function; forward hooks do not see into a compiled graph)",
     )
 
 

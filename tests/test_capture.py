@@ -537,6 +537,19 @@ def test_layers_behind_an_operator_with_no_backward_are_noted_without_gradients(
     assert note.startswith("no gradient reached the outputs of '0', '1': ")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit")  # torch.compile imports deprecated modules
+def test_a_compiled_model_is_checked_through_its_original_module():
+    model, x, y = trained_seed_network()
+    compiled = torch.compile(model)  # compiles on its first call, which never comes
+    report = modelcheck.check(compiled, x, y, loss="mse")
+    eager = modelcheck.check(model, x, y, loss="mse")
+    assert layer_names(report) == layer_names(eager)
+    assert report.layer("fc2.relu").activation == eager.layer("fc2.relu").activation
+    assert report.model.type == "IrisFFNN"
+    assert report.probe.notes[0].startswith("torch.compile'd model: its original module")
+    assert compiled._orig_mod is model
+
+
 def test_batchnorm_running_statistics_do_not_move_in_train_mode():
     model = DigitsCNN()
     mean_before = model.features[1].running_mean.clone()
