@@ -172,6 +172,13 @@ def test_all_equal_weights_are_an_error():
     assert (finding.layer, finding.severity) == ("2", "error")
 
 
+def test_a_weight_of_one_value_has_no_scale_to_judge():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 1, 3), nn.ReLU(), nn.Conv2d(1, 1, 1))  # one weight value
+    report = modelcheck.check(model, torch.randn(16, 3, 8, 8))
+    assert findings_of(report, "poor-initialization") == []
+
+
 def test_unstandardised_probe_features_warn():
     report = modelcheck.check(mlp([8, 16, 4]), gaussian() * 100 + 50)
     finding = only(report, "unscaled-input")
