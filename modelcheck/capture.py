@@ -750,6 +750,8 @@ def _auto_loss(output: torch.Tensor, target: torch.Tensor) -> str:
             return "bce"
     elif target.numel() == output.numel():
         return "mse"
+    elif classes > 1 and target.dim() == output.dim() - 1 and torch.equal(target, target.round()):
+        return "cross_entropy"  # class indices held as floats (a float array's labels)
     raise ProbeError(
         f"cannot choose a loss for labels of shape {tuple(target.shape)} "
         f"({str(target.dtype).removeprefix('torch.')}) and output of shape "

@@ -225,6 +225,18 @@ def test_output_and_parameter_gradients_match_autograd():
     assert report.probe.loss == "cross_entropy"
 
 
+def test_whole_float_labels_are_class_indices_to_the_automatic_loss():
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = gaussian(n=20, features=3).double()
+    y = torch.randint(0, 2, (20,))
+    as_floats = modelcheck.check(model, x, y.double())  # labels read from a float array
+    as_indices = modelcheck.check(model, x, y, loss="cross_entropy")
+    assert as_floats.probe.loss == "cross_entropy"
+    assert as_floats.layer("0").output_grad == as_indices.layer("0").output_grad
+    with pytest.raises(modelcheck.ProbeError, match="cannot choose a loss"):
+        modelcheck.check(model, x, y.double() + 0.5)  # not indices: no loss fits
+
+
 def test_without_labels_a_seeded_surrogate_loss_drives_the_backward_pass():
     model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
     first = modelcheck.check(model, gaussian(features=3), seed=3)
