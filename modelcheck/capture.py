@@ -819,12 +819,21 @@ def _describe_failure(recorder: _Recorder, error: BaseException) -> str:
     if not recorder.stack:
         return f"the model's forward raised {type(error).__name__}: {cause}"
     module, name, args = recorder.stack[-1]
-    shapes = (
-        ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor)) or "no tensors"
-    )
     setup = module.extra_repr().splitlines()[0] if module.extra_repr() else ""
     kind = f"{type(module).__name__}({setup})" if setup else type(module).__name__
-    return f"the forward failed at layer {name} [{kind}] given input {shapes}: {cause}"
+    given = ", ".join(map(_described, args)) or "no arguments"
+    return f"the forward failed at layer {name} [{kind}] given input {given}: {cause}"
+
+
+def _described(value: Any) -> str:
+    """A layer's argument in a failure line: a tensor's shape, a dict's keys, else its type."""
+    if isinstance(value, torch.Tensor):
+        return str(tuple(value.shape))
+    if isinstance(value, Mapping):
+        return f"a dict of {', '.join(map(repr, value))}"
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    return type(value).__name__
 
 
 def run(

@@ -17,7 +17,7 @@ import sys
 import textwrap
 import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -319,7 +319,7 @@ def _check_file(
     try:
         report = check(loaded, probe, settings=settings)
     except CaptureError as error:
-        hint = _label_column_hint(spec, args.target, loaded.module, probe)
+        hint = _probe_hint(spec, args.target, loaded.module, probe)
         if not hint:
             raise
         raise CaptureError(f"{error}; {hint}") from error
@@ -328,18 +328,26 @@ def _check_file(
     return _emit(report, args, f"{args.model}: {loaded.description}\n" if readable else "")
 
 
-def _label_column_hint(spec: str, target: str | None, module: nn.Module, probe: Probe) -> str:
-    """Advice for a forward that failed on a CSV read without --target, where the CSV has one
-    column more than the model's first Linear takes: the label most likely went in too."""
+def _probe_hint(spec: str, target: str | None, module: nn.Module, probe: Probe) -> str:
+    """Advice for a forward that failed on a probe file whose labels may have gone in as
+    inputs: a CSV read without --target that has one column more than the model's first
+    Linear takes, or a file of named arrays, which go to forward by name."""
     from modelcheck.probe import infer_input_shape
 
+    first = next(iter(probe.batches))
+    if isinstance(first.inputs, Mapping) and first.target is None:
+        names = ", ".join(map(repr, first.inputs))
+        return (
+            f"{spec}'s arrays {names} went to the model as named inputs; to give inputs and "
+            "labels, name them x and y"
+        )
     if target is not None or not spec.lower().endswith(".csv"):
         return ""
     try:
         (features,) = infer_input_shape(module)
     except (ModelcheckError, ValueError):  # no Linear first, or a multi-axis sample
         return ""
-    columns = next(iter(probe.batches)).inputs.shape[-1]
+    columns = first.inputs.shape[-1]
     if columns != features + 1:
         return ""
     return (

@@ -237,6 +237,12 @@ def _labelled(d: Path) -> str:
     return "labelled.npz"
 
 
+def _inputs_and_labels(d: Path) -> str:
+    x = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
+    np.savez(d / "named.npz", inputs=x, labels=np.zeros(20, dtype=np.int64))
+    return "named.npz"
+
+
 TEAM_RULE = """code = "XX901"
 slug = "team-rule"
 title = "Wide layers"
@@ -368,6 +374,16 @@ MATRIX = [
         _file("p.csv", "a,b,c,d,e,f,g,h,y\n" + "1,2,3,4,5,6,7,8,0\n" * 3),
         ["model.pt", *MLP, "--probe", "{f}"],
         ["9 columns of p.csv went in as inputs", "model takes 8", "--target"],
+    ),
+    (
+        "probe-arrays-named-other-than-x-and-y",
+        _inputs_and_labels,
+        ["model.pt", *MLP, "--probe", "{f}"],
+        [
+            "given input a dict of 'inputs', 'labels': ",
+            "named.npz's arrays 'inputs', 'labels' went to the model as named inputs",
+            "name them x and y",
+        ],
     ),
     (
         "probe-file-that-is-not-what-it-says",
