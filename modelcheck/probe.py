@@ -594,6 +594,12 @@ def _read_torch(path: str) -> tuple[_Rows, object]:
         raise ProbeError(f"{path} cannot be read by torch.load ({_brief(error)})") from None
     if isinstance(loaded, torch.Tensor):
         return _as_inputs(loaded, path), None
+    if _is_batch_list(loaded):
+        raise ProbeError(
+            f"{path} holds a {type(loaded).__name__} of {len(loaded)} (inputs, labels) batches; "
+            "a probe file holds the whole probe as one pair: torch.save((x, y), path), with "
+            "the batches joined by torch.cat"
+        )
     if isinstance(loaded, tuple | list) and len(loaded) in (1, 2):
         return _as_inputs(loaded[0], path), loaded[1] if len(loaded) == 2 else None
     if isinstance(loaded, Mapping) and "x" in loaded:
@@ -603,6 +609,15 @@ def _read_torch(path: str) -> tuple[_Rows, object]:
     raise ProbeError(
         f"{path} holds a {type(loaded).__name__}; expected a tensor x, a pair (x, y), a dict "
         "with 'x' and optional 'y', or a dict of keyword inputs (input_ids, attention_mask, ...)"
+    )
+
+
+def _is_batch_list(loaded: object) -> bool:
+    """Whether a loaded file is a sequence of (inputs, labels) pairs: labels are never a pair."""
+    return (
+        isinstance(loaded, tuple | list)
+        and len(loaded) >= 2
+        and all(isinstance(item, tuple | list) and len(item) == 2 for item in loaded)
     )
 
 

@@ -243,6 +243,13 @@ def _inputs_and_labels(d: Path) -> str:
     return "named.npz"
 
 
+def _batch_list(d: Path) -> str:
+    x = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(40, dtype=torch.long)
+    torch.save([(x[:20], y[:20]), (x[20:], y[20:])], d / "batches.pt")
+    return "batches.pt"
+
+
 TEAM_RULE = """code = "XX901"
 slug = "team-rule"
 title = "Wide layers"
@@ -384,6 +391,12 @@ MATRIX = [
             "named.npz's arrays 'inputs', 'labels' went to the model as named inputs",
             "name them x and y",
         ],
+    ),
+    (
+        "probe-file-of-batches",
+        _batch_list,
+        ["model.pt", *MLP, "--probe", "{f}"],
+        ["batches.pt holds a list of 2 (inputs, labels) batches", "torch.save((x, y), path)"],
     ),
     (
         "probe-file-that-is-not-what-it-says",
