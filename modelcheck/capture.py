@@ -878,6 +878,8 @@ def run(
             stack.enter_context(_fast_path_disabled())
             notes.append(FAST_PATH_NOTE)
         stack.enter_context(recorder.attached())
+        if gradients:
+            stack.enter_context(_quiet_missing_backward())
         for batch in batches:
             recorder.start_batch()
             inputs = _prepare(batch.inputs, dtype, device)
@@ -956,16 +958,22 @@ def _backward(
     value: torch.Tensor, wrt: Sequence[torch.Tensor], inputs: Any
 ) -> tuple[torch.Tensor | None, ...]:
     try:
-        with warnings.catch_warnings():
-            # PyTorch's warning for an operator with no backward; the report notes the
-            # layers it leaves without gradients (see pass_on_gradient).
-            warnings.filterwarnings("ignore", "(?s).*an autograd kernel was not registered")
-            return torch.autograd.grad(value, wrt, allow_unused=True)
+        return torch.autograd.grad(value, wrt, allow_unused=True)
     except Exception as error:
         _raise_if_out_of_memory(error, inputs, "backward")
         raise CaptureError(
             f"the backward pass failed: {type(error).__name__}: {first_line(error)}"
         ) from error
+
+
+@contextmanager
+def _quiet_missing_backward() -> Iterator[None]:
+    """PyTorch warns when a backward passes an operator with no autograd kernel; the report
+    notes the layers that got no gradient instead (see pass_on_gradient). Set once per run:
+    every change to the warning filters makes Python show once-only warnings again."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "(?s).*an autograd kernel was not registered")
+        yield
 
 
 def _grad_leaves(inputs: Any) -> tuple[Any, list[torch.Tensor]]:
