@@ -614,8 +614,8 @@ def pass_on_gradient(
         observer.on_output_grad(layer, grad)
 
 
-def _gradless_note(recorder: _Recorder) -> list[str]:
-    names = [f"'{name}'" for name in recorder.layers if name in recorder.gradless]
+def _gradless_note(layers: Iterable[str], gradless: Mapping[str, None]) -> list[str]:
+    names = [f"'{name}'" for name in layers if name in gradless]  # in the order of the forward
     if not names:
         return []
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
@@ -931,7 +931,7 @@ def run(
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
         output_key=output_path,
-        notes=(*recorder.notes, *_gradless_note(recorder), *notes),
+        notes=(*recorder.notes, *_gradless_note(recorder.layers, recorder.gradless), *notes),
     )
 
 

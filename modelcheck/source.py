@@ -473,8 +473,9 @@ def _fitting_keys(
         prefix += head
         keys = [key.removeprefix(head) for key in keys]
         stripped = {k: v for k, v in zip(keys, state.values()) if k not in dropped}
-        if len(problems := _mismatches(stripped, model_state)) < fewest:
-            best, best_prefix, fewest = stripped, prefix, len(problems)
+        count = len(_mismatches(stripped, model_state))
+        if count < fewest:
+            best, best_prefix, fewest = stripped, prefix, count
     return best, best_prefix
 
 
