@@ -822,7 +822,23 @@ def _describe_failure(recorder: _Recorder, error: BaseException) -> str:
     setup = module.extra_repr().splitlines()[0] if module.extra_repr() else ""
     kind = f"{type(module).__name__}({setup})" if setup else type(module).__name__
     given = ", ".join(map(_described, args)) or "no arguments"
+    cause += _ids(module, args)
     return f"the forward failed at layer {name} [{kind}] given input {given}: {cause}"
+
+
+def _ids(module: nn.Module, args: tuple) -> str:
+    """For an embedding that failed on ids it has no row for, which ids those were: PyTorch
+    says only 'index out of range in self'."""
+    ids = args[0] if args else None
+    rows = getattr(module, "num_embeddings", None)
+    if not (isinstance(ids, torch.Tensor) and isinstance(rows, int) and ids.numel()):
+        return ""
+    if ids.is_floating_point() or ids.is_complex():
+        return ""
+    low, high = int(ids.min()), int(ids.max())
+    if low >= 0 and high < rows:
+        return ""
+    return f" (the ids run from {low} to {high}; its table has rows 0 to {rows - 1})"
 
 
 def _described(value: Any) -> str:

@@ -562,6 +562,19 @@ def test_a_compiled_model_is_checked_through_its_original_module():
     assert compiled._orig_mod is model
 
 
+@pytest.mark.parametrize(("low", "high"), [(0, 499), (-5, 49)], ids=["beyond", "negative"])
+def test_ids_an_embedding_has_no_row_for_are_named_with_its_size(low, high):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(100, 8), nn.Flatten(), nn.Linear(40, 3))
+    ids = torch.randint(low, high, (64, 5))
+    ids[0, :2] = torch.tensor([low, high])
+    with pytest.raises(modelcheck.CaptureError) as caught:
+        modelcheck.check(model, ids)
+    assert str(caught.value).endswith(
+        f"index out of range in self (the ids run from {low} to {high}; its table has rows 0 to 99)"
+    )
+
+
 def test_batchnorm_running_statistics_do_not_move_in_train_mode():
     model = DigitsCNN()
     mean_before = model.features[1].running_mean.clone()
