@@ -14,6 +14,7 @@ statistics itself.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import inspect
 import math
@@ -234,6 +235,8 @@ def first_tensor(value: Any) -> torch.Tensor | None:
         value = list(value.values())
     elif hasattr(value, "to_tuple"):  # dataclass-like model outputs
         value = value.to_tuple()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = [getattr(value, f.name) for f in dataclasses.fields(value)]
     if isinstance(value, (tuple, list)):
         for item in value:
             found = first_tensor(item)
@@ -278,6 +281,9 @@ def _items(value: Any) -> list[tuple[str | int, Any]]:
         return [(k, v) for k, v in value.items() if v is not None]
     if isinstance(value, (tuple, list)):
         return list(enumerate(value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+        return [(name, v) for name, v in fields if v is not None]
     return []
 
 
@@ -723,7 +729,8 @@ def compute_loss(
     its gradient is a vector-Jacobian product that probes how signal propagates back.
     """
     if target is None:
-        return (output * direction).sum() / max(output.shape[0], 1), "surrogate"
+        rows = output.shape[0] if output.dim() else 1  # a scalar: a model returning its loss
+        return (output * direction).sum() / max(rows, 1), "surrogate"
     kind = _auto_loss(output, target) if kind == "auto" else kind
     if kind == "cross_entropy":
         if target.is_floating_point() and target.shape == output.shape:
@@ -808,6 +815,11 @@ def _loss(
         raise
     except Exception as error:  # e.g. a class index beyond the output's classes
         _raise_if_out_of_memory(error, inputs, "loss")
+        if target is None:
+            raise CaptureError(
+                f"the surrogate loss failed on the output of shape {tuple(output.shape)}: "
+                f"{first_line(error)}"
+            ) from error
         raise ProbeError(
             f"the labels do not fit the output of shape {tuple(output.shape)} for loss "
             f"{kind!r}: {first_line(error)}"
@@ -887,6 +899,7 @@ def run(
     output_path = ""
     direction: dict[tuple, torch.Tensor] = {}
     notes: list[str] = []
+    empty = True
     with ExitStack() as stack:
         stack.enter_context(preserved(model))
         _set_mode(model, train_mode)
@@ -919,9 +932,10 @@ def run(
                 raise CaptureError(_describe_failure(recorder, error)) from error
             if not _is_float(output):
                 raise CaptureError(_not_checkable(output))
+            empty = empty and output.numel() == 0  # a batch may have none (no detections)
             observer.on_output(output.detach())
             n_batches += 1
-            n_samples += output.shape[0] if output.dim() else 1
+            n_samples += output.shape[0] if output.dim() else _rows(inputs)
             if gradients:
                 wrt = trainable or leaves
                 if output.requires_grad and wrt:
@@ -932,6 +946,8 @@ def run(
                     grads = _backward(value, wrt, inputs)
                     if trainable:
                         _report_param_grads(recorder, owners, trainable, grads)
+    if n_batches and empty:
+        raise CaptureError(_not_checkable(output))
     if loss_name == "surrogate" and loss != "auto":
         notes.append(
             f"loss {loss!r} needs labels and the probe has none: the backward pass started "
@@ -951,6 +967,13 @@ def run(
     )
 
 
+def _rows(inputs: Any) -> int:
+    """The samples of a batch whose output is a scalar (a model that returns its loss): the
+    rows of its first input tensor, else one."""
+    first = first_tensor(inputs)
+    return first.shape[0] if first is not None and first.dim() else 1
+
+
 def _not_checkable(output: torch.Tensor | None) -> str:
     """The error line for an output with nothing to check: none found, or not floats."""
     if output is None:
@@ -959,6 +982,11 @@ def _not_checkable(output: torch.Tensor | None) -> str:
             "with --output-key (output_key=)"
         )
     dtype = str(output.dtype).removeprefix("torch.")
+    if output.numel() == 0:
+        return (
+            f"the model's output has no values (shape {tuple(output.shape)}); return an output "
+            "with some, or name one with --output-key (output_key=)"
+        )
     if output.is_complex():
         return (
             f"the model's output holds {dtype} values, not real ones; return real values "

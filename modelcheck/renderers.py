@@ -93,8 +93,8 @@ def counts_text(counts: Mapping[str, int]) -> str:
 def summary_line(report: Report) -> str:
     model, probe = report.model, report.probe
     scope = (
-        f"{len(report.layers)} layers of {model.type} ({model.parameters:,} parameters); "
-        f"probe: {probe.source}, {probe.samples} samples, loss {probe.loss}"
+        f"{_plural(len(report.layers), 'layer')} of {model.type} ({model.parameters:,} "
+        f"parameters); probe: {probe.source}, {_plural(probe.samples, 'sample')}, loss {probe.loss}"
     )
     verdict = "passed" if report.ok else f"failed at --fail-on {report.fail_on}"
     if not report.findings:

@@ -4,6 +4,7 @@ outputs, and the layer kinds that need care (recurrent, attention, norms, half p
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import modelcheck
 from modelcheck import ProbeError
+from modelcheck.renderers import summary_line
 
 G = torch.Generator().manual_seed(0)
 
@@ -87,7 +89,16 @@ class ReturnsMany(nn.Module):
             return [logits, aux]
         if self.kind == "dict":
             return {"loss": loss, "aux": aux, "logits": logits}
+        if self.kind == "dataclass":
+            return DataclassOutput(loss=loss, logits=logits, hidden=aux)
         return Output(loss=loss, logits=logits, hidden=aux)
+
+
+@dataclasses.dataclass
+class DataclassOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    hidden: torch.Tensor
 
 
 class Output(collections.OrderedDict):
@@ -99,12 +110,52 @@ class Output(collections.OrderedDict):
 
 @pytest.mark.parametrize(
     ("kind", "expected"),
-    [("tuple", "[0]"), ("list", "[0]"), ("dict", "['logits']"), ("model-output", "['logits']")],
+    [
+        ("tuple", "[0]"),
+        ("list", "[0]"),
+        ("dict", "['logits']"),
+        ("model-output", "['logits']"),
+        ("dataclass", "['logits']"),
+    ],
 )
 def test_the_primary_output_is_chosen_sensibly(kind, expected):
     report = modelcheck.check(ReturnsMany(kind), gaussian(features=4))
     assert report.probe.output_key == expected
     assert report.output.units == 3  # fc's logits, not the loss or the auxiliary head
+
+
+class ReturnsItsLoss(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).pow(2).mean()
+
+
+def test_a_model_that_returns_a_scalar_is_checked_with_its_probe_samples_counted():
+    report = modelcheck.check(ReturnsItsLoss(), gaussian(n=200, features=4))
+    assert report.probe.samples == 200 and report.probe.batches == 4
+    assert report.layer("fc").output_grad is not None
+    assert summary_line(report).startswith("All checks passed: 1 layer of ReturnsItsLoss")
+
+
+class ReturnsNothing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = 0 if x.shape[0] == 64 else x.shape[0]  # values in a short batch only
+        return self.fc(x)[:rows]
+
+
+def test_an_output_with_no_values_in_any_batch_is_one_clear_error():
+    report = modelcheck.check(ReturnsNothing(), gaussian(n=100, features=4))  # 64 + 36
+    assert report.output.count == 36 * 3  # a batch with none (no detections) is no error
+    with pytest.raises(modelcheck.CaptureError) as caught:
+        modelcheck.check(ReturnsNothing(), gaussian(n=128, features=4))
+    assert str(caught.value).startswith("the model's output has no values (shape (0, 3))")
 
 
 def test_a_real_hugging_face_model_output_gives_its_logits():
