@@ -58,7 +58,7 @@ def check(
         module = module.module()
     if not isinstance(module, nn.Module):
         raise ConfigError(f"check(): model must be a torch.nn.Module, not {type(module).__name__}")
-    module, unwrapped = _uncompiled(module)
+    module, unwrapped = _unwrapped(module)
     chosen = select_rules(settings)
     probe_data = probe
     probe = _as_probe(probe, labels, module, settings, input_shape)
@@ -108,17 +108,28 @@ def check(
     )
 
 
-def _uncompiled(module: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
-    """The module torch.compile wrapped, and a note saying it was checked instead: hooks do
-    not see into a compiled graph, and TorchDynamo refuses the ones modelcheck adds. (Told
-    by name: importing torch._dynamo to compare types costs a second.)"""
-    original = getattr(module, "_orig_mod", None)
-    if type(module).__name__ != "OptimizedModule" or not isinstance(original, nn.Module):
-        return module, ()
-    return original, (
-        "torch.compile'd model: its original module was checked, run eagerly (it computes the "
-        "same function; forward hooks do not see into a compiled graph)",
-    )
+def _unwrapped(module: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
+    """The module inside a wrapper that computes the same function, and notes saying so.
+
+    torch.compile's: hooks do not see into a compiled graph, and TorchDynamo refuses the ones
+    modelcheck adds (told by name: importing torch._dynamo to compare types costs a second).
+    DataParallel's and DistributedDataParallel's: their layers are named as in the model's
+    own state_dict and baselines, without 'module.'.
+    """
+    notes: list[str] = []
+    while True:
+        original = getattr(module, "_orig_mod", None)
+        if type(module).__name__ == "OptimizedModule" and isinstance(original, nn.Module):
+            notes.append(
+                "torch.compile'd model: its original module was checked, run eagerly (it "
+                "computes the same function; forward hooks do not see into a compiled graph)"
+            )
+            module = original
+        elif isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            notes.append(f"{type(module).__name__} wrapper: the module it wraps was checked")
+            module = module.module
+        else:
+            return module, tuple(notes)
 
 
 def _evaluate(

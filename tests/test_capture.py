@@ -562,6 +562,19 @@ def test_a_compiled_model_is_checked_through_its_original_module():
     assert compiled._orig_mod is model
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit")  # torch.compile imports deprecated modules
+def test_a_data_parallel_model_is_checked_under_its_own_layer_names():
+    model, x, y = trained_seed_network()
+    report = modelcheck.check(nn.DataParallel(torch.compile(model)), x, y, loss="mse")
+    eager = modelcheck.check(model, x, y, loss="mse")
+    assert layer_names(report) == layer_names(eager)  # 'fc1', not 'module.fc1'
+    assert report.layer("fc3.relu").activation == eager.layer("fc3.relu").activation
+    assert [n.split(":")[0] for n in report.probe.notes[:2]] == [
+        "DataParallel wrapper",
+        "torch.compile'd model",
+    ]
+
+
 @pytest.mark.parametrize(("low", "high"), [(0, 499), (-5, 49)], ids=["beyond", "negative"])
 def test_ids_an_embedding_has_no_row_for_are_named_with_its_size(low, high):
     torch.manual_seed(0)
