@@ -184,7 +184,12 @@ def _check_parser() -> argparse.ArgumentParser:
     probe.add_argument(
         "--no-standardize", action="store_true", help="keep dataset features as they are"
     )
-    probe.add_argument("--input-shape", metavar="DIMS", help="shape of one random sample: 3,32,32")
+    probe.add_argument(
+        "--input-shape",
+        metavar="DIMS",
+        help="shape of one sample: 3,32,32 (random probes draw it; a file's or dataset's "
+        "samples are reshaped to it: digits to 1,8,8)",
+    )
     probe.add_argument("--batch-size", type=int)
     probe.add_argument("--max-samples", type=int)
     probe.add_argument("--seed", type=int)

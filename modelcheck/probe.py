@@ -8,6 +8,7 @@ memory-mapped ``.npy`` file is sliced one batch at a time and never read whole.
 from __future__ import annotations
 
 import csv
+import math
 import operator
 import os
 import pickle
@@ -96,10 +97,11 @@ def probe_from_spec(
         raise ProbeError(f"{spec} is a directory; {_ACCEPTED}")
     if os.path.isfile(spec):
         inputs, labels = _read_file(spec, suffix, target)
+        inputs = _shaped(inputs, input_shape, spec)
         return _rows_probe(inputs, labels, spec, spec, batch_size, max_samples)
     name = spec.strip().lower()
     if name in DATASETS:
-        return _dataset_probe(name, standardize, batch_size, max_samples)
+        return _dataset_probe(name, standardize, batch_size, max_samples, input_shape)
     if name == "random":
         return _random_probe(input_shape, random_samples, seed, batch_size, max_samples)
     if suffix in _FILE_TYPES:
@@ -730,7 +732,13 @@ def _is_number(cell: str) -> bool:
     return True
 
 
-def _dataset_probe(name: str, standardize: bool, batch_size: int, max_samples: int | None) -> Probe:
+def _dataset_probe(
+    name: str,
+    standardize: bool,
+    batch_size: int,
+    max_samples: int | None,
+    input_shape: Sequence[int] | None = None,
+) -> Probe:
     """A bundled scikit-learn dataset, prepared the way the seed article prepares Iris."""
     from sklearn import datasets  # imported here: scikit-learn takes a while to import
     from sklearn.preprocessing import StandardScaler
@@ -744,7 +752,26 @@ def _dataset_probe(name: str, standardize: bool, batch_size: int, max_samples: i
         f"{name}, {scaling}" if used == total else f"{name}, first {used} of {total}, {scaling}"
     )
     labels = bunch.target.astype(np.int64)
-    return _rows_probe(inputs.astype(np.float32), labels, name, source, batch_size, max_samples)
+    inputs = _shaped(inputs.astype(np.float32), input_shape, name)
+    return _rows_probe(inputs, labels, name, source, batch_size, max_samples)
+
+
+def _shaped(inputs: _Rows, input_shape: Sequence[int] | None, where: str) -> _Rows:
+    """Each sample of a file or dataset reshaped to ``input_shape`` (digits' 64 features to
+    1,8,8 for a convolution), when one is given: the sizes must agree."""
+    if input_shape is None:
+        return inputs
+    shape = tuple(input_shape)
+    if not isinstance(inputs, torch.Tensor | np.ndarray) or inputs.ndim == 0:
+        raise ProbeError(f"{where}: --input-shape reshapes a probe of one input array only")
+    size = math.prod(inputs.shape[1:])
+    if size != math.prod(shape):
+        dims = ",".join(map(str, shape))
+        raise ProbeError(
+            f"{where}: its samples hold {size} values each (shape {tuple(inputs.shape[1:])}), "
+            f"and --input-shape {dims} holds {math.prod(shape)}"
+        )
+    return inputs.reshape(len(inputs), *shape)
 
 
 def _random_probe(

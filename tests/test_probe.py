@@ -89,6 +89,27 @@ def test_every_bundled_dataset_loads_with_labels(name: str, shape: tuple[int, in
     assert probe.samples == shape[0] and len(labels) == shape[0]
 
 
+def test_input_shape_reshapes_each_sample_of_a_dataset_or_a_file(tmp_path: Path) -> None:
+    flat, _ = stacked(probe_from_spec("digits"))
+    shaped = probe_from_spec("digits", input_shape=(1, 8, 8))
+    inputs, _ = stacked(shaped)
+    assert tuple(inputs.shape) == (1797, 1, 8, 8)
+    assert torch.equal(inputs.reshape(1797, 64), flat)
+
+    path = tmp_path / "x.npy"
+    np.save(path, np.arange(24, dtype=np.float32).reshape(2, 12))
+    inputs, _ = stacked(probe_from_spec(str(path), input_shape=(3, 4)))
+    assert torch.equal(inputs, torch.arange(24.0).reshape(2, 3, 4))
+
+
+def test_an_input_shape_of_another_size_is_refused() -> None:
+    with pytest.raises(ProbeError) as excinfo:
+        probe_from_spec("digits", input_shape=(1, 8, 9))
+    assert error_line(excinfo) == (
+        "digits: its samples hold 64 values each (shape (64,)), and --input-shape 1,8,9 holds 72"
+    )
+
+
 # --- files -----------------------------------------------------------------------------------
 
 
