@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from modelcheck.errors import BatchOutOfMemory, CaptureError, ProbeError
@@ -204,7 +205,7 @@ def recorded_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     floating-point buffers directly (MultiheadAttention computes with its own
     in_proj_weight, not with a child; an STFT front end with a fixed basis buffer)."""
     chosen = []
-    for name, module in model.named_modules():
+    for name, module in model_modules(model):
         is_leaf = next(module.children(), None) is None
         owns = owns_tensors(module)
         if is_leaf or owns:
@@ -221,10 +222,50 @@ def block_layer(name: str, type_name: str) -> LayerInfo:
 
 
 def owns_tensors(module: nn.Module) -> bool:
-    """Whether the module computes with parameters or float buffers of its own."""
-    return next(module.parameters(recurse=False), None) is not None or any(
-        b.is_floating_point() for b in module.buffers(recurse=False)
+    """Whether the module computes with parameters or float buffers of its own (without
+    computing a parametrized weight: spectral_norm's updates its buffers in train mode)."""
+    return (
+        next(module.parameters(recurse=False), None) is not None
+        or parametrize.is_parametrized(module)
+        or any(b.is_floating_point() for b in module.buffers(recurse=False))
     )
+
+
+def model_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` but for the parametrizations of parametrized modules
+    (weight_norm, spectral_norm): they compute a weight, not an activation."""
+    inside = {
+        sub
+        for module in model.modules()
+        if parametrize.is_parametrized(module)
+        for sub in module.parametrizations.modules()
+    }
+    return [(name, module) for name, module in model.named_modules() if module not in inside]
+
+
+def parameter_names(module: nn.Module) -> tuple[str, ...]:
+    """The names of the parameters a module computes with (see ``own_parameters``)."""
+    names = tuple(name for name, _ in module.named_parameters(recurse=False))
+    return names + tuple(module.parametrizations) if parametrize.is_parametrized(module) else names
+
+
+def own_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters a module computes with: its own, and for a parametrized one the
+    tensors its parametrizations compute (``weight``), which initialisation is judged on.
+    Call it only while the model's state is kept (``preserved``): computing a spectral_norm
+    weight in train mode moves its buffers."""
+    found: dict[str, torch.Tensor] = dict(module.named_parameters(recurse=False))
+    if parametrize.is_parametrized(module):
+        with torch.no_grad():
+            found.update((name, getattr(module, name)) for name in module.parametrizations)
+    return found
+
+
+def trained_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
+    """The parameters whose gradients are the module's: its own and its parametrizations'."""
+    yield from module.parameters(recurse=False)
+    if parametrize.is_parametrized(module):
+        yield from module.parametrizations.parameters()
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
@@ -392,7 +433,7 @@ class _Recorder(TorchFunctionMode):
         self.stack: list[tuple[nn.Module, str, tuple]] = []
         self.producers: dict[int, tuple[weakref.ref, str, int]] = {}
         self.occurrences: dict[str, int] = {}
-        self._names = {m: (n or type(m).__name__) for n, m in model.named_modules()}
+        self._names = {m: (n or type(m).__name__) for n, m in model_modules(model)}
         self.recorded = {m: n for n, m in recorded_modules(model)}
         self.notes: list[str] = []
         # Held outputs with their version counters: ``deferred`` as (layer, output, unit
@@ -500,7 +541,7 @@ class _Recorder(TorchFunctionMode):
                 family=family,
                 functional=False,
                 saturation=_module_saturation(module, family),
-                parameters=tuple(n for n, _ in module.named_parameters(recurse=False)),
+                parameters=parameter_names(module),
             )
             self.module_layers[module] = layer
             self._first_sight(layer, module)
@@ -640,7 +681,7 @@ def _normal_mode() -> AbstractContextManager:
 def announce_layer(observer: Observer, layer: LayerInfo, module: nn.Module | None) -> None:
     """Tell the observer of a layer seen for the first time, with the module's own
     parameters and buffers (detached: the observer only reads them)."""
-    params = {} if module is None else dict(module.named_parameters(recurse=False))
+    params = {} if module is None else own_parameters(module)
     buffers = {} if module is None else dict(module.named_buffers(recurse=False))
     observer.on_layer(
         layer,
@@ -1113,7 +1154,7 @@ def _parameter_owners(recorder: _Recorder) -> dict[int, nn.Module]:
     """Each parameter's recorded owner module (the first one, for tied weights)."""
     owners: dict[int, nn.Module] = {}
     for module in recorder.recorded:
-        for p in module.parameters(recurse=False):
+        for p in trained_parameters(module):
             owners.setdefault(id(p), module)
     return owners
 

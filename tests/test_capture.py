@@ -575,6 +575,29 @@ def test_a_data_parallel_model_is_checked_under_its_own_layer_names():
     ]
 
 
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_parametrized_weights_are_their_layers_parameters_not_layers(train_mode):
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        parametrizations.weight_norm(nn.Linear(8, 32)),
+        nn.ReLU(),
+        parametrizations.spectral_norm(nn.Linear(32, 32)),  # its power iteration moves buffers
+        nn.ReLU(),
+        nn.Linear(32, 3),
+    )
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = modelcheck.check(model, gaussian(n=128), train_mode=train_mode)
+    assert layer_names(report) == ["0", "1", "2", "3", "4"]  # no parametrization "layers"
+    weight = report.layer("0").parameters[-1]
+    assert (weight.name, weight.shape) == ("weight", (32, 8))  # the weight it computes with
+    assert weight.std == pytest.approx(float(model[0].weight.detach().double().std(correction=0)))
+    per_batch = 32 + 32 * 1 + 32 * 8  # bias, then weight_norm's magnitude and direction
+    assert report.layer("0").param_grad.count == 2 * per_batch
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize(("low", "high"), [(0, 499), (-5, 49)], ids=["beyond", "negative"])
 def test_ids_an_embedding_has_no_row_for_are_named_with_its_size(low, high):
     torch.manual_seed(0)
