@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 
 from modelcheck.errors import BatchOutOfMemory, CaptureError, ProbeError
@@ -245,20 +246,39 @@ def model_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def parameter_names(module: nn.Module) -> tuple[str, ...]:
     """The names of the parameters a module computes with (see ``own_parameters``)."""
-    names = tuple(name for name, _ in module.named_parameters(recurse=False))
-    return names + tuple(module.parametrizations) if parametrize.is_parametrized(module) else names
+    replaced = _replaced(module)
+    names = [name for name, _ in module.named_parameters(recurse=False) if name not in replaced]
+    return (*names, *_computed(module))
 
 
 def own_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters a module computes with: its own, and for a parametrized one the
-    tensors its parametrizations compute (``weight``), which initialisation is judged on.
-    Call it only while the model's state is kept (``preserved``): computing a spectral_norm
-    weight in train mode moves its buffers."""
-    found: dict[str, torch.Tensor] = dict(module.named_parameters(recurse=False))
-    if parametrize.is_parametrized(module):
-        with torch.no_grad():
-            found.update((name, getattr(module, name)) for name in module.parametrizations)
+    """The parameters a module computes with: its own, and in place of the parts a weight is
+    computed from (a parametrization's originals, the old weight_norm's ``weight_g`` and
+    ``weight_v``) that weight, which initialisation is judged on. Call it only while the
+    model's state is kept (``preserved``): a spectral_norm weight computed in train mode
+    moves its buffers."""
+    replaced = _replaced(module)
+    found = {n: p for n, p in module.named_parameters(recurse=False) if n not in replaced}
+    with torch.no_grad():
+        found.update((name, getattr(module, name)) for name in _computed(module))
     return found
+
+
+def _computed(module: nn.Module) -> list[str]:
+    """Weights the module computes from other parameters as it runs."""
+    names = list(module.parametrizations) if parametrize.is_parametrized(module) else []
+    return names + [hook.name for hook in _weight_norms(module)]
+
+
+def _replaced(module: nn.Module) -> set[str]:
+    """The module's own parameters that only make up a computed weight."""
+    return {f"{hook.name}{part}" for hook in _weight_norms(module) for part in ("_g", "_v")}
+
+
+def _weight_norms(module: nn.Module) -> list[WeightNorm]:
+    """torch.nn.utils.weight_norm's pre-hooks (deprecated for the parametrization, still
+    in many checkpoints' code): each computes ``name`` from ``name_g`` and ``name_v``."""
+    return [hook for hook in module._forward_pre_hooks.values() if isinstance(hook, WeightNorm)]
 
 
 def trained_parameters(module: nn.Module) -> Iterator[nn.Parameter]:

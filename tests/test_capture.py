@@ -598,6 +598,18 @@ def test_parametrized_weights_are_their_layers_parameters_not_layers(train_mode)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
+def test_the_old_weight_norm_is_judged_on_the_weight_it_computes():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # deprecated for the parametrization, still in use
+        warnings.simplefilter("ignore")
+        normed = nn.utils.weight_norm(nn.Linear(8, 32))
+    model = nn.Sequential(normed, nn.ReLU(), nn.Linear(32, 3))
+    report = modelcheck.check(model, gaussian(n=128))
+    assert [p.name for p in report.layer("0").parameters] == ["bias", "weight"]
+    assert [f.rule for f in report.findings] == []  # weight_g, a (32, 1) magnitude, is no weight
+    assert report.layer("0").param_grad.count == 2 * (32 + 32 + 32 * 8)
+
+
 @pytest.mark.parametrize(("low", "high"), [(0, 499), (-5, 49)], ids=["beyond", "negative"])
 def test_ids_an_embedding_has_no_row_for_are_named_with_its_size(low, high):
     torch.manual_seed(0)
