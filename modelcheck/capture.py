@@ -92,6 +92,8 @@ _MODULE_FAMILIES: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.ReLU6, "relu6"),
     (nn.ReLU, "relu"),
     (nn.LeakyReLU, "leaky_relu"),
+    (nn.PReLU, "leaky_relu"),  # negative slopes learnt or drawn: never dead the ReLU way
+    (nn.RReLU, "leaky_relu"),
     (nn.ELU, "elu"),
     (nn.GELU, "gelu"),
     (nn.SiLU, "silu"),
@@ -153,7 +155,12 @@ def _class_family(cls: type) -> str:
 _NAME_PATTERNS: tuple[tuple[str, str], ...] = (
     ("relu6", "relu6"),
     ("leakyrelu", "leaky_relu"),
+    ("prelu", "leaky_relu"),
+    ("rrelu", "leaky_relu"),
     ("relu", "relu"),
+    # Unbounded, though named after bounded ones: log(sigmoid(x)) <= 0, x - tanh(x).
+    ("logsigmoid", "other"),
+    ("tanhshrink", "other"),
     ("gelu", "gelu"),
     ("silu", "silu"),
     ("swish", "silu"),

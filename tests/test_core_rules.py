@@ -179,6 +179,23 @@ def test_a_weight_of_one_value_has_no_scale_to_judge():
     assert findings_of(report, "poor-initialization") == []
 
 
+@pytest.mark.parametrize(
+    ("activation", "family"),
+    [(nn.PReLU, "leaky_relu"), (nn.RReLU, "leaky_relu"), (nn.LogSigmoid, "other")],
+)
+def test_activations_named_like_relu_or_sigmoid_are_not_judged_as_them(activation, family):
+    # PReLU and RReLU keep a slope below zero, so all-negative inputs leave them alive;
+    # LogSigmoid is unbounded below, so large negative outputs are not a flat region.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), activation(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].bias.fill_(-20.0)  # every pre-activation far below zero
+    report = modelcheck.check(model, gaussian())
+    assert report.layer("1").family == family
+    rules = {f.rule for f in report.findings}
+    assert "dead-units" not in rules and "saturation" not in rules
+
+
 def test_unstandardised_probe_features_warn():
     report = modelcheck.check(mlp([8, 16, 4]), gaussian() * 100 + 50)
     finding = only(report, "unscaled-input")
