@@ -970,6 +970,10 @@ def run(
     empty = True
     with ExitStack() as stack:
         stack.enter_context(preserved(model))
+        # The run's own autograd mode, whatever the caller's: a check called inside
+        # torch.no_grad() or torch.inference_mode() still takes the gradients it is asked for.
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.set_grad_enabled(gradients))
         _set_mode(model, train_mode)
         if _uses_fast_path(model):
             stack.enter_context(_fast_path_disabled())
@@ -987,9 +991,8 @@ def run(
             need_input_grad = gradients and not trainable
             if need_input_grad:
                 inputs, leaves = _grad_leaves(inputs)
-            grad_context = torch.enable_grad() if gradients else torch.no_grad()
             try:
-                with grad_context, recorder:
+                with recorder:
                     output, output_path = select_output(
                         recorder.call(model, inputs, forward_kwargs or {}), output_key
                     )

@@ -247,6 +247,17 @@ def test_without_labels_a_seeded_surrogate_loss_drives_the_backward_pass():
     assert first.layer("0").output_grad.rms != other.layer("0").output_grad.rms
 
 
+@pytest.mark.parametrize("caller", [torch.no_grad, torch.inference_mode], ids=lambda c: c.__name__)
+def test_a_check_called_with_autograd_off_still_takes_its_gradients(caller):
+    model, x = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)), gaussian(features=3)
+    expected = modelcheck.check(model, x)
+    with caller():
+        report = modelcheck.check(model, x)
+    assert report.layer("0").output_grad == expected.layer("0").output_grad
+    assert report.layer("2").param_grad == expected.layer("2").param_grad
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
 def test_forward_only_mode_records_no_gradients():
     report = modelcheck.check(IrisFFNN(), gaussian(features=4), gradients=False)
     assert all(layer.output_grad is None and layer.param_grad is None for layer in report.layers)
