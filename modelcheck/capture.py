@@ -902,7 +902,7 @@ def _describe_failure(recorder: _Recorder, error: BaseException) -> str:
     setup = module.extra_repr().splitlines()[0] if module.extra_repr() else ""
     kind = f"{type(module).__name__}({setup})" if setup else type(module).__name__
     given = ", ".join(map(_described, args)) or "no arguments"
-    cause += _ids(module, args)
+    cause += _ids(module, args) or _integer_input(module, args)
     return f"the forward failed at layer {name} [{kind}] given input {given}: {cause}"
 
 
@@ -919,6 +919,24 @@ def _ids(module: nn.Module, args: tuple) -> str:
     if low >= 0 and high < rows:
         return ""
     return f" (the ids run from {low} to {high}; its table has rows 0 to {rows - 1})"
+
+
+def _integer_input(module: nn.Module, args: tuple) -> str:
+    """For a layer that computes in floating point and was given integers (a probe of uint8
+    images): what to save instead. PyTorch names only the two dtypes."""
+    given = args[0] if args else None
+    weight = next(module.parameters(recurse=False), None)
+    if not (isinstance(given, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return ""
+    if hasattr(module, "num_embeddings"):  # takes integer ids
+        return ""
+    if given.is_floating_point() or given.is_complex() or not weight.is_floating_point():
+        return ""
+    dtype = str(given.dtype).removeprefix("torch.")
+    return (
+        f" (it was given {dtype} values: save the probe as floating point, scaled as the "
+        "model saw it in training)"
+    )
 
 
 def _described(value: Any) -> str:

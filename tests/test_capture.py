@@ -634,6 +634,20 @@ def test_ids_an_embedding_has_no_row_for_are_named_with_its_size(low, high):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool])
+def test_integer_images_for_a_float_layer_are_told_to_be_saved_as_floats(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    images = torch.randint(0, 2 if dtype == torch.bool else 256, (16, 3, 8, 8)).to(dtype)
+    with pytest.raises(modelcheck.CaptureError) as caught:
+        modelcheck.check(model, images)
+    name = str(dtype).removeprefix("torch.")
+    assert str(caught.value).endswith(
+        f"(it was given {name} values: save the probe as floating point, scaled as the model "
+        "saw it in training)"
+    )
+
+
 def test_batchnorm_running_statistics_do_not_move_in_train_mode():
     model = DigitsCNN()
     mean_before = model.features[1].running_mean.clone()
