@@ -299,17 +299,15 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     """The primary tensor of a module output: itself, or the first in a container."""
     if isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    elif hasattr(value, "to_tuple"):  # dataclass-like model outputs
-        value = value.to_tuple()
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = [getattr(value, f.name) for f in dataclasses.fields(value)]
-    if isinstance(value, (tuple, list)):
-        for item in value:
-            found = first_tensor(item)
-            if found is not None:
-                return found
+    if not isinstance(value, (tuple, list)):  # tested first: a layer's arguments are a tuple
+        if hasattr(value, "to_tuple") and not isinstance(value, Mapping):
+            value = value.to_tuple()  # dataclass-like model outputs
+        else:
+            value = [item for _, item in _items(value)]
+    for item in value:
+        found = first_tensor(item)
+        if found is not None:
+            return found
     return None
 
 
