@@ -255,7 +255,7 @@ def parameter_names(module: nn.Module) -> tuple[str, ...]:
     """The names of the parameters a module computes with (see ``own_parameters``)."""
     replaced = _replaced(module)
     names = [name for name, _ in module.named_parameters(recurse=False) if name not in replaced]
-    return (*names, *_computed(module))
+    return (*names, *_computed(module), *_borrowed(module))
 
 
 def own_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -268,7 +268,16 @@ def own_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     found = {n: p for n, p in module.named_parameters(recurse=False) if n not in replaced}
     with torch.no_grad():
         found.update((name, getattr(module, name)) for name in _computed(module))
+    found.update(_borrowed(module))
     return found
+
+
+def _borrowed(module: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters of a child module that the module computes with itself, the child never
+    running: MultiheadAttention's output projection goes into a functional call."""
+    if isinstance(module, nn.MultiheadAttention):
+        return {f"out_proj.{n}": p for n, p in module.out_proj.named_parameters()}
+    return {}
 
 
 def _computed(module: nn.Module) -> list[str]:
@@ -289,10 +298,12 @@ def _weight_norms(module: nn.Module) -> list[WeightNorm]:
 
 
 def trained_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
-    """The parameters whose gradients are the module's: its own and its parametrizations'."""
+    """The parameters whose gradients are the module's: its own, its parametrizations' and
+    those it borrows from a child (see ``_borrowed``)."""
     yield from module.parameters(recurse=False)
     if parametrize.is_parametrized(module):
         yield from module.parametrizations.parameters()
+    yield from _borrowed(module).values()
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:

@@ -166,6 +166,7 @@ class FindingView:
     fixes: tuple[str, ...]
     fixes_label: str
     also: tuple[Link, ...]  # the deeper layers that cross too
+    also_label: str
     also_more: str
 
 
@@ -539,6 +540,8 @@ def _findings(
                 also=tuple(
                     Link(name, f"#L{index[name]}") for name in f.related[:MAX_ALSO] if name in index
                 ),
+                # A check without a threshold (a zero-initialised layer) has none to pass.
+                also_label="Also past the threshold:" if f.threshold is not None else "Also at:",
                 also_more=(
                     f"and {len(f.related) - MAX_ALSO} more" if len(f.related) > MAX_ALSO else ""
                 ),

@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # the types only: rules load without torch
 _HE_FAMILIES = frozenset({"relu", "relu6", "leaky_relu", "elu", "gelu", "silu"})
 _PASS_THROUGH = frozenset({"dropout", "other", "pool", "block"})
 _WEIGHTED_FAMILIES = frozenset({"linear", "conv", "rnn", "attention"})
+# The weights, or norm gains, that scale a layer's output: all 0, the output is constant.
+_OUTPUT_WEIGHTS = frozenset({"weight", "out_proj.weight"})
 
 MODEL_METRICS: Mapping[str, str] = {
     "parameters": "number of parameter values in the model",
@@ -48,6 +50,9 @@ MODEL_METRICS: Mapping[str, str] = {
     "kurtosis_last": "excess kurtosis of the deepest hidden activation layer",
     "first_hidden_layer": "name of the shallowest hidden activation layer",
     "last_hidden_layer": "name of the deepest hidden activation layer",
+    "zero_initialised_layers": "names of the zero-initialised layers (see zero_initialised)",
+    "last_layer": "name of the last layer to run",
+    "output_zero_initialised": "the last layer's output is zero_init_output: constant for now",
 }
 
 LAYER_METRICS: Mapping[str, str] = {
@@ -91,6 +96,9 @@ LAYER_METRICS: Mapping[str, str] = {
     "grad_nonfinite": "the layer's output or parameter gradients hold NaN or Inf",
     "has_norm_before": "a normalisation layer ran just before this one",
     "has_parameters": "the layer computes with weights of its own",
+    "zero_initialised": "its weight is all 0 by design, its input varying, other layers random",
+    "zero_init_output": "zero_initialised, or outputs 0 holding or following such a layer",
+    "zero_init_gradient": "parameter gradients exactly 0, with another layer zero_initialised",
 }
 
 PARAMETER_METRICS: Mapping[str, str] = {
@@ -120,6 +128,7 @@ def derive(run: RunStats, *, parameters: int, loss: str) -> Metrics:
     _add_relative(layers, "rms", "rms_ratio", "reference_layer", first=True)
     _add_gradient_ratios(layers)
     _add_context(layers)
+    _add_zero_init(layers, run)
     model = _model_metrics(run, layers, parameters=parameters, loss=loss)
     params = []
     for i, (layer, stats) in enumerate(zip(layers, run.layers)):
@@ -277,6 +286,59 @@ def _add_context(layers: list[dict]) -> None:
         m["has_norm_before"] = i > 0 and layers[i - 1]["family"] == "norm"
 
 
+def _add_zero_init(layers: list[dict], run: RunStats) -> None:
+    """Mark the layers that start at zero by design, and what is zero because of them.
+
+    Zeroing a branch's last layer makes the branch start as nothing, a block as the identity:
+    LoRA's B, the last norm gain of a residual block (zero_init_residual), DiT's adaLN-Zero,
+    the output projections and head of modded-nanogpt. Until the first update such a layer
+    outputs a constant, and the layers whose gradient passes only through it get exactly 0:
+    the depth rules would call that vanishing. A zero weight is taken as by design when other
+    weight layers are random (zeroing every layer is the classic bug) and the layer that ran
+    before it, standing in for its input, varies: two zeroed layers in a row can hold each
+    other at zero. Gradients of exactly 0 are put down to such a layer, in any layer but
+    itself: a gradient that vanishes with depth is small, not 0.
+    """
+    stats = run.layers
+    random_weights = any(
+        s.family in _WEIGHTED_FAMILIES
+        and any(p.fan_in is not None and p.min != p.max for p in s.parameters)
+        for s in stats
+    )
+    inputs = [run.input, *(s.activation for s in stats[:-1])]
+    zeroed = [
+        random_weights and _zero_weight(s) and _varies(before) for s, before in zip(stats, inputs)
+    ]
+    names = tuple(s.name for s, z in zip(stats, zeroed) if z)
+    after_zeroed = False
+    for i, (m, s) in enumerate(zip(layers, stats)):
+        holds_one = any(name.startswith(f"{s.name}.") for name in names)
+        m["zero_initialised"] = zeroed[i]
+        # A dropout or activation that passes a zeroed output on is 0 for the same reason.
+        m["zero_init_output"] = zeroed[i] or (
+            (holds_one or after_zeroed) and _exactly_zero(s.activation)
+        )
+        after_zeroed = m["zero_init_output"]
+        # The order of the forward does not tell which layers a gradient passes: a gate is
+        # computed before the branch it multiplies (adaLN-Zero).
+        m["zero_init_gradient"] = (
+            s.param_grad is not None and s.param_grad.rms == 0 and len(names) > zeroed[i]
+        )
+
+
+def _zero_weight(layer: LayerStats) -> bool:
+    weights = [p for p in layer.parameters if p.name in _OUTPUT_WEIGHTS]
+    return bool(weights) and all(p.min == p.max == 0 and not p.nonfinite for p in weights)
+
+
+def _varies(d: Distribution | None) -> bool:
+    return d is not None and not d.nonfinite and max(d.unit_std, default=0.0) > 0
+
+
+def _exactly_zero(d: Distribution | None) -> bool:
+    return d is not None and not d.nonfinite and d.min == d.max == 0
+
+
 def _next_activation(layers: Sequence[Mapping[str, object]], index: int) -> str:
     for m in layers[index + 1 :]:
         family = m["family"]
@@ -336,6 +398,9 @@ def _model_metrics(run: RunStats, layers: list[dict], *, parameters: int, loss: 
         "kurtosis_last": float(kurtosis[-1]) if kurtosis.size else None,
         "first_hidden_layer": hidden[0]["name"] if hidden else None,
         "last_hidden_layer": hidden[-1]["name"] if hidden else None,
+        "zero_initialised_layers": tuple(m["name"] for m in layers if m["zero_initialised"]),
+        "last_layer": layers[-1]["name"] if layers else None,
+        "output_zero_initialised": bool(layers) and layers[-1]["zero_init_output"],
     }
 
 

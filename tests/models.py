@@ -251,9 +251,10 @@ def symmetric_model() -> nn.Sequential:
 
 @seeded(8)
 def constant_output_model() -> nn.Sequential:
+    """Its hidden layer is dead, so the output is the last layer's bias whatever the input."""
     model = mlp([8, 16, 4])
     with torch.no_grad():
-        model[2].weight.zero_()
+        model[0].bias.fill_(-100.0)
     return model
 
 
@@ -268,3 +269,145 @@ def majority_class_model() -> nn.Sequential:
 
 def gaussian(n: int = 256, features: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, features, generator=torch.Generator().manual_seed(seed))
+
+
+# -- zero-initialised layers, by design and by mistake -------------------------------------
+
+
+class LoRALinear(nn.Module):
+    """A Linear with a low-rank adapter whose B starts at zero, as in LoRA and PEFT."""
+
+    def __init__(self, width: int, rank: int = 4) -> None:
+        super().__init__()
+        self.base = nn.Linear(width, width)
+        self.lora_A = nn.Linear(width, rank, bias=False)
+        self.lora_B = nn.Linear(rank, width, bias=False)
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(x))
+
+
+class ZeroGainBlock(nn.Module):
+    """A residual block whose last BatchNorm gain starts at zero (torchvision's
+    zero_init_residual): the block starts as the identity."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        for conv in (self.conv1, self.conv2):
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        nn.init.zeros_(self.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class AdaLNZeroBlock(nn.Module):
+    """DiT's adaLN-Zero: a zeroed Linear computes shift, scale and a gate for the MLP branch,
+    before the branch runs."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.modulation = nn.Linear(width, 3 * width)
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.modulation(x).chunk(3, dim=-1)
+        return x + gate * self.mlp(self.norm(x) * (1 + scale) + shift)
+
+
+class ZeroProjectionGPT(nn.Module):
+    """A GPT whose attention and MLP output projections and head start at zero, as in
+    modded-nanogpt: every block starts as the identity and the logits as 0."""
+
+    def __init__(self, vocab: int = 50, width: int = 32, depth: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True)
+            for _ in range(depth)
+        )
+        self.head = nn.Linear(width, vocab)
+        for block in self.blocks:
+            for projection in (block.self_attn.out_proj, block.linear2):
+                nn.init.zeros_(projection.weight)
+                nn.init.zeros_(projection.bias)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+@seeded(11)
+def lora_model() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(8, 32),
+        nn.ReLU(),
+        LoRALinear(32),
+        nn.ReLU(),
+        LoRALinear(32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
+
+
+@seeded(12)
+def zero_gain_resnet() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        ZeroGainBlock(16),
+        ZeroGainBlock(16),
+        nn.Flatten(),
+        nn.Linear(16 * 8 * 8, 10),
+    )
+
+
+@seeded(13)
+def adaln_zero_model() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, 32), AdaLNZeroBlock(32), AdaLNZeroBlock(32), nn.Linear(32, 4))
+
+
+@seeded(14)
+def zero_projection_gpt() -> ZeroProjectionGPT:
+    return ZeroProjectionGPT()
+
+
+@seeded(15)
+def all_zero_model() -> nn.Sequential:
+    """Every parameter zeroed, the classic mistake: nothing but the last bias ever learns."""
+    model = mlp([8, 32, 32, 4])
+    for p in model.parameters():
+        nn.init.zeros_(p)
+    return model
+
+
+@seeded(16)
+def zero_pair_model() -> nn.Sequential:
+    """Two zeroed Linears in a row in a random MLP: each holds the other at zero."""
+    model = nn.Sequential(
+        nn.Linear(8, 32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.Linear(32, 32),
+        nn.ReLU(),
+        nn.Linear(32, 4),
+    )
+    for layer in (model[2], model[3]):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    return model

@@ -621,6 +621,24 @@ def test_the_old_weight_norm_is_judged_on_the_weight_it_computes():
     assert report.layer("0").param_grad.count == 2 * (32 + 32 + 32 * 8)
 
 
+def test_multihead_attention_computes_with_its_output_projection():
+    # out_proj's weight goes into a functional call and out_proj itself never runs: its
+    # weight was judged by no rule, and its gradient went to no layer.
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    with torch.no_grad():
+        model.self_attn.out_proj.weight.mul_(100.0)
+    report = modelcheck.check(model, torch.randn(8, 5, 16))
+    attention = report.layer("self_attn")
+    names = ["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"]
+    assert [p.name for p in attention.parameters] == names
+    assert attention.param_grad.count == sum(p.numel() for p in model.self_attn.parameters())
+    assert "out_proj" not in layer_names(report)
+    [finding] = [f for f in report.findings if f.rule == "poor-initialization"]
+    assert (finding.layer, finding.severity) == ("self_attn", "error")
+    assert "'self_attn.out_proj.weight'" in finding.message
+
+
 @pytest.mark.parametrize(("low", "high"), [(0, 499), (-5, 49)], ids=["beyond", "negative"])
 def test_ids_an_embedding_has_no_row_for_are_named_with_its_size(low, high):
     torch.manual_seed(0)

@@ -6,13 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 from models import (
+    LoRALinear,
     ScaleInvariantStack,
     SparsifyingNet,
+    adaln_zero_model,
+    all_zero_model,
     badly_initialised,
     constant_output_model,
     dead_relu_model,
     digits,
     gaussian,
+    lora_model,
     majority_class_model,
     mlp,
     nan_in_second_layer,
@@ -24,6 +28,9 @@ from models import (
     trained_lstm,
     trained_seed_network,
     trained_transformer,
+    zero_gain_resnet,
+    zero_pair_model,
+    zero_projection_gpt,
 )
 from torch import nn
 
@@ -218,6 +225,83 @@ def test_one_class_for_every_sample_is_a_warning():
     report = modelcheck.check(majority_class_model(), gaussian())
     finding = only(report, "collapsed-output")
     assert finding.severity == "warning"
+
+
+# -- zero-initialised layers ----------------------------------------------------------------
+
+
+def images() -> torch.Tensor:
+    return torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def token_ids() -> torch.Tensor:
+    return torch.randint(0, 50, (16, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("gradients", [True, False], ids=["full", "forward-only"])
+@pytest.mark.parametrize(
+    ("build", "probe", "zeroed"),
+    [
+        (lora_model, gaussian, ["2.lora_B", "4.lora_B"]),
+        (zero_gain_resnet, images, ["3.bn2", "4.bn2"]),
+        (adaln_zero_model, gaussian, ["1.modulation", "2.modulation"]),
+    ],
+    ids=["lora", "zero-gain-residual", "adaln-zero"],
+)
+def test_layers_zero_initialised_by_design_are_noted_not_faulted(build, probe, zeroed, gradients):
+    # At init these branches output 0 and stop the gradient to the layers feeding them:
+    # vanishing-activations, vanishing-gradients and poor-initialization's all-equal
+    # error fired on all three before.
+    report = modelcheck.check(build(), probe(), gradients=gradients)
+    finding = only(report, "poor-initialization")
+    assert finding.severity == "info"
+    assert [finding.layer, *finding.related] == zeroed
+    assert [f.rule for f in report.findings] == ["poor-initialization"]
+
+
+def test_a_zeroed_head_makes_the_constant_output_a_warning():
+    # modded-nanogpt's zeroing: attention and MLP output projections, and the head.
+    report = modelcheck.check(zero_projection_gpt(), token_ids())
+    assert errors(report) == []
+    collapsed = only(report, "collapsed-output")
+    assert (collapsed.layer, collapsed.severity) == ("head", "warning")
+    assert "zero-initialised" in collapsed.message
+    noted = only(report, "poor-initialization")
+    assert [noted.layer, *noted.related] == [
+        "blocks.0.self_attn",
+        "blocks.0.linear2",
+        "blocks.1.self_attn",
+        "blocks.1.linear2",
+        "head",
+    ]
+
+
+def test_zeroing_every_layer_is_still_an_error():
+    report = modelcheck.check(all_zero_model(), gaussian())
+    init = findings_of(report, "poor-initialization")
+    assert sorted((f.layer, f.severity) for f in init) == [
+        ("0", "error"),
+        ("2", "error"),
+        ("4", "error"),
+    ]
+    assert only(report, "collapsed-output").severity == "error"
+
+
+def test_two_zeroed_layers_in_a_row_are_an_error():
+    # The second's input is the first's constant output: each holds the other at zero.
+    report = modelcheck.check(zero_pair_model(), gaussian())
+    init = {f.layer: f.severity for f in findings_of(report, "poor-initialization")}
+    assert init == {"2": "info", "3": "error"}
+    assert only(report, "collapsed-output").severity == "error"
+
+
+def test_a_zero_initialised_layer_leaves_vanishing_gradients_found():
+    # Only gradients of exactly 0 are put down to the zeroed layer; the sigmoids' are small.
+    model = nn.Sequential(*sigmoid_stack(), LoRALinear(4))
+    report = modelcheck.check(model, gaussian(features=16))
+    finding = only(report, "vanishing-gradients")
+    assert (finding.layer, finding.severity) == ("0", "error")
+    assert only(report, "poor-initialization").layer == f"{len(model) - 1}.lora_B"
 
 
 # -- healthy models stay clean --------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch
 from models import (
     dead_relu_model,
     gaussian,
+    lora_model,
     mlp,
     nan_in_second_layer,
     saturated_tanh_model,
@@ -96,6 +97,23 @@ def test_report_shows_every_finding_and_a_section_for_every_layer(build):
         card = html.unescape(section(page, f"L{depth}"))
         assert layer.name in card and layer.type in card
     assert ("Failed" if not report.ok else "Passed") in page
+
+
+@pytest.mark.parametrize(
+    ("build", "rule", "label"),
+    [
+        (FAULTY["exploding chain"], "exploding-activations", "Also past the threshold:"),
+        (lambda: modelcheck.check(lora_model(), gaussian()), "poor-initialization", "Also at:"),
+    ],
+    ids=["threshold", "zero-initialised"],
+)
+def test_a_finding_names_the_other_layers_it_covers(build, rule, label):
+    report = build()
+    [f] = [f for f in report.findings if f.rule == rule]
+    page = html.unescape(report.to_html())
+    finding = page[page.index(f.message) :]
+    finding = finding[: finding.index("</article>")]
+    assert label in finding and f.related[0] in finding[finding.index(label) :]
 
 
 def test_faulty_models_fail_their_banner_and_flag_the_layer_at_fault():
