@@ -12,6 +12,7 @@ import glob
 import json
 import math
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -486,11 +487,9 @@ def _json_object(text: str, flag: str) -> dict:
 def _shape(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
-    try:
-        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
-    except ValueError:
-        dims = ()
-    if not dims or min(dims) < 1:
+    sizes = re.split(r"[,x]", text.strip().removesuffix(","))  # "3,32,32", "3x32x32", "4,"
+    dims = tuple(int(size) for size in sizes if size.strip().isdigit())
+    if len(dims) != len(sizes) or min(dims, default=0) < 1:
         raise ConfigError(f"--input-shape {text!r} must be positive integers like 3,32,32")
     return dims
 

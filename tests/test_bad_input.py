@@ -323,6 +323,18 @@ MATRIX = [
     ),
     ("empty-state-dict", _same("empty_sd.pt"), ["{f}", *MLP], ["empty_sd.pt"]),
     (
+        "input-shape-with-a-letter",  # read as (4,) before: 'x' also separates, "4x4"
+        _same("model.pt"),
+        ["{f}", *MLP, "--input-shape", "4,x"],
+        ["--input-shape '4,x'", "positive integers"],
+    ),
+    (
+        "input-shape-with-an-empty-size",
+        _same("model.pt"),
+        ["{f}", *MLP, "--input-shape", "3,,32"],
+        ["--input-shape '3,,32'", "positive integers"],
+    ),
+    (
         "probe-of-the-wrong-shape",
         _npy("p.npy", np.zeros((10, 5), np.float32)),
         ["model.pt", *MLP, "--probe", "{f}"],
