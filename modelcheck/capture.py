@@ -917,13 +917,13 @@ def _describe_failure(recorder: _Recorder, error: BaseException) -> str:
 
 def _ids(module: nn.Module, args: tuple) -> str:
     """For an embedding that failed on ids it has no row for, which ids those were: PyTorch
-    says only 'index out of range in self'."""
+    says only 'index out of range in self'. For one given floats, how to save ids."""
     ids = args[0] if args else None
     rows = getattr(module, "num_embeddings", None)
     if not (isinstance(ids, torch.Tensor) and isinstance(rows, int) and ids.numel()):
         return ""
     if ids.is_floating_point() or ids.is_complex():
-        return ""
+        return " (save the ids as integers in a .npy or .pt file: a CSV is read as floats)"
     low, high = int(ids.min()), int(ids.max())
     if low >= 0 and high < rows:
         return ""

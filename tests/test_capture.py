@@ -652,6 +652,17 @@ def test_ids_an_embedding_has_no_row_for_are_named_with_its_size(low, high):
     )
 
 
+def test_float_ids_for_an_embedding_are_told_to_be_saved_as_integers():
+    # A CSV probe is read as floats: PyTorch names only the dtypes it expected.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(100, 8), nn.Flatten(), nn.Linear(40, 3))
+    with pytest.raises(modelcheck.CaptureError) as caught:
+        modelcheck.check(model, torch.randint(0, 100, (64, 5)).float())
+    assert str(caught.value).endswith(
+        "(save the ids as integers in a .npy or .pt file: a CSV is read as floats)"
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.bool])
 def test_integer_images_for_a_float_layer_are_told_to_be_saved_as_floats(dtype):
     torch.manual_seed(0)
