@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -63,7 +64,15 @@ def check(
     probe_data = probe
     probe = _as_probe(probe, labels, module, settings, input_shape)
     group = distributed.current_group()
-    measured = _measure(module, probe, probe_data, settings, group)
+    try:
+        measured = _measure(module, probe, probe_data, settings, group)
+    except CaptureError as error:
+        if not _read_as_pair(probe_data, error):
+            raise
+        raise CaptureError(
+            f"{error}; the probe's two arrays were read as inputs and labels: to give the model "
+            "two inputs, group them, check(model, ((x1, x2), labels)), labels None if none"
+        ) from error
     run, stats = measured.run, measured.stats
 
     parameters = sum(p.numel() for p in module.parameters())
@@ -106,6 +115,15 @@ def check(
         fail_on=settings.fail_on,
         checked=checked,
     )
+
+
+def _read_as_pair(probe: object, error: CaptureError) -> bool:
+    """Whether a forward that wanted another argument was given an (inputs, labels) pair of
+    two arrays, which may have been meant as two inputs."""
+    arrays = isinstance(probe, tuple | list) and len(probe) == 2
+    arrays = arrays and all(isinstance(a, torch.Tensor | np.ndarray) for a in probe)
+    cause = error.__cause__
+    return arrays and isinstance(cause, TypeError) and "required positional" in str(cause)
 
 
 def _unwrapped(module: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:

@@ -115,7 +115,8 @@ def probe_from_data(
     """Wrap in-memory probe data given to the Python API.
 
     ``data`` is a tensor or numpy array of inputs (labels in ``labels``), an ``(x, y)`` pair
-    (any 2-tuple or 2-list of arrays is read as a pair, never as two batches), a dict with
+    (any 2-tuple or 2-list of arrays is read as a pair, never as two batches; several inputs
+    go in a tuple, ``((x1, x2), y)`` with ``y`` None for no labels), a dict with
     ``x`` and optional ``y``, a dict of keyword inputs, or an iterable of batches such as a
     DataLoader. Arrays are cut into ``batch_size`` rows; ready-made batches are used as they come.
     A one-shot iterator or generator is read once, here, and kept in memory so that it can be
@@ -437,13 +438,17 @@ def _as_rows(data: object, labels: object, where: str) -> tuple[_Rows, object] |
 
 
 def _is_pair(data: Sequence[object]) -> bool:
-    # Inputs in a pair are one array or a dict of them: allowing a tuple of arrays too would
-    # read a list of two batches, [(x, y), (x, y)], as a pair.
+    # Inputs in a pair are an array or a dict of them, or, in a tuple pair, a tuple of them
+    # (several inputs): ((x1, x2), y). A list stays a list of batches: [(x, y), x] is two
+    # batches, one without labels, an error to be told as such.
     x, y = data
     if isinstance(x, Mapping):
-        arrays = bool(x) and all(isinstance(v, torch.Tensor | np.ndarray) for v in x.values())
+        parts = list(x.values())
+    elif isinstance(x, tuple | list) and isinstance(data, tuple):
+        parts = list(x)
     else:
-        arrays = isinstance(x, torch.Tensor | np.ndarray)
+        parts = [x]
+    arrays = bool(parts) and all(isinstance(v, torch.Tensor | np.ndarray) for v in parts)
     return arrays and (y is None or isinstance(y, torch.Tensor | np.ndarray))
 
 

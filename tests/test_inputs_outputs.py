@@ -56,6 +56,29 @@ def test_a_probe_dict_is_passed_as_keywords_and_token_ids_skip_input_statistics(
     assert report.probe.source == "keyword inputs input_ids, attention_mask"
 
 
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right, self.head = nn.Linear(8, 16), nn.Linear(4, 16), nn.Linear(16, 3)
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.left(left) + self.right(right)))
+
+
+def test_two_inputs_given_as_a_pair_are_told_how_to_group():
+    # (x1, x2) is read as inputs and labels: the forward gets one argument of two.
+    x1, x2 = torch.randn(64, 8, generator=G), torch.randn(64, 4, generator=G)
+    with pytest.raises(modelcheck.CaptureError) as caught:
+        modelcheck.check(TwoInputs(), (x1, x2))
+    assert "missing 1 required positional argument: 'right'" in str(caught.value)
+    assert str(caught.value).endswith(
+        "the probe's two arrays were read as inputs and labels: to give the model two "
+        "inputs, group them, check(model, ((x1, x2), labels)), labels None if none"
+    )
+    report = modelcheck.check(TwoInputs(), ((x1, x2), None))
+    assert names(report) == ["left", "right", "TwoInputs.relu", "head"]
+
+
 class TakesFeatures(nn.Module):
     """A forward taking one dict, as sentence-transformers modules do."""
 

@@ -368,6 +368,18 @@ def test_pair_and_labels_argument_give_the_same_batches() -> None:
     assert torch.equal(stacked(as_pair)[1], y)
 
 
+@pytest.mark.parametrize("labelled", [True, False])
+def test_a_pair_takes_several_inputs_in_a_tuple(labelled) -> None:
+    x1, x2, y = torch.randn(30, 3), torch.randn(30, 5), torch.arange(30)
+
+    probe = probe_from_data(((x1, x2), y if labelled else None), batch_size=8)
+
+    assert probe.has_labels == labelled and probe.samples == 30
+    batches = list(probe.batches)
+    assert torch.equal(torch.cat([b.inputs[1] for b in batches]), x2)
+    assert probe.source == f"2 positional inputs{' with labels' if labelled else ''}"
+
+
 def test_labels_of_the_wrong_length_name_both_numbers() -> None:
     with pytest.raises(ProbeError) as excinfo:
         probe_from_data(torch.ones(150, 4), labels=torch.zeros(149))
