@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
     from modelcheck.probe import Probe
 
-COMMANDS = ("demo", "rules", "rule")
+COMMANDS = ("demo", "rules", "rule", "metrics")
 DEMO_HTML = "modelcheck-demo.html"
 
 
@@ -529,10 +529,15 @@ def _demo_command(argv: list[str]) -> int:
 
 
 def _rules_command(argv: list[str]) -> int:
-    parser = _Parser(prog="modelcheck rules", description="List the rules.")
+    parser = _Parser(
+        prog="modelcheck rules",
+        description="List the rules: the built-in ones and the project's extend-rules, "
+        "with the project's thresholds.",
+    )
     parser.add_argument("--format", choices=("text", "json"), default="text")
+    _config_option(parser)
     args = parser.parse_args(argv)
-    every = rules_module.load_rule_set(Settings())
+    every = rules_module.load_rule_set(config.load(args.config).settings)
     if args.format == "json":
         rows = [
             {
@@ -553,6 +558,34 @@ def _rules_command(argv: list[str]) -> int:
     return 0
 
 
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="configuration file whose extend-rules and thresholds apply (default: the "
+        "nearest pyproject.toml with [tool.modelcheck])",
+    )
+
+
+def _metrics_command(argv: list[str]) -> int:
+    parser = _Parser(
+        prog="modelcheck metrics",
+        description="List the names and functions a rule's expressions and messages can use.",
+    )
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    args = parser.parse_args(argv)
+    sections = rules_module.NAMES_BY_SCOPE
+    if args.format == "json":
+        print(json.dumps({key: dict(names) for key, (_, names) in sections.items()}, indent=2))
+        return 0
+    for heading, names in sections.values():
+        width = max(map(len, names))
+        print(heading)
+        print("\n".join(f"  {name:{width}}  {doc}" for name, doc in names.items()), end="\n\n")
+    print("How a rule file uses them: 'Writing a rule' in modelcheck's README.")
+    return 0
+
+
 def _level(severity: str, threshold: float) -> str:
     """``warning 50``; an unbounded level (info at -inf: whenever the condition holds) is
     its name alone."""
@@ -562,8 +595,9 @@ def _level(severity: str, threshold: float) -> str:
 def _rule_command(argv: list[str]) -> int:
     parser = _Parser(prog="modelcheck rule", description="Explain one rule.")
     parser.add_argument("rule", help="code (MC101) or slug (dead-units)")
+    _config_option(parser)
     args = parser.parse_args(argv)
-    every = rules_module.load_rule_set(Settings())
+    every = rules_module.load_rule_set(config.load(args.config).settings)
     matches = [r for r in every if args.rule in (r.code, r.slug)]
     if not matches:
         rules_module.resolve(every, args.rule, "rule")  # raises, with a suggestion
@@ -608,7 +642,12 @@ def explain(rule: rules_module.Rule) -> str:
     return "\n".join(lines)
 
 
-_COMMANDS = {"demo": _demo_command, "rules": _rules_command, "rule": _rule_command}
+_COMMANDS = {
+    "demo": _demo_command,
+    "rules": _rules_command,
+    "rule": _rule_command,
+    "metrics": _metrics_command,
+}
 
 
 if __name__ == "__main__":

@@ -33,16 +33,28 @@ SCOPES = ("model", "layer", "parameter")
 _RANK = {s: i for i, s in enumerate(reversed(SEVERITIES), start=1)}
 
 # Names every finding's message and fixes may use besides the metrics of its scope.
-_FINDING_NAMES = (
-    "value",
-    "threshold",
-    "severity",
-    "layer",
-    "deeper",
-    "also",
-    "worst_layer",
-    "worst_value",
-)
+_FINDING_NAMES: Mapping[str, str] = {
+    "value": "the check's value (in conditions too)",
+    "threshold": "the threshold of the severity reached (in conditions too)",
+    "severity": "error, warning or info",
+    "layer": "the layer's name; a model check's 'at', else None",
+    "deeper": "how many more layers a report-first (or -last) check found",
+    "also": "' (and N more layers)' when there are, else ''",
+    "worst_layer": "the layer where the value is furthest past its threshold",
+    "worst_value": "the value there",
+}
+NAMES_BY_SCOPE: Mapping[str, tuple[str, Mapping[str, str]]] = {
+    "model": ("Model metrics: every check can use them", MODEL_METRICS),
+    "layer": ("Layer metrics: checks of scope layer or parameter", LAYER_METRICS),
+    "parameter": (
+        "Parameter metrics: checks of scope parameter, a row per weight tensor",
+        PARAMETER_METRICS,
+    ),
+    "finding": ("Finding fields: messages and fixes", _FINDING_NAMES),
+    "functions": ("Functions", expr.FUNCTIONS),
+}
+"""What ``modelcheck metrics`` lists: each scope's names, the finding's, the functions."""
+
 _REPORTS = ("each", "first", "last")
 _RULE_KEYS = {
     "code",

@@ -233,6 +233,52 @@ def test_rules_lists_every_core_rule(capsys):
     assert kurtosis.endswith("[warning 50, info]")  # info whenever it grows: no -inf
 
 
+def test_metrics_lists_every_name_a_rule_can_use(capsys):
+    from modelcheck.expr import FUNCTIONS
+    from modelcheck.metrics import LAYER_METRICS, MODEL_METRICS, PARAMETER_METRICS
+
+    code, out, _ = run(["metrics"], capsys)
+    assert code == 0
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("  ")}
+    every = {*MODEL_METRICS, *LAYER_METRICS, *PARAMETER_METRICS, *FUNCTIONS, "value", "also"}
+    assert every <= listed
+    code, out, _ = run(["metrics", "--format", "json"], capsys)
+    names = json.loads(out)
+    assert names["layer"] == dict(LAYER_METRICS) and names["functions"] == dict(FUNCTIONS)
+
+
+TEAM_RULE = """
+code = "TM900"
+slug = "team-rule"
+title = "A rule of the team's"
+what = "Finds wide layers."
+why = "Because."
+scope = "layer"
+value = "units"
+condition = "value > threshold"
+message = "{units} units"
+[thresholds]
+warning = 10
+"""
+
+
+@pytest.mark.parametrize("how", ["nearest-pyproject", "--config"])
+def test_rules_and_rule_show_the_projects_own_rules(tmp_path, monkeypatch, capsys, how):
+    (tmp_path / "health").mkdir()
+    (tmp_path / "health" / "team.toml").write_text(TEAM_RULE)
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.modelcheck]\nextend-rules = ["health/*.toml"]\n'
+        "[tool.modelcheck.rules.team-rule]\nwarning = 20\n"
+    )
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub" if how == "nearest-pyproject" else "/")
+    extra = [] if how == "nearest-pyproject" else ["--config", str(tmp_path / "pyproject.toml")]
+    code, out, _ = run(["rules", *extra], capsys)
+    assert code == 0 and out.splitlines()[-1].endswith("A rule of the team's  [warning 20]")
+    code, out, _ = run(["rule", "TM900", *extra], capsys)
+    assert code == 0 and out.startswith("TM900 team-rule — A rule of the team's")
+
+
 @pytest.mark.parametrize("name", ["MC101", "dead-units"])
 def test_rule_explains_what_why_and_how_to_fix(capsys, name):
     code, out, _ = run(["rule", name], capsys)
@@ -253,6 +299,7 @@ def test_unknown_rule_suggests_a_close_one(capsys):
         (["rule", "MC101"], 0),
         (["rules"], 0),
         (["rules", "--format", "json"], 0),
+        (["metrics"], 0),
         (["--show-settings"], 0),
         (["--help"], 0),
         (["--version"], 0),

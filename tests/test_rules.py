@@ -4,9 +4,11 @@ file and key when a rule file is wrong."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
-from models import dead_relu_model, gaussian
+import torch
+from models import dead_relu_model, gaussian, mlp
 
 import modelcheck
 from modelcheck import rules
@@ -68,6 +70,28 @@ def test_a_team_rule_file_adds_a_new_rule(tmp_path):
     )
     assert {f.layer for f in report.findings} == {"0", "1", "2", "3"}
     assert all(f.rule == "wide-layers" for f in report.findings)
+
+
+def readme_rule() -> str:
+    """The example rule file of README.md's 'Writing a rule'."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Writing a rule") :]
+    return section[section.index("```toml\n") + 8 : section.index("```\n", 1)]
+
+
+@pytest.mark.parametrize(("scale", "expected"), [(1.0, []), (1e4, [("2", "warning")])])
+def test_the_readme_example_rule_loads_and_fires_where_outputs_near_float16s_limit(
+    tmp_path, scale, expected
+):
+    path = write_rule(tmp_path, readme_rule(), "fp16-overflow.toml")
+    model = mlp([8, 32, 3])
+    with torch.no_grad():
+        model[2].weight.mul_(scale)
+    report = modelcheck.check(model, gaussian(), extend_rules=[str(path)], select=["TM101"])
+    assert [(f.layer, f.severity) for f in report.findings] == expected
+    if expected:
+        largest = report.layer("2").activation
+        assert report.findings[0].value == max(abs(largest.min), abs(largest.max))
 
 
 @pytest.mark.parametrize(
