@@ -18,14 +18,17 @@ import numpy as np
 from modelcheck.families import ACTIVATION_FAMILIES
 
 if TYPE_CHECKING:  # the types only: rules load without torch
-    from modelcheck.stats import Distribution, LayerStats, RunStats
+    from modelcheck.stats import Distribution, LayerStats, ParameterStats, RunStats
 
 # He gain for the ReLU family, LeCun (1) otherwise: std * sqrt(fan_in) a layer should start at.
 _HE_FAMILIES = frozenset({"relu", "relu6", "leaky_relu", "elu", "gelu", "silu"})
 _PASS_THROUGH = frozenset({"dropout", "other", "pool", "block"})
 _WEIGHTED_FAMILIES = frozenset({"linear", "conv", "rnn", "attention"})
-# The weights, or norm gains, that scale a layer's output: all 0, the output is constant.
-_OUTPUT_WEIGHTS = frozenset({"weight", "out_proj.weight"})
+# A learnt scale of one value this close to 0 starts its branch near zero (LayerScale: 1e-6
+# in ConvNeXt, 1e-5 in CaiT, 1e-4 in DeiT III).
+_NEAR_ZERO = 0.01
+# Layers that pass a near-zero output on unchanged or smaller (dropout, identity, ReLU).
+_CARRIERS = frozenset({"dropout", "other", *ACTIVATION_FAMILIES})
 
 MODEL_METRICS: Mapping[str, str] = {
     "parameters": "number of parameter values in the model",
@@ -50,9 +53,9 @@ MODEL_METRICS: Mapping[str, str] = {
     "kurtosis_last": "excess kurtosis of the deepest hidden activation layer",
     "first_hidden_layer": "name of the shallowest hidden activation layer",
     "last_hidden_layer": "name of the deepest hidden activation layer",
-    "zero_initialised_layers": "names of the zero-initialised layers (see zero_initialised)",
+    "near_zero_init_layers": "names of the layers that are near_zero_init",
     "last_layer": "name of the last layer to run",
-    "output_zero_initialised": "the last layer's output is zero_init_output: constant for now",
+    "output_near_zero_init": "the last layer's output is near_zero_output",
 }
 
 LAYER_METRICS: Mapping[str, str] = {
@@ -96,9 +99,13 @@ LAYER_METRICS: Mapping[str, str] = {
     "grad_nonfinite": "the layer's output or parameter gradients hold NaN or Inf",
     "has_norm_before": "a normalisation layer ran just before this one",
     "has_parameters": "the layer computes with weights of its own",
-    "zero_initialised": "its weight is all 0 by design, its input varying, other layers random",
-    "zero_init_output": "zero_initialised, or outputs 0 holding or following such a layer",
-    "zero_init_gradient": "parameter gradients exactly 0, with another layer zero_initialised",
+    "near_zero_init": "a weight all 0, or a scale of one value within 0.01 of 0, by design: "
+    "the layer's input varies and other layers are random (LoRA's B, LayerScale)",
+    "init_scale_param": "the parameter that makes the layer near_zero_init",
+    "init_scale": "its value",
+    "near_zero_output": "near_zero_init, or no larger holding or passing on such an output",
+    "near_zero_gradient": "the gradient passes through a near_zero_init layer (inside it, or "
+    "earlier in its module), or is exactly 0 with a zeroed layer elsewhere",
 }
 
 PARAMETER_METRICS: Mapping[str, str] = {
@@ -128,7 +135,7 @@ def derive(run: RunStats, *, parameters: int, loss: str) -> Metrics:
     _add_relative(layers, "rms", "rms_ratio", "reference_layer", first=True)
     _add_gradient_ratios(layers)
     _add_context(layers)
-    _add_zero_init(layers, run)
+    _add_near_zero_init(layers, run)
     model = _model_metrics(run, layers, parameters=parameters, loss=loss)
     params = []
     for i, (layer, stats) in enumerate(zip(layers, run.layers)):
@@ -286,18 +293,18 @@ def _add_context(layers: list[dict]) -> None:
         m["has_norm_before"] = i > 0 and layers[i - 1]["family"] == "norm"
 
 
-def _add_zero_init(layers: list[dict], run: RunStats) -> None:
-    """Mark the layers that start at zero by design, and what is zero because of them.
+def _add_near_zero_init(layers: list[dict], run: RunStats) -> None:
+    """Mark the layers that start their branch at or near zero by design, and what is small
+    because of them.
 
-    Zeroing a branch's last layer makes the branch start as nothing, a block as the identity:
-    LoRA's B, the last norm gain of a residual block (zero_init_residual), DiT's adaLN-Zero,
-    the output projections and head of modded-nanogpt. Until the first update such a layer
-    outputs a constant, and the layers whose gradient passes only through it get exactly 0:
-    the depth rules would call that vanishing. A zero weight is taken as by design when other
-    weight layers are random (zeroing every layer is the classic bug) and the layer that ran
-    before it, standing in for its input, varies: two zeroed layers in a row can hold each
-    other at zero. Gradients of exactly 0 are put down to such a layer, in any layer but
-    itself: a gradient that vanishes with depth is small, not 0.
+    Zeroing a branch's last layer, or scaling it by a tiny learnt factor, makes a residual
+    block start as the identity: LoRA's B, the last norm gain of a block (zero_init_residual),
+    DiT's adaLN-Zero, modded-nanogpt's output projections and head, ReZero's alpha, Flamingo's
+    gates, LayerScale (CaiT, DeiT III, ConvNeXt: 1e-6). Until training grows that weight, the
+    layer's output is small, and so are the gradients of the layers behind it: the depth rules
+    would call that vanishing. Such a weight is taken as by design when other weight layers are
+    random (zeroing every layer is the classic bug) and the layer that ran before it, standing
+    in for its input, varies: two zeroed layers in a row can hold each other at zero.
     """
     stats = run.layers
     random_weights = any(
@@ -306,37 +313,72 @@ def _add_zero_init(layers: list[dict], run: RunStats) -> None:
         for s in stats
     )
     inputs = [run.input, *(s.activation for s in stats[:-1])]
-    zeroed = [
-        random_weights and _zero_weight(s) and _varies(before) for s, before in zip(stats, inputs)
+    scales = [
+        _near_zero_scale(s) if random_weights and _varies(x) else None
+        for s, x in zip(stats, inputs)
     ]
-    names = tuple(s.name for s, z in zip(stats, zeroed) if z)
-    after_zeroed = False
-    for i, (m, s) in enumerate(zip(layers, stats)):
-        holds_one = any(name.startswith(f"{s.name}.") for name in names)
-        m["zero_initialised"] = zeroed[i]
-        # A dropout or activation that passes a zeroed output on is 0 for the same reason.
-        m["zero_init_output"] = zeroed[i] or (
-            (holds_one or after_zeroed) and _exactly_zero(s.activation)
-        )
-        after_zeroed = m["zero_init_output"]
-        # The order of the forward does not tell which layers a gradient passes: a gate is
-        # computed before the branch it multiplies (adaLN-Zero).
-        m["zero_init_gradient"] = (
-            s.param_grad is not None and s.param_grad.rms == 0 and len(names) > zeroed[i]
+    scaled = [(j, s.name, p.max == 0) for j, (s, p) in enumerate(zip(stats, scales)) if p]
+    carried = -1.0  # a dropout or activation after a near-zero output, no larger, is one too
+    for i, (m, s, scale) in enumerate(zip(layers, stats, scales)):
+        rms = _finite_rms(s.activation)
+        held = [
+            _finite_rms(stats[j].activation) or 0.0
+            for j, name, _ in scaled
+            if _inside(name, s.name)
+        ]
+        m["near_zero_init"] = scale is not None
+        m["init_scale_param"] = None if scale is None else scale.name
+        m["init_scale"] = None if scale is None else scale.max
+        limit = max([*held, carried if s.family in _CARRIERS else -1.0])
+        m["near_zero_output"] = scale is not None or (rms is not None and rms <= limit)
+        carried = rms if m["near_zero_output"] and rms is not None else -1.0
+        # A gate computed before the branch it multiplies (adaLN-Zero) is not behind it in the
+        # forward's order; but its zeros leave gradients of exactly 0, which a gradient that
+        # vanishes with depth never is.
+        exact_zero = s.param_grad is not None and s.param_grad.rms == 0
+        m["near_zero_gradient"] = s.param_grad is not None and any(
+            _behind(s.name, i, name, j) or (exact_zero and zero and j != i)
+            for j, name, zero in scaled
         )
 
 
-def _zero_weight(layer: LayerStats) -> bool:
-    weights = [p for p in layer.parameters if p.name in _OUTPUT_WEIGHTS]
-    return bool(weights) and all(p.min == p.max == 0 and not p.nonfinite for p in weights)
+def _near_zero_scale(layer: LayerStats) -> ParameterStats | None:
+    """The parameter that makes the layer's output start at or near zero: a weight of all
+    zeros, or a scale (a vector or scalar) of one value within 0.01 of zero. A constant
+    matrix other than 0 is the symmetry fault poor-initialization reports; an activation's
+    parameter (PReLU's slope) scales no branch."""
+    if layer.family in ACTIVATION_FAMILIES:
+        return None
+    for p in layer.parameters:
+        if "bias" in p.name or p.nonfinite or p.min != p.max:
+            continue
+        if (len(p.shape) <= 1 and abs(p.max) <= _NEAR_ZERO) or (
+            p.max == 0 and p.name.endswith("weight")
+        ):
+            return p
+    return None
+
+
+def _inside(name: str, module: str) -> bool:
+    return name.startswith(f"{module}.")
+
+
+def _behind(name: str, depth: int, scaled: str, scaled_depth: int) -> bool:
+    """Whether a layer's gradient passes through the scaled layer: it is inside it, or it
+    ran before it in the same module (the branch the scaled layer ends, as LoRA's A before
+    its B, an attention before its LayerScale)."""
+    if _inside(name, scaled):
+        return True
+    parent = scaled.rpartition(".")[0]
+    return depth < scaled_depth and (not parent or _inside(name, parent))
 
 
 def _varies(d: Distribution | None) -> bool:
     return d is not None and not d.nonfinite and max(d.unit_std, default=0.0) > 0
 
 
-def _exactly_zero(d: Distribution | None) -> bool:
-    return d is not None and not d.nonfinite and d.min == d.max == 0
+def _finite_rms(d: Distribution | None) -> float | None:
+    return d.rms if d is not None and not d.nonfinite and math.isfinite(d.rms) else None
 
 
 def _next_activation(layers: Sequence[Mapping[str, object]], index: int) -> str:
@@ -398,9 +440,9 @@ def _model_metrics(run: RunStats, layers: list[dict], *, parameters: int, loss: 
         "kurtosis_last": float(kurtosis[-1]) if kurtosis.size else None,
         "first_hidden_layer": hidden[0]["name"] if hidden else None,
         "last_hidden_layer": hidden[-1]["name"] if hidden else None,
-        "zero_initialised_layers": tuple(m["name"] for m in layers if m["zero_initialised"]),
+        "near_zero_init_layers": tuple(m["name"] for m in layers if m["near_zero_init"]),
         "last_layer": layers[-1]["name"] if layers else None,
-        "output_zero_initialised": bool(layers) and layers[-1]["zero_init_output"],
+        "output_near_zero_init": bool(layers) and layers[-1]["near_zero_output"],
     }
 
 

@@ -351,6 +351,37 @@ class ZeroProjectionGPT(nn.Module):
         return self.head(x)
 
 
+class LayerScaleBlock(nn.Module):
+    """A ConvNeXt block: its branch is scaled by a learnt gamma that starts at 1e-6."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm = nn.LayerNorm(channels)
+        self.pwconv1 = nn.Linear(channels, 4 * channels)
+        self.pwconv2 = nn.Linear(4 * channels, channels)
+        self.gamma = nn.Parameter(torch.full((channels,), 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        y = self.gamma * self.pwconv2(F.gelu(self.pwconv1(y)))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ReZeroBlock(nn.Module):
+    """ReZero: the branch is multiplied by a learnt scalar that starts at 0."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width)
+        )
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.alpha * self.branch(x)
+
+
 @seeded(11)
 def lora_model() -> nn.Sequential:
     return nn.Sequential(
@@ -380,6 +411,22 @@ def zero_gain_resnet() -> nn.Sequential:
 @seeded(13)
 def adaln_zero_model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(8, 32), AdaLNZeroBlock(32), AdaLNZeroBlock(32), nn.Linear(32, 4))
+
+
+@seeded(17)
+def layer_scale_convnet() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 2, stride=2),
+        LayerScaleBlock(16),
+        LayerScaleBlock(16),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 10),
+    )
+
+
+@seeded(18)
+def rezero_model() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, 32), ReZeroBlock(32), ReZeroBlock(32), nn.Linear(32, 4))
 
 
 @seeded(14)
