@@ -98,6 +98,7 @@ LAYER_METRICS: Mapping[str, str] = {
     "buffer_nonfinite": "NaN or Inf values in the layer's buffers",
     "grad_nonfinite": "the layer's output or parameter gradients hold NaN or Inf",
     "has_norm_before": "a normalisation layer ran just before this one",
+    "has_norm_after": "a normalisation layer runs just after this one",
     "has_parameters": "the layer computes with weights of its own",
     "near_zero_init": "a weight all 0, or a scale of one value within 0.01 of 0, by design: "
     "the layer's input varies and other layers are random (LoRA's B, LayerScale)",
@@ -291,6 +292,7 @@ def _add_gradient_ratios(layers: list[dict]) -> None:
 def _add_context(layers: list[dict]) -> None:
     for i, m in enumerate(layers):
         m["has_norm_before"] = i > 0 and layers[i - 1]["family"] == "norm"
+        m["has_norm_after"] = i + 1 < len(layers) and layers[i + 1]["family"] == "norm"
 
 
 def _add_near_zero_init(layers: list[dict], run: RunStats) -> None:

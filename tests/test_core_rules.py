@@ -175,6 +175,20 @@ def test_poorly_scaled_weights_warn_with_the_expected_gain():
     assert any("kaiming_normal_" in fix for fix in finding.fixes)
 
 
+@pytest.mark.parametrize(
+    ("scale", "expected"), [(0.1, []), (1e-3, [("1", "error")])], ids=["x0.1", "x0.001"]
+)
+def test_a_layer_right_before_a_norm_is_judged_beyond_x50_only(scale, expected):
+    # The LayerNorm divides the Linear's scale out of the forward pass (ConvNeXt's depthwise
+    # convolutions start at ×0.14 before theirs); ×1e-3, far enough for its epsilon to take
+    # over, is still an error.
+    model = nn.Sequential(nn.Linear(8, 64), nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 4))
+    with torch.no_grad():
+        model[1].weight.mul_(scale)
+    report = modelcheck.check(model, gaussian())
+    assert [(f.layer, f.severity) for f in findings_of(report, "poor-initialization")] == expected
+
+
 def test_all_equal_weights_are_an_error():
     report = modelcheck.check(symmetric_model(), gaussian())
     finding = only(report, "poor-initialization")
