@@ -50,6 +50,7 @@ class LayerInfo:
     functional: bool
     saturation: tuple[float, float] | None
     parameters: tuple[str, ...]
+    inputs_first: tuple[str, ...] = ()  # weights stored (in, out): their fan-in is dim 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +142,20 @@ _FUNCTIONS: dict[Any, str] = {
 
 
 def module_family(module: nn.Module) -> str:
+    if _inputs_first(module):
+        return "linear"
     family = _class_family(type(module))
     return family if family != "other" else family_from_type_name(type(module).__name__)
+
+
+def _inputs_first(module: nn.Module) -> tuple[str, ...]:
+    """The weights a module stores as (in, out), not as nn.Linear's (out, in): Hugging Face's
+    Conv1D (GPT-2 and its kin), a Linear despite its name, computes x @ weight + bias."""
+    weight = getattr(module, "weight", None)
+    is_conv1d = type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor)
+    if is_conv1d and weight.dim() == 2 and weight.shape[1] == getattr(module, "nf", None):
+        return ("weight",)
+    return ()
 
 
 def _class_family(cls: type) -> str:
@@ -578,6 +591,7 @@ class _Recorder(TorchFunctionMode):
                 functional=False,
                 saturation=_module_saturation(module, family),
                 parameters=parameter_names(module),
+                inputs_first=_inputs_first(module),
             )
             self.module_layers[module] = layer
             self._first_sight(layer, module)

@@ -1348,10 +1348,13 @@ def _sum_of_squares(g: torch.Tensor) -> torch.Tensor:
     return total + torch.dot(tail, tail) if tail.numel() else total
 
 
-def fan_in(shape: Sequence[int]) -> int | None:
-    """Inputs feeding one output unit, as torch.nn.init counts them (None below 2-D)."""
+def fan_in(shape: Sequence[int], inputs_first: bool = False) -> int | None:
+    """Inputs feeding one output unit, as torch.nn.init counts them (None below 2-D); of a
+    weight stored (in, out), its first dimension."""
     if len(shape) < 2:
         return None
+    if inputs_first:
+        return int(shape[0])
     return int(shape[1] * math.prod(shape[2:]))
 
 
@@ -1368,10 +1371,15 @@ class ParameterSummary:
     """
 
     def __init__(
-        self, name: str, p: torch.Tensor, scratch: dict | None = None, precise: bool = False
+        self,
+        name: str,
+        p: torch.Tensor,
+        scratch: dict | None = None,
+        precise: bool = False,
+        inputs_first: bool = False,
     ) -> None:
         p = _widened(p.detach(), precise)
-        self.name, self.shape = name, tuple(p.shape)
+        self.name, self.shape, self.inputs_first = name, tuple(p.shape), inputs_first
         self.empty = p.numel() == 0 or not p.is_floating_point()
         self._tensor = p
         self._scratch = {} if scratch is None else scratch
@@ -1428,7 +1436,7 @@ class ParameterSummary:
             std=math.sqrt(max(dsumsq / n - d_mean * d_mean, 0.0)) if nonfinite == 0 else math.nan,
             min=lo,
             max=hi,
-            fan_in=fan_in(self.shape),
+            fan_in=fan_in(self.shape, self.inputs_first),
             nonfinite=nonfinite,
         )
 
@@ -1495,7 +1503,10 @@ class _LayerState:
         )
         self.output_grad = GradientSummary(scratch=scratch, precise=precise)
         self.param_grad = GradientSummary(sampler, scratch=scratch, precise=precise)
-        self.parameters = [ParameterSummary(n, p, scratch, precise) for n, p in parameters.items()]
+        self.parameters = [
+            ParameterSummary(n, p, scratch, precise, n in info.inputs_first)
+            for n, p in parameters.items()
+        ]
         self.buffers_nonfinite = [
             (~torch.isfinite(b)).sum() for b in buffers.values() if b.is_floating_point()
         ]

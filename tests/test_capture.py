@@ -621,6 +621,36 @@ def test_the_old_weight_norm_is_judged_on_the_weight_it_computes():
     assert report.layer("0").param_grad.count == 2 * (32 + 32 + 32 * 8)
 
 
+class Conv1D(nn.Module):
+    """Hugging Face's Conv1D (GPT-2 and its kin): a Linear that stores its weight (in, out)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.empty(nx, nf).normal_(std=0.02))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(
+            *x.shape[:-1], self.nf
+        )
+
+
+def test_a_weight_stored_inputs_first_has_its_fan_in_on_dim_0():
+    # GPT-2's MLP: c_fc (64 -> 256) and c_proj (256 -> 64), weights (64, 256) and (256, 64),
+    # at std 0.02. As a Linear's, c_proj's fan-in was read as 64 and c_fc's as 256: the
+    # warning fell on c_proj (x0.16) instead of c_fc (x0.11 of He's gain before a GELU).
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(256, 64), nn.GELU(), Conv1D(64, 256))
+    report = modelcheck.check(model, torch.randn(8, 16, 64))
+    fan_ins = [report.layer(name).parameters[0].fan_in for name in ("0", "2")]
+    assert fan_ins == [64, 256]
+    assert {report.layer(name).family for name in ("0", "2")} == {"linear"}
+    assert report.layer("0").activation.units == 256  # features last, not a channel axis
+    init = [(f.layer, f.severity) for f in report.findings if f.rule == "poor-initialization"]
+    assert init == [("0", "warning")]
+
+
 def test_multihead_attention_computes_with_its_output_projection():
     # out_proj's weight goes into a functional call and out_proj itself never runs: its
     # weight was judged by no rule, and its gradient went to no layer.
