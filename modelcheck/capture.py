@@ -50,7 +50,7 @@ class LayerInfo:
     functional: bool
     saturation: tuple[float, float] | None
     parameters: tuple[str, ...]
-    inputs_first: tuple[str, ...] = ()  # weights stored (in, out): their fan-in is dim 0
+    fan_ins: tuple[tuple[str, int], ...] = ()  # those a weight's shape does not tell
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,19 +142,34 @@ _FUNCTIONS: dict[Any, str] = {
 
 
 def module_family(module: nn.Module) -> str:
-    if _inputs_first(module):
+    if _is_hf_conv1d(module):
         return "linear"
     family = _class_family(type(module))
     return family if family != "other" else family_from_type_name(type(module).__name__)
 
 
-def _inputs_first(module: nn.Module) -> tuple[str, ...]:
-    """The weights a module stores as (in, out), not as nn.Linear's (out, in): Hugging Face's
-    Conv1D (GPT-2 and its kin), a Linear despite its name, computes x @ weight + bias."""
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's Conv1D (GPT-2 and its kin): a Linear despite its name, computing
+    x @ weight + bias with its weight stored (in, out), not nn.Linear's (out, in)."""
     weight = getattr(module, "weight", None)
-    is_conv1d = type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor)
-    if is_conv1d and weight.dim() == 2 and weight.shape[1] == getattr(module, "nf", None):
-        return ("weight",)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and weight.shape[1] == getattr(module, "nf", None)
+    )
+
+
+def _fan_ins(module: nn.Module) -> tuple[tuple[str, int], ...]:
+    """The inputs feeding one output of the module's weight, where its shape does not tell
+    them as torch.nn.init reads it (dim 1 and on): a weight stored (in, out), and a
+    transposed convolution's (in, out / groups, *kernel), where each output takes
+    in / groups channels times kernel / stride positions on average."""
+    if _is_hf_conv1d(module):
+        return (("weight", int(module.weight.shape[0])),)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        spread = math.prod(module.kernel_size) / math.prod(module.stride)
+        return (("weight", max(1, round(module.in_channels // module.groups * spread))),)
     return ()
 
 
@@ -591,7 +606,7 @@ class _Recorder(TorchFunctionMode):
                 functional=False,
                 saturation=_module_saturation(module, family),
                 parameters=parameter_names(module),
-                inputs_first=_inputs_first(module),
+                fan_ins=_fan_ins(module),
             )
             self.module_layers[module] = layer
             self._first_sight(layer, module)

@@ -1348,13 +1348,10 @@ def _sum_of_squares(g: torch.Tensor) -> torch.Tensor:
     return total + torch.dot(tail, tail) if tail.numel() else total
 
 
-def fan_in(shape: Sequence[int], inputs_first: bool = False) -> int | None:
-    """Inputs feeding one output unit, as torch.nn.init counts them (None below 2-D); of a
-    weight stored (in, out), its first dimension."""
+def shape_fan_in(shape: Sequence[int]) -> int | None:
+    """Inputs feeding one output unit, as torch.nn.init counts them (None below 2-D)."""
     if len(shape) < 2:
         return None
-    if inputs_first:
-        return int(shape[0])
     return int(shape[1] * math.prod(shape[2:]))
 
 
@@ -1376,10 +1373,11 @@ class ParameterSummary:
         p: torch.Tensor,
         scratch: dict | None = None,
         precise: bool = False,
-        inputs_first: bool = False,
+        fan_in: int | None = None,
     ) -> None:
         p = _widened(p.detach(), precise)
-        self.name, self.shape, self.inputs_first = name, tuple(p.shape), inputs_first
+        self.name, self.shape = name, tuple(p.shape)
+        self.fan_in = fan_in if fan_in is not None else shape_fan_in(self.shape)
         self.empty = p.numel() == 0 or not p.is_floating_point()
         self._tensor = p
         self._scratch = {} if scratch is None else scratch
@@ -1436,7 +1434,7 @@ class ParameterSummary:
             std=math.sqrt(max(dsumsq / n - d_mean * d_mean, 0.0)) if nonfinite == 0 else math.nan,
             min=lo,
             max=hi,
-            fan_in=fan_in(self.shape, self.inputs_first),
+            fan_in=self.fan_in,
             nonfinite=nonfinite,
         )
 
@@ -1504,7 +1502,7 @@ class _LayerState:
         self.output_grad = GradientSummary(scratch=scratch, precise=precise)
         self.param_grad = GradientSummary(sampler, scratch=scratch, precise=precise)
         self.parameters = [
-            ParameterSummary(n, p, scratch, precise, n in info.inputs_first)
+            ParameterSummary(n, p, scratch, precise, dict(info.fan_ins).get(n))
             for n, p in parameters.items()
         ]
         self.buffers_nonfinite = [

@@ -651,6 +651,29 @@ def test_a_weight_stored_inputs_first_has_its_fan_in_on_dim_0():
     assert init == [("0", "warning")]
 
 
+@pytest.mark.parametrize(("kernel", "stride"), [(4, 2), (3, 1), (2, 2)])
+def test_a_transposed_convolutions_fan_in_counts_the_inputs_one_output_takes(kernel, stride):
+    # torch.nn.init reads (in, out / groups, *kernel) as fan-in out * kernel: a DCGAN's last
+    # layer, 32 -> 3 channels at std 0.02, was x0.14 of its gain on 48 "inputs"; each output
+    # takes 32 channels x 16 / 4 positions, 128.
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose2d(8, 3, kernel, stride=stride, padding=kernel // 2, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        taken = layer(torch.ones(1, 8, 16, 16))[0, 0, 8, 8]  # an interior output
+    report = modelcheck.check(nn.Sequential(layer, nn.Tanh()), torch.randn(4, 8, 16, 16))
+    assert report.layer("0").parameters[0].fan_in == int(taken)
+
+
+def test_a_dcgan_generators_last_layer_is_judged_on_its_real_fan_in():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(32, 3, 4, stride=2, padding=1, bias=False), nn.Tanh())
+    nn.init.normal_(model[0].weight, 0.0, 0.02)
+    report = modelcheck.check(model, torch.randn(16, 32, 8, 8))
+    assert report.layer("0").parameters[0].fan_in == 128
+    assert [f.rule for f in report.findings] == []
+
+
 def test_multihead_attention_computes_with_its_output_projection():
     # out_proj's weight goes into a functional call and out_proj itself never runs: its
     # weight was judged by no rule, and its gradient went to no layer.
