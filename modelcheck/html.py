@@ -540,7 +540,7 @@ def _findings(
                 also=tuple(
                     Link(name, f"#L{index[name]}") for name in f.related[:MAX_ALSO] if name in index
                 ),
-                # A check without a threshold (a zero-initialised layer) has none to pass.
+                # A check without a threshold (a branch that starts near zero) has none to pass.
                 also_label="Also past the threshold:" if f.threshold is not None else "Also at:",
                 also_more=(
                     f"and {len(f.related) - MAX_ALSO} more" if len(f.related) > MAX_ALSO else ""
