@@ -27,6 +27,8 @@ _WEIGHTED_FAMILIES = frozenset({"linear", "conv", "rnn", "attention"})
 # A learnt scale of one value this close to 0 starts its branch near zero (LayerScale: 1e-6
 # in ConvNeXt, 1e-5 in CaiT, 1e-4 in DeiT III).
 _NEAR_ZERO = 0.01
+# The value projection's token beside each query or key projection's token.
+_VALUE_OF = {"q": "v", "k": "v", "query": "value", "key": "value", "wq": "wv", "wk": "wv"}
 # Layers that pass a near-zero output on unchanged or smaller (dropout, identity, ReLU).
 _CARRIERS = frozenset({"dropout", "other", *ACTIVATION_FAMILIES})
 
@@ -100,6 +102,8 @@ LAYER_METRICS: Mapping[str, str] = {
     "has_norm_before": "a normalisation layer ran just before this one",
     "has_norm_after": "a normalisation layer runs just after this one",
     "has_parameters": "the layer computes with weights of its own",
+    "is_query_or_key": "an attention's query or key projection, named beside its value "
+    "projection (query/key/value, q_proj/k_proj/v_proj, to_q/to_k/to_v, ...)",
     "near_zero_init": "a weight all 0, or a scale of one value within 0.01 of 0, by design: "
     "the layer's input varies and other layers are random (LoRA's B, LayerScale)",
     "init_scale_param": "the parameter that makes the layer near_zero_init",
@@ -290,9 +294,27 @@ def _add_gradient_ratios(layers: list[dict]) -> None:
 
 
 def _add_context(layers: list[dict]) -> None:
+    names = {m["name"] for m in layers}
     for i, m in enumerate(layers):
         m["has_norm_before"] = i > 0 and layers[i - 1]["family"] == "norm"
         m["has_norm_after"] = i + 1 < len(layers) and layers[i + 1]["family"] == "norm"
+        m["is_query_or_key"] = m["family"] == "linear" and _is_query_or_key(m["name"], names)
+
+
+def _is_query_or_key(name: str, names: set[str]) -> bool:
+    """Whether ``name`` is a query or key projection: swapping its query or key token for the
+    value token names a sibling layer (BERT's ``query``/``value``, LLaMA's ``q_proj``/``v_proj``,
+    T5's ``q``/``v``, DistilBERT's ``q_lin``/``v_lin``, diffusers' ``to_q``/``to_v``,
+    Meta's ``wq``/``wv``)."""
+    parent, _, leaf = name.rpartition(".")
+    tokens = leaf.split("_")
+    for i, token in enumerate(tokens):
+        value = _VALUE_OF.get(token)
+        if value is not None:
+            sibling = "_".join([*tokens[:i], value, *tokens[i + 1 :]])
+            if (f"{parent}.{sibling}" if parent else sibling) in names:
+                return True
+    return False
 
 
 def _add_near_zero_init(layers: list[dict], run: RunStats) -> None:

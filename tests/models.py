@@ -458,3 +458,79 @@ def zero_pair_model() -> nn.Sequential:
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
     return model
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with its query, key and value projections as separate
+    Linears, under the names a library gives them (BERT's query/key/value by default)."""
+
+    def __init__(self, width: int, names: tuple[str, str, str], heads: int = 4) -> None:
+        super().__init__()
+        self.names, self.heads = names, heads
+        for name in names:
+            self.add_module(name, nn.Linear(width, width))
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, w = x.shape
+        q, k, v = (
+            getattr(self, name)(x).view(b, t, self.heads, -1).transpose(1, 2) for name in self.names
+        )
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(b, t, w))
+
+
+class EncoderBlock(nn.Module):
+    """A post-norm transformer block, as in BERT."""
+
+    def __init__(self, width: int, names: tuple[str, str, str]) -> None:
+        super().__init__()
+        self.attention = SelfAttention(width, names)
+        self.norm1 = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
+        self.norm2 = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.attention(x))
+        return self.norm2(x + self.ffn(x))
+
+
+class BertInitEncoder(nn.Module):
+    """A small BERT over sequences of feature vectors, initialised as BERT is (normal weights
+    of std 0.02, zero biases), classifying from its first position."""
+
+    def __init__(self, names: tuple[str, str, str], features: int = 8, width: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(features, width), nn.LayerNorm(width))
+        self.blocks = nn.Sequential(EncoderBlock(width, names), EncoderBlock(width, names))
+        self.head = nn.Linear(width, 3)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.embed(x))[:, 0])
+
+
+@seeded(19)
+def bert_init_encoder(names: tuple[str, str, str] = ("query", "key", "value")) -> BertInitEncoder:
+    return BertInitEncoder(names)
+
+
+@seeded(20)
+def sigmoid_fronted_encoder() -> nn.Sequential:
+    """The encoder behind a deep sigmoid stack: gradients vanish before they reach it."""
+    return nn.Sequential(
+        mlp([8] * 11, activation=nn.Sigmoid, last_activation=True), bert_init_encoder()
+    )
+
+
+def sequences(
+    n: int = 64, length: int = 16, features: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random feature sequences and three-way labels."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, length, features, generator=gen), torch.randint(0, 3, (n,), generator=gen)

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import badly_initialised, gaussian, mlp
+from models import (
+    badly_initialised,
+    bert_init_encoder,
+    gaussian,
+    mlp,
+    sequences,
+    sigmoid_fronted_encoder,
+)
 from torch import nn
 
 import modelcheck
@@ -78,6 +85,56 @@ def test_gradients_are_compared_among_weight_layers_only():
         report.layer("0").param_grad.rms / report.layer("2").param_grad.rms
     )
     assert layers["1"]["param_grad_ratio"] is None and layers["3"]["param_grad_ratio"] is None
+
+
+def test_query_and_key_gradients_of_a_bert_initialised_attention_are_not_vanishing():
+    # Near-uniform attention passes little back through the softmax to the query and key.
+    report = modelcheck.check(bert_init_encoder(), sequences())
+    head = report.layer("head").param_grad.rms
+    for block in ("blocks.0", "blocks.1"):
+        for name in ("query", "key"):
+            assert report.layer(f"{block}.attention.{name}").param_grad.rms / head < 1e-3
+    vanishing = findings_of(report, "vanishing-gradients")
+    assert [f.severity for f in vanishing] == ["warning"]  # the value, out and ffn layers
+    assert not {vanishing[0].layer, *vanishing[0].related} & set(query_and_key_layers(report))
+
+
+def test_vanishing_gradients_are_still_found_behind_an_attention():
+    report = modelcheck.check(sigmoid_fronted_encoder(), sequences())
+    finding = findings_of(report, "vanishing-gradients")[0]
+    assert (finding.layer, finding.severity) == ("0.0", "error")
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("query", "key", "value"),  # BERT, ViT
+        ("q_proj", "k_proj", "v_proj"),  # LLaMA, BART, Whisper
+        ("q", "k", "v"),  # T5
+        ("q_lin", "k_lin", "v_lin"),  # DistilBERT
+        ("to_q", "to_k", "to_v"),  # diffusers
+        ("wq", "wk", "wv"),  # Meta's LLaMA
+    ],
+)
+def test_query_and_key_projections_are_told_by_their_value_sibling(names):
+    report = modelcheck.check(bert_init_encoder(names), sequences(n=8))
+    expected = {f"blocks.{i}.attention.{name}" for i in (0, 1) for name in names[:2]}
+    assert set(query_and_key_layers(report)) == expected
+
+
+def test_a_query_or_key_without_a_value_beside_it_is_an_ordinary_layer():
+    model = nn.Sequential()
+    model.add_module("query", nn.Linear(8, 8))
+    model.add_module("key", nn.Linear(8, 4))
+    assert query_and_key_layers(modelcheck.check(model, gaussian())) == []
+
+
+def query_and_key_layers(report) -> list[str]:
+    from modelcheck.metrics import derive
+    from modelcheck.stats import RunStats
+
+    stats = RunStats(report.layers, report.input, report.output, None, 16384)
+    return [m["name"] for m in derive(stats, parameters=1, loss="x").layers if m["is_query_or_key"]]
 
 
 @pytest.mark.parametrize("activation", [nn.GELU, nn.SiLU])
