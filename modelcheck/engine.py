@@ -375,7 +375,7 @@ def _as_probe(
         spec = "random"
     if spec is not None:
         if spec == "random" and input_shape is None:
-            input_shape = infer_input_shape(module)
+            input_shape = infer_input_shape(module, option="input_shape")
         return probe_from_spec(
             spec,
             input_shape=input_shape,

@@ -160,26 +160,29 @@ def split_batches(batches: Iterable[Batch], max_rows: int) -> Iterable[Batch]:
     return _SplitBatches(batches, max_rows)
 
 
-def infer_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
+def infer_input_shape(model: torch.nn.Module, *, option: str = "--input-shape") -> tuple[int, ...]:
     """The shape of one sample, as told by the model's first layer (in registration order).
 
-    Only a Linear says it fully; for other first layers the message says what to pass instead.
-    An exported program knows the shape it was exported for; a TorchScript module keeps its
-    layers' class names.
+    Only a Linear says it fully; for other first layers the message says what to pass instead,
+    under the caller's name for it: ``option`` is the CLI's flag, or ``input_shape`` for
+    ``check()``. An exported program knows the shape it was exported for; a TorchScript
+    module keeps its layers' class names.
     """
     exported = _exported_input_shape(model)
     if exported is not None:
         return exported
+    cli = option.startswith("--")
+    a_probe = "a probe file" if cli else "a probe"
     for name, layer in model.named_modules():
         label = name or type(model).__name__
         kind, torch_kind = _kinds(layer)
         if torch_kind == "Linear" and not isinstance(layer, torch.nn.Linear):
-            return _other_linear_input(layer, label)
+            return _other_linear_input(layer, label, option)
         if isinstance(layer, torch.nn.Linear):
             if torch.nn.parameter.is_lazy(layer.weight):
                 raise ProbeError(
                     f"cannot infer the input shape: the first layer {label} is a {kind}, whose "
-                    "input size is set by its first call; pass --input-shape"
+                    f"input size is set by its first call; pass {option}"
                 )
             return (layer.in_features,)
         for convolution, (spatial, example) in _CONVOLUTIONS.items():
@@ -187,27 +190,37 @@ def infer_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
                 channels = layer.in_channels or "C"  # a lazy convolution does not know yet
                 raise ProbeError(
                     f"cannot infer the input shape: the first layer {label} is a {kind} with "
-                    f"{layer.in_channels or 'unknown'} input channels; pass --input-shape "
-                    f"{channels},{example} with your real {spatial}"
+                    f"{layer.in_channels or 'unknown'} input channels; pass "
+                    f"{_shape_option(option, f'{channels},{example}')} with your real {spatial}"
                 )
         if torch_kind in ("Embedding", "EmbeddingBag"):
+            ids = "a probe file of ids (e.g. --probe ids.pt)" if cli else "a probe of token ids"
             raise ProbeError(
                 f"cannot infer the input shape: the first layer {label} is an {kind}, which "
-                "takes token ids; pass a probe file of ids (e.g. --probe ids.pt)"
+                f"takes token ids; pass {ids}"
             )
         if torch_kind in ("RNN", "LSTM", "GRU", "RNNBase", "MultiheadAttention"):
             width = getattr(layer, "input_size", None) or layer.embed_dim
             raise ProbeError(
                 f"cannot infer the input shape: the first layer {label} is a {kind} over "
-                f"sequences of {width} features; pass --input-shape SEQ_LEN,{width} or a probe file"
+                f"sequences of {width} features; pass "
+                f"{_shape_option(option, f'SEQ_LEN,{width}')} or {a_probe}"
             )
     raise ProbeError(
         f"cannot infer the input shape of {type(model).__name__}: it has no Linear, Conv or "
-        "Embedding layer of known size; pass --input-shape or a probe file"
+        f"Embedding layer of known size; pass {option} or {a_probe}"
     )
 
 
-def _other_linear_input(layer: torch.nn.Module, label: str) -> tuple[int, ...]:
+def _shape_option(option: str, example: str) -> str:
+    """A sample's shape as the caller spells it: ``--input-shape 3,32,32`` on the command
+    line, ``input_shape=(3, 32, 32)`` in Python."""
+    if option.startswith("--"):
+        return f"{option} {example}"
+    return f"{option}=({example.replace(',', ', ')})"
+
+
+def _other_linear_input(layer: torch.nn.Module, label: str, option: str) -> tuple[int, ...]:
     """The input size of a Linear that is not an nn.Linear: a scripted one keeps
     ``in_features``, a traced one only its weight; a quantized one's weight is a method."""
     features = getattr(layer, "in_features", None)
@@ -218,7 +231,7 @@ def _other_linear_input(layer: torch.nn.Module, label: str) -> tuple[int, ...]:
         return (int(weight.shape[1]),)
     raise ProbeError(
         f"cannot infer the input shape: the first layer {label} is a Linear whose input size "
-        "it does not tell; pass --input-shape"
+        f"it does not tell; pass {option}"
     )
 
 

@@ -572,6 +572,25 @@ def test_first_conv_asks_for_the_input_shape() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten()), "pass input_shape=(3, 32, 32) with"),
+        (nn.Sequential(nn.LSTM(6, 8)), "pass input_shape=(SEQ_LEN, 6) or a probe"),
+        (nn.Sequential(nn.Embedding(100, 8)), "pass a probe of token ids"),
+        (nn.Sequential(nn.ReLU()), "pass input_shape or a probe"),
+    ],
+)
+def test_check_without_a_probe_names_its_own_argument_not_the_cli_flag(model, expected) -> None:
+    import modelcheck
+
+    with pytest.raises(ProbeError) as excinfo:
+        modelcheck.check(model)
+
+    message = error_line(excinfo)
+    assert expected in message and "--" not in message and "file" not in message, message
+
+
 def test_first_embedding_asks_for_a_probe_file() -> None:
     model = nn.Sequential(nn.Embedding(100, 8), nn.Linear(8, 2))
 
