@@ -77,9 +77,15 @@ def check(
 
     parameters = sum(p.numel() for p in module.parameters())
     if group is None:
-        findings, checked = _evaluate(chosen, stats, parameters, run.loss, settings)
+        findings, checked = _evaluate(
+            chosen, stats, measured.samples, parameters, run.loss, settings
+        )
     else:  # rank 0 evaluates the rules; every rank returns the same report
-        mine = _evaluate(chosen, stats, parameters, run.loss, settings) if group.rank == 0 else None
+        mine = (
+            _evaluate(chosen, stats, measured.samples, parameters, run.loss, settings)
+            if group.rank == 0
+            else None
+        )
         findings, checked = distributed.broadcast(mine, group)
     return Report(
         version=__version__,
@@ -151,10 +157,15 @@ def _unwrapped(module: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
 
 
 def _evaluate(
-    chosen: tuple[Rule, ...], stats: RunStats, parameters: int, loss: str, settings: Settings
+    chosen: tuple[Rule, ...],
+    stats: RunStats,
+    samples: int,
+    parameters: int,
+    loss: str,
+    settings: Settings,
 ) -> tuple[list[Finding], tuple[tuple[str, str | None], ...]]:
     """The findings, and which (rule, layer) pairs were checked at all."""
-    metrics = derive(stats, parameters=parameters, loss=loss)
+    metrics = derive(stats, parameters=parameters, loss=loss, samples=samples)
     found, looked_at = rules.evaluate(chosen, metrics)
     findings = _without_layer_ignores(found, settings)
     slugs = {r.code: r.slug for r in chosen}

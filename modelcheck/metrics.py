@@ -35,6 +35,9 @@ _CARRIERS = frozenset({"dropout", "other", *ACTIVATION_FAMILIES})
 MODEL_METRICS: Mapping[str, str] = {
     "parameters": "number of parameter values in the model",
     "samples": "number of probe samples",
+    "output_rows": "output vectors the output rules compare: one per sample, or per sample "
+    "and position where the output has a position axis",
+    "outputs": "those in words: '30 samples', or '512 positions of 32 samples'",
     "layers": "number of recorded layers",
     "loss": "loss the backward pass used ('surrogate' without labels)",
     "input_float": "the probe input is floating point",
@@ -135,13 +138,13 @@ class Metrics:
     parameters: tuple[Mapping[str, object], ...]
 
 
-def derive(run: RunStats, *, parameters: int, loss: str) -> Metrics:
+def derive(run: RunStats, *, parameters: int, loss: str, samples: int) -> Metrics:
     layers = [_layer_metrics(layer, i, len(run.layers)) for i, layer in enumerate(run.layers)]
     _add_relative(layers, "rms", "rms_ratio", "reference_layer", first=True)
     _add_gradient_ratios(layers)
     _add_context(layers)
     _add_near_zero_init(layers, run)
-    model = _model_metrics(run, layers, parameters=parameters, loss=loss)
+    model = _model_metrics(run, layers, parameters=parameters, loss=loss, samples=samples)
     params = []
     for i, (layer, stats) in enumerate(zip(layers, run.layers)):
         params += _parameter_metrics(layer, stats, _next_activation(layers, i))
@@ -443,13 +446,18 @@ def _parameter_metrics(
     return found
 
 
-def _model_metrics(run: RunStats, layers: list[dict], *, parameters: int, loss: str) -> dict:
+def _model_metrics(
+    run: RunStats, layers: list[dict], *, parameters: int, loss: str, samples: int
+) -> dict:
+    rows = None if run.output is None else run.output.count // max(run.output.units, 1)
     hidden = [m for m in layers if m["is_activation"] and not m["is_last"]]
     hidden = [m for m in hidden if m["kurtosis"] is not None]
     kurtosis = np.asarray([m["kurtosis"] for m in hidden], dtype=np.float64)
     return {
         "parameters": parameters,
-        "samples": None if run.output is None else run.output.count // max(run.output.units, 1),
+        "samples": samples,
+        "output_rows": rows,
+        "outputs": _outputs(rows, samples),
         "layers": len(layers),
         "loss": loss,
         "forward_nonfinite": sum(
@@ -468,6 +476,14 @@ def _model_metrics(run: RunStats, layers: list[dict], *, parameters: int, loss: 
         "last_layer": layers[-1]["name"] if layers else None,
         "output_near_zero_init": bool(layers) and layers[-1]["near_zero_output"],
     }
+
+
+def _outputs(rows: int | None, samples: int) -> str | None:
+    if rows is None:
+        return None
+    if rows == samples:
+        return f"{rows} samples"
+    return f"{rows} {'positions' if rows > samples else 'outputs'} of {samples} samples"
 
 
 def _depth_correlation(values: np.ndarray) -> float | None:

@@ -79,7 +79,10 @@ def test_gradients_are_compared_among_weight_layers_only():
     model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 16), nn.LayerNorm(16))
     report = modelcheck.check(model, gaussian())
     stats = RunStats(report.layers, report.input, report.output, None, 16384)
-    layers = {m["name"]: m for m in derive(stats, parameters=1, loss="x").layers}
+    layers = {
+        m["name"]: m
+        for m in derive(stats, parameters=1, loss="x", samples=report.probe.samples).layers
+    }
     assert layers["0"]["grad_reference_layer"] == "2"  # the last Linear, not the last norm
     assert layers["0"]["param_grad_ratio"] == pytest.approx(
         report.layer("0").param_grad.rms / report.layer("2").param_grad.rms
@@ -134,7 +137,11 @@ def query_and_key_layers(report) -> list[str]:
     from modelcheck.stats import RunStats
 
     stats = RunStats(report.layers, report.input, report.output, None, 16384)
-    return [m["name"] for m in derive(stats, parameters=1, loss="x").layers if m["is_query_or_key"]]
+    return [
+        m["name"]
+        for m in derive(stats, parameters=1, loss="x", samples=report.probe.samples).layers
+        if m["is_query_or_key"]
+    ]
 
 
 @pytest.mark.parametrize("activation", [nn.GELU, nn.SiLU])

@@ -241,6 +241,7 @@ def test_one_class_for_every_sample_is_a_warning():
     report = modelcheck.check(majority_class_model(), gaussian())
     finding = only(report, "collapsed-output")
     assert finding.severity == "warning"
+    assert finding.message.startswith("every one of the 256 samples gets the same argmax class")
 
 
 # -- zero-initialised layers ----------------------------------------------------------------
@@ -286,6 +287,10 @@ def test_a_zeroed_head_makes_the_constant_output_a_warning():
     collapsed = only(report, "collapsed-output")
     assert (collapsed.layer, collapsed.severity) == ("head", "warning")
     assert "'head', the last layer, starts at zero" in collapsed.message
+    # Each of the 16 sequences gives 12 positions' logits: 192 outputs, not 192 samples.
+    assert collapsed.message.startswith(
+        "the output is the same for all 192 positions of 16 samples"
+    )
     noted = only(report, "poor-initialization")
     assert [noted.layer, *noted.related] == [
         "blocks.0.self_attn",
