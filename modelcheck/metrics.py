@@ -9,6 +9,7 @@ load. Values are None where they do not apply (a Linear layer has no dead units)
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -27,6 +28,11 @@ _WEIGHTED_FAMILIES = frozenset({"linear", "conv", "rnn", "attention"})
 # A learnt scale of one value this close to 0 starts its branch near zero (LayerScale: 1e-6
 # in ConvNeXt, 1e-5 in CaiT, 1e-4 in DeiT III).
 _NEAR_ZERO = 0.01
+# A block's index in a module name: transformer.h.3.attn.c_proj.
+_BLOCK_INDEX = re.compile(r"\.\d+\.")
+# How near a weight's std must come to 1/sqrt(N) or 1/sqrt(2N) of the others' to be taken
+# as scaled with depth on purpose (a std over a few thousand values is far closer).
+_DEPTH_SCALE_TOLERANCE = 0.1
 # The value projection's token beside each query or key projection's token.
 _VALUE_OF = {"q": "v", "k": "v", "query": "value", "key": "value", "wq": "wv", "wk": "wv"}
 # Layers that pass a near-zero output on unchanged or smaller (dropout, identity, ReLU).
@@ -126,6 +132,9 @@ PARAMETER_METRICS: Mapping[str, str] = {
     "next_activation": "family of the activation that follows the layer ('linear' if none)",
     "init_gain": "std * sqrt(fan_in) expected for that activation (He sqrt(2), else 1)",
     "init_ratio": "std * sqrt(fan_in) relative to init_gain",
+    "depth_scaled_init": "the std is the model's other weights' median std over sqrt(2N) or "
+    "sqrt(N), N the blocks the layer repeats in: a residual branch's output layer scaled with "
+    "depth (GPT-2, nanoGPT, Megatron)",
 }
 
 
@@ -148,6 +157,7 @@ def derive(run: RunStats, *, parameters: int, loss: str, samples: int) -> Metric
     params = []
     for i, (layer, stats) in enumerate(zip(layers, run.layers)):
         params += _parameter_metrics(layer, stats, _next_activation(layers, i))
+    _add_depth_scaled(params)
     return Metrics(model=model, layers=tuple(layers), parameters=tuple(params))
 
 
@@ -444,6 +454,29 @@ def _parameter_metrics(
             }
         )
     return found
+
+
+def _add_depth_scaled(params: list[dict]) -> None:
+    """Mark the weights initialised smaller with depth, as GPT-2 does the output layer of
+    each residual branch (std 0.02 / sqrt(2 × blocks), so that the residual stream does not
+    grow with depth): the same weight in each of N repeated blocks (names that differ only
+    in their block index), at the std of the model's other weights over sqrt(2N) or sqrt(N).
+    """
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, p in enumerate(params):
+        p["depth_scaled_init"] = False
+        groups.setdefault((_BLOCK_INDEX.sub(".#.", p["name"]), p["param"]), []).append(i)
+    stds = np.array([p["param_std"] for p in params], dtype=np.float64)
+    for members in groups.values():
+        others = np.delete(stds, members)
+        if len(members) < 2 or not others.size or not np.median(others) > 0:
+            continue
+        common, blocks = float(np.median(others)), len(members)
+        for i in members:
+            params[i]["depth_scaled_init"] = any(
+                abs(stds[i] / common * math.sqrt(branches) - 1) <= _DEPTH_SCALE_TOLERANCE
+                for branches in (blocks, 2 * blocks)
+            )
 
 
 def _model_metrics(

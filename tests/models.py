@@ -534,3 +534,68 @@ def sequences(
     """Random feature sequences and three-way labels."""
     gen = torch.Generator().manual_seed(0)
     return torch.randn(n, length, features, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+class NanoGPTBlock(nn.Module):
+    """A pre-norm GPT block as nanoGPT writes it: each residual branch ends in a c_proj."""
+
+    def __init__(self, width: int, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.ModuleDict(
+            {
+                "c_attn": nn.Linear(width, 3 * width),
+                "c_proj": nn.Linear(width, width),
+                "resid_dropout": nn.Dropout(0.0),
+            }
+        )
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
+        self.mlp.add_module("gelu", nn.GELU())
+        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
+        self.mlp.add_module("dropout", nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, w = x.shape
+        q, k, v = (
+            part.view(b, t, self.heads, -1).transpose(1, 2)
+            for part in self.attn["c_attn"](self.ln_1(x)).split(w, dim=2)
+        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = self.attn["c_proj"](y.transpose(1, 2).reshape(b, t, w))
+        x = x + self.attn["resid_dropout"](y)
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's initialisation: normal weights of std 0.02, and each residual branch's
+    c_proj at 0.02 / sqrt(``branches`` × blocks), GPT-2's scaling with depth (branches 2)."""
+
+    def __init__(
+        self, branches: int = 2, depth: int = 4, width: int = 256, vocab: int = 64
+    ) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, width)
+        self.wpe = nn.Embedding(16, width)
+        self.h = nn.ModuleList(NanoGPTBlock(width) for _ in range(depth))
+        self.ln_f = nn.LayerNorm(width)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                std = 0.02 / (branches * depth) ** 0.5 if name.endswith("c_proj") else 0.02
+                nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+@seeded(21)
+def nano_gpt(branches: int = 2) -> NanoGPT:
+    return NanoGPT(branches)

@@ -11,6 +11,7 @@ from models import (
     bert_init_encoder,
     gaussian,
     mlp,
+    nano_gpt,
     sequences,
     sigmoid_fronted_encoder,
 )
@@ -142,6 +143,42 @@ def query_and_key_layers(report) -> list[str]:
         for m in derive(stats, parameters=1, loss="x", samples=report.probe.samples).layers
         if m["is_query_or_key"]
     ]
+
+
+@pytest.mark.parametrize("branches", [2, 1], ids=["sqrt-2N", "sqrt-N"])
+def test_residual_projections_scaled_with_depth_are_not_poorly_initialised(branches):
+    # GPT-2 and nanoGPT start each residual branch's c_proj at 0.02 / sqrt(2 × blocks): the
+    # attention's at ×0.11 of LeCun's gain here (×0.16 over sqrt(blocks)), which warned.
+    report = modelcheck.check(nano_gpt(branches), token_ids())
+    rows = parameter_metrics(report)
+    attention = [p for p in rows if p["name"].endswith("attn.c_proj")]
+    assert len(attention) == 4 and all(p["init_ratio"] < 0.2 for p in attention)
+    assert [p["name"] for p in rows if p["depth_scaled_init"]] == [
+        f"h.{i}.{branch}.c_proj" for i in range(4) for branch in ("attn", "mlp")
+    ]
+    assert findings_of(report, "poor-initialization") == []
+
+
+def test_residual_projections_scaled_otherwise_are_still_poorly_initialised():
+    model = nano_gpt()
+    with torch.no_grad():
+        for block in model.h:
+            block.attn["c_proj"].weight.normal_(std=0.002)  # ÷10, not ÷sqrt(8)
+    report = modelcheck.check(model, token_ids())
+    flagged = {f.layer for f in findings_of(report, "poor-initialization")}
+    assert flagged == {f"h.{i}.attn.c_proj" for i in range(4)}
+
+
+def token_ids() -> torch.Tensor:
+    return torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(0))
+
+
+def parameter_metrics(report) -> tuple:
+    from modelcheck.metrics import derive
+    from modelcheck.stats import RunStats
+
+    stats = RunStats(report.layers, report.input, report.output, None, 16384)
+    return derive(stats, parameters=1, loss="x", samples=report.probe.samples).parameters
 
 
 @pytest.mark.parametrize("activation", [nn.GELU, nn.SiLU])
