@@ -468,12 +468,12 @@ def _add_depth_scaled(params: list[dict]) -> None:
         groups.setdefault((_BLOCK_INDEX.sub(".#.", p["name"]), p["param"]), []).append(i)
     stds = np.array([p["param_std"] for p in params], dtype=np.float64)
     for members in groups.values():
-        others = np.delete(stds, members)
-        if len(members) < 2 or not others.size or not np.median(others) > 0:
+        blocks = len(members)
+        if blocks < 2 or blocks == len(params):
             continue
-        common, blocks = float(np.median(others)), len(members)
+        common = float(np.median(np.delete(stds, members)))
         for i in members:
-            params[i]["depth_scaled_init"] = any(
+            params[i]["depth_scaled_init"] = common > 0 and any(
                 abs(stds[i] / common * math.sqrt(branches) - 1) <= _DEPTH_SCALE_TOLERANCE
                 for branches in (blocks, 2 * blocks)
             )
