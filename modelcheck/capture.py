@@ -51,6 +51,7 @@ class LayerInfo:
     saturation: tuple[float, float] | None
     parameters: tuple[str, ...]
     fan_ins: tuple[tuple[str, int], ...] = ()  # those a weight's shape does not tell
+    input_from: str | None = None  # the layer whose output (or a view of it) it first took in
 
 
 @dataclass(frozen=True, slots=True)
@@ -607,6 +608,7 @@ class _Recorder(TorchFunctionMode):
                 saturation=_module_saturation(module, family),
                 parameters=parameter_names(module),
                 fan_ins=_fan_ins(module),
+                input_from=self._made_by(first_tensor(args)),
             )
             self.module_layers[module] = layer
             self._first_sight(layer, module)
@@ -701,6 +703,16 @@ class _Recorder(TorchFunctionMode):
         if entry is None or entry[0]() is not tensor:
             return None
         return entry[1], entry[2], tensor.dim()
+
+    def _made_by(self, tensor: torch.Tensor | None) -> str | None:
+        """The recorded layer that output ``tensor``, or the tensor it is a view of (a
+        permute or reshape on the way); None for anything computed after it (a residual sum)."""
+        while tensor is not None:
+            producer = self._producer(tensor)
+            if producer is not None:
+                return producer[0]
+            tensor = tensor._base
+        return None
 
     def _unit_dim(self, family: str, out: torch.Tensor, source: Any, module: nn.Module) -> int:
         if out.dim() <= 1:

@@ -109,7 +109,7 @@ LAYER_METRICS: Mapping[str, str] = {
     "buffer_nonfinite": "NaN or Inf values in the layer's buffers",
     "grad_nonfinite": "the layer's output or parameter gradients hold NaN or Inf",
     "has_norm_before": "a normalisation layer ran just before this one",
-    "has_norm_after": "a normalisation layer runs just after this one",
+    "has_norm_after": "a normalisation layer runs just after this one, on its output",
     "has_parameters": "the layer computes with weights of its own",
     "is_query_or_key": "an attention's query or key projection, named beside its value "
     "projection (query/key/value, q_proj/k_proj/v_proj, to_q/to_k/to_v, ...)",
@@ -151,7 +151,7 @@ def derive(run: RunStats, *, parameters: int, loss: str, samples: int) -> Metric
     layers = [_layer_metrics(layer, i, len(run.layers)) for i, layer in enumerate(run.layers)]
     _add_relative(layers, "rms", "rms_ratio", "reference_layer", first=True)
     _add_gradient_ratios(layers)
-    _add_context(layers)
+    _add_context(layers, run.layers)
     _add_near_zero_init(layers, run)
     model = _model_metrics(run, layers, parameters=parameters, loss=loss, samples=samples)
     params = []
@@ -306,11 +306,17 @@ def _add_gradient_ratios(layers: list[dict]) -> None:
             m["param_grad_ratio"], m["grad_reference_layer"] = None, None
 
 
-def _add_context(layers: list[dict]) -> None:
+def _add_context(layers: list[dict], stats: Sequence[LayerStats]) -> None:
     names = {m["name"] for m in layers}
     for i, m in enumerate(layers):
         m["has_norm_before"] = i > 0 and layers[i - 1]["family"] == "norm"
-        m["has_norm_after"] = i + 1 < len(layers) and layers[i + 1]["family"] == "norm"
+        # Not a norm of a sum the output is part of (a pre-norm block's next norm, after the
+        # residual add): that one does not divide this layer's scale out.
+        m["has_norm_after"] = (
+            i + 1 < len(layers)
+            and layers[i + 1]["family"] == "norm"
+            and stats[i + 1].input_from == m["name"]
+        )
         m["is_query_or_key"] = m["family"] == "linear" and _is_query_or_key(m["name"], names)
 
 

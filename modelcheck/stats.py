@@ -1462,6 +1462,7 @@ class LayerStats:
     param_grad: GradientStats | None
     parameters: tuple[ParameterStats, ...]
     buffer_nonfinite: int
+    input_from: str | None = None  # see LayerInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -1664,6 +1665,7 @@ class StatsCollector:
                     param_grad=state.param_grad.finalize(),
                     parameters=parameters,
                     buffer_nonfinite=int(sum(int(n) for n in state.buffers_nonfinite)),
+                    input_from=info.input_from,
                 )
             )
         return RunStats(

@@ -189,6 +189,52 @@ def test_a_layer_right_before_a_norm_is_judged_beyond_x50_only(scale, expected):
     assert [(f.layer, f.severity) for f in findings_of(report, "poor-initialization")] == expected
 
 
+class _ConvThenNorm(nn.Module):
+    """ConvNeXt's order: a convolution, its output permuted to channels-last, a LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.conv(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+
+class _PreNormResidual(nn.Module):
+    """A projection added to the residual stream, then the next sublayer's norm of the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 64)
+        self.proj = nn.Linear(64, 64)
+        self.norm = nn.LayerNorm(64)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        return self.head(self.norm(x + self.proj(x)))
+
+
+@pytest.mark.parametrize(
+    ("build", "probe", "expected"),
+    [(_ConvThenNorm, lambda: images(), []), (_PreNormResidual, gaussian, [("proj", "warning")])],
+    ids=["norm-of-a-view-of-its-output", "norm-of-a-sum-it-joins"],
+)
+def test_only_a_norm_of_the_layers_own_output_divides_its_scale_out(build, probe, expected):
+    # Both layers run right before a LayerNorm at ×0.1 their init; only the first one's
+    # output is what the norm takes in (a permuted view of it). The second's is added to the
+    # stream first, so the norm does not undo its scale: that went unflagged before.
+    torch.manual_seed(0)
+    model = build()
+    layer = model.conv if isinstance(model, _ConvThenNorm) else model.proj
+    with torch.no_grad():
+        layer.weight.mul_(0.1)
+    report = modelcheck.check(model, probe())
+    assert [(f.layer, f.severity) for f in findings_of(report, "poor-initialization")] == expected
+
+
 def test_all_equal_weights_are_an_error():
     report = modelcheck.check(symmetric_model(), gaussian())
     finding = only(report, "poor-initialization")
