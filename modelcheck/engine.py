@@ -75,7 +75,7 @@ def check(
         ) from error
     run, stats = measured.run, measured.stats
 
-    parameters = sum(p.numel() for p in module.parameters())
+    parameters = _parameter_count(module)
     if group is None:
         findings, checked = _evaluate(
             chosen, stats, measured.samples, parameters, run.loss, settings
@@ -121,6 +121,19 @@ def check(
         fail_on=settings.fail_on,
         checked=checked,
     )
+
+
+def _parameter_count(module: nn.Module) -> int:
+    """The model's parameter values, with the weights a quantized module packs: its weight()
+    and bias() are methods, and module.parameters() does not see them."""
+    count = sum(p.numel() for p in module.parameters())
+    # Only modules with packed params are asked for a weight: reading a parametrized one's
+    # would compute it (spectral_norm's power iteration moves its buffers).
+    for m in (m for m in module.modules() if hasattr(m, "_packed_params")):
+        weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
+        if callable(weight) and callable(bias):
+            count += sum(t.numel() for t in (weight(), bias()) if isinstance(t, torch.Tensor))
+    return count
 
 
 def _read_as_pair(probe: object, error: CaptureError) -> bool:

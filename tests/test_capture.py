@@ -560,6 +560,13 @@ def test_layers_behind_an_operator_with_no_backward_are_noted_without_gradients(
     assert note.startswith("no gradient reached the outputs of '0', '1': ")
 
 
+def test_a_quantized_model_counts_the_weights_it_packs():
+    # A quantized Linear's weight() and bias() are methods: parameters() saw none of them.
+    report = modelcheck.check(_dynamically_quantized(), gaussian())
+    assert report.model.parameters == (8 * 16 + 16) + (16 * 3 + 3)
+    assert report.model.trainable_parameters == 0
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit")  # torch.compile imports deprecated modules
 def test_a_compiled_model_is_checked_through_its_original_module():
     model, x, y = trained_seed_network()
