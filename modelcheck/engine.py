@@ -77,12 +77,10 @@ def check(
 
     parameters = _parameter_count(module)
     if group is None:
-        findings, checked = _evaluate(
-            chosen, stats, measured.samples, parameters, run.loss, settings
-        )
+        findings, checked = _evaluate(chosen, stats, probe, measured, parameters, settings)
     else:  # rank 0 evaluates the rules; every rank returns the same report
         mine = (
-            _evaluate(chosen, stats, measured.samples, parameters, run.loss, settings)
+            _evaluate(chosen, stats, probe, measured, parameters, settings)
             if group.rank == 0
             else None
         )
@@ -172,13 +170,19 @@ def _unwrapped(module: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
 def _evaluate(
     chosen: tuple[Rule, ...],
     stats: RunStats,
-    samples: int,
+    probe: Probe,
+    measured: _Measured,
     parameters: int,
-    loss: str,
     settings: Settings,
 ) -> tuple[list[Finding], tuple[tuple[str, str | None], ...]]:
     """The findings, and which (rule, layer) pairs were checked at all."""
-    metrics = derive(stats, parameters=parameters, loss=loss, samples=samples)
+    metrics = derive(
+        stats,
+        parameters=parameters,
+        loss=measured.run.loss,
+        samples=measured.samples,
+        noise=probe.noise,
+    )
     found, looked_at = rules.evaluate(chosen, metrics)
     findings = _without_layer_ignores(found, settings)
     slugs = {r.code: r.slug for r in chosen}

@@ -44,6 +44,7 @@ MODEL_METRICS: Mapping[str, str] = {
     "output_rows": "output vectors the output rules compare: one per sample, or per sample "
     "and position where the output has a position axis",
     "outputs": "those in words: '30 samples', or '512 positions of 32 samples'",
+    "probe_noise": "the probe is the random one: seeded N(0, 1) draws, not data",
     "layers": "number of recorded layers",
     "loss": "loss the backward pass used ('surrogate' without labels)",
     "input_float": "the probe input is floating point",
@@ -147,13 +148,17 @@ class Metrics:
     parameters: tuple[Mapping[str, object], ...]
 
 
-def derive(run: RunStats, *, parameters: int, loss: str, samples: int) -> Metrics:
+def derive(
+    run: RunStats, *, parameters: int, loss: str, samples: int, noise: bool = False
+) -> Metrics:
     layers = [_layer_metrics(layer, i, len(run.layers)) for i, layer in enumerate(run.layers)]
     _add_relative(layers, "rms", "rms_ratio", "reference_layer", first=True)
     _add_gradient_ratios(layers)
     _add_context(layers, run.layers)
     _add_near_zero_init(layers, run)
-    model = _model_metrics(run, layers, parameters=parameters, loss=loss, samples=samples)
+    model = _model_metrics(
+        run, layers, parameters=parameters, loss=loss, samples=samples, noise=noise
+    )
     params = []
     for i, (layer, stats) in enumerate(zip(layers, run.layers)):
         params += _parameter_metrics(layer, stats, _next_activation(layers, i))
@@ -486,7 +491,7 @@ def _add_depth_scaled(params: list[dict]) -> None:
 
 
 def _model_metrics(
-    run: RunStats, layers: list[dict], *, parameters: int, loss: str, samples: int
+    run: RunStats, layers: list[dict], *, parameters: int, loss: str, samples: int, noise: bool
 ) -> dict:
     rows = None if run.output is None else run.output.count // max(run.output.units, 1)
     hidden = [m for m in layers if m["is_activation"] and not m["is_last"]]
@@ -497,6 +502,7 @@ def _model_metrics(
         "samples": samples,
         "output_rows": rows,
         "outputs": _outputs(rows, samples),
+        "probe_noise": noise,
         "layers": len(layers),
         "loss": loss,
         "forward_nonfinite": sum(

@@ -68,6 +68,7 @@ class Probe:
     source: str  # for the report, e.g. "iris, standardised"
     samples: int | None  # None when a user's iterable does not say how many it holds
     has_labels: bool
+    noise: bool = False  # the random probe: seeded N(0, 1) draws, not data
 
 
 def probe_from_spec(
@@ -811,7 +812,7 @@ def _random_probe(
         raise ConfigError(f"input_shape must be positive integers, got {input_shape!r}")
     used = samples if max_samples is None else min(samples, max_samples)
     batches = _RandomBatches(shape, used, batch_size, seed)
-    return Probe(batches, f"random N(0,1) of shape {shape} (seed {seed})", used, False)
+    return Probe(batches, f"random N(0,1) of shape {shape} (seed {seed})", used, False, noise=True)
 
 
 # --- input shapes ----------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from models import (
 from torch import nn
 
 import modelcheck
+from modelcheck.probe import probe_from_spec
 from modelcheck.renderers import finding_line, format_number
 
 
@@ -288,6 +289,38 @@ def test_one_class_for_every_sample_is_a_warning():
     finding = only(report, "collapsed-output")
     assert finding.severity == "warning"
     assert finding.message.startswith("every one of the 256 samples gets the same argmax class")
+
+
+def _pooled_cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+
+
+def test_one_class_for_all_of_the_random_probe_is_no_finding():
+    # Noise images from one distribution, averaged over positions, give a fresh CNN nearly
+    # one output: every sample got the same argmax, and a warning that said nothing of it.
+    model = _pooled_cnn()
+    probe = probe_from_spec("random", input_shape=(3, 32, 32))
+    with torch.no_grad():
+        classes = {int(c) for batch in probe.batches for c in model.eval()(batch.inputs).argmax(1)}
+    assert len(classes) == 1
+    report = modelcheck.check(model, probe)
+    assert findings_of(report, "collapsed-output") == []
+
+
+def test_a_constant_output_on_the_random_probe_is_still_an_error():
+    report = modelcheck.check(constant_output_model(), "random", input_shape=(8,))
+    assert only(report, "collapsed-output").severity == "error"
 
 
 # -- zero-initialised layers ----------------------------------------------------------------
