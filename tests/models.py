@@ -520,6 +520,18 @@ def bert_init_encoder(names: tuple[str, str, str] = ("query", "key", "value")) -
     return BertInitEncoder(names)
 
 
+@seeded(22)
+def t5_init_encoder() -> BertInitEncoder:
+    """The encoder at width 256 (heads of 64) initialised as T5 is: every weight at LeCun's
+    std, but the query at 1 / sqrt(width × head size), the scores' scaling folded into it."""
+    model = BertInitEncoder(("q", "k", "v"), width=256)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            fan_in = module.in_features * (64 if name.endswith(".q") else 1)
+            nn.init.normal_(module.weight, std=fan_in**-0.5)
+    return model
+
+
 @seeded(20)
 def sigmoid_fronted_encoder() -> nn.Sequential:
     """The encoder behind a deep sigmoid stack: gradients vanish before they reach it."""

@@ -14,6 +14,7 @@ from models import (
     nano_gpt,
     sequences,
     sigmoid_fronted_encoder,
+    t5_init_encoder,
 )
 from torch import nn
 
@@ -101,6 +102,21 @@ def test_query_and_key_gradients_of_a_bert_initialised_attention_are_not_vanishi
     vanishing = findings_of(report, "vanishing-gradients")
     assert [f.severity for f in vanishing] == ["warning"]  # the value, out and ffn layers
     assert not {vanishing[0].layer, *vanishing[0].related} & set(query_and_key_layers(report))
+
+
+@pytest.mark.parametrize(("scale", "flagged"), [(1.0, False), (80.0, True)], ids=["t5", "x10"])
+def test_a_query_scaled_down_softens_attention_by_design_but_not_up(scale, flagged):
+    # T5 starts its query at ×0.125 of LeCun's gain (1 / sqrt(head size)), which warned on
+    # every block; eighty times that (×10) makes attention start saturated, still a warning.
+    model = t5_init_encoder()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attention.q.weight.mul_(scale)
+    report = modelcheck.check(model, sequences())
+    queries = [p for p in parameter_metrics(report) if p["name"].endswith(".q")]
+    assert [p["init_ratio"] / scale for p in queries] == [pytest.approx(0.125, rel=0.05)] * 2
+    found = {f.layer for f in findings_of(report, "poor-initialization")}
+    assert found == ({"blocks.0.attention.q", "blocks.1.attention.q"} if flagged else set())
 
 
 def test_vanishing_gradients_are_still_found_behind_an_attention():
