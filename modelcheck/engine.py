@@ -63,6 +63,8 @@ def check(
     chosen = select_rules(settings)
     probe_data = probe
     probe = _as_probe(probe, labels, module, settings, input_shape)
+    # Read before the run: it syncs with the device, which the batches never do.
+    untrained = () if settings.train_mode else _untrained_norms_note(module)
     group = distributed.current_group()
     try:
         measured = _measure(module, probe, probe_data, settings, group)
@@ -109,7 +111,7 @@ def check(
             gradients=run.gradients,
             sample_size=measured.sample_size,
             output_key=run.output_key,
-            notes=unwrapped + run.notes + measured.notes,
+            notes=unwrapped + untrained + run.notes + measured.notes,
         ),
         layers=stats.layers,
         input=stats.input,
@@ -132,6 +134,32 @@ def _parameter_count(module: nn.Module) -> int:
         if callable(weight) and callable(bias):
             count += sum(t.numel() for t in (weight(), bias()) if isinstance(t, torch.Tensor))
     return count
+
+
+def _untrained_norms_note(model: nn.Module) -> tuple[str, ...]:
+    """A note when batch norms have never seen a batch: in eval mode they normalise with
+    their initial statistics (mean 0, variance 1), which no data has, so the layers after
+    them see activations a training step never would."""
+    fresh = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and m.num_batches_tracked is not None
+        and int(m.num_batches_tracked) == 0
+        and bool((m.running_mean == 0).all() and (m.running_var == 1).all())
+    ]
+    if not fresh:
+        return ()
+    shown = ", ".join(f"'{n}'" for n in fresh[:3]) + (
+        f" and {len(fresh) - 3} more" if len(fresh) > 3 else ""
+    )
+    return (
+        f"{len(fresh)} batch norm layer{'s' if len(fresh) > 1 else ''} ({shown}) never saw a "
+        "batch: in eval mode they normalise with their initial statistics (mean 0, variance "
+        "1), so the layers after them see unnormalised activations, unlike in training; for "
+        "a model not trained yet, check in train mode (--train-mode, train_mode=True)",
+    )
 
 
 def _read_as_pair(probe: object, error: CaptureError) -> bool:
