@@ -839,16 +839,24 @@ def _takes_dict_positionally(model: nn.Module, inputs: Mapping[str, Any]) -> boo
 
 
 def compute_loss(
-    output: torch.Tensor, target: torch.Tensor | None, kind: str, direction: torch.Tensor | None
+    output: torch.Tensor,
+    target: torch.Tensor | None,
+    kind: str,
+    direction: torch.Tensor | None,
+    signs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, str]:
     """The loss the backward pass starts from, and its name for the report.
 
     Without labels, ``sum(output * v) / batch`` with a fixed random direction ``v``:
     its gradient is a vector-Jacobian product that probes how signal propagates back.
+    ``signs`` (+1 or -1 per sample) turn ``v`` for some samples (see ``_sample_signs``).
     """
     if target is None:
         rows = output.shape[0] if output.dim() else 1  # a scalar: a model returning its loss
-        return (output * direction).sum() / max(rows, 1), "surrogate"
+        if signs is None or not output.dim():
+            return (output * direction).sum() / max(rows, 1), "surrogate"
+        per_sample = (output * direction).reshape(rows, -1).sum(1)
+        return (per_sample * signs).sum() / max(rows, 1), "surrogate"
     kind = _auto_loss(output, target) if kind == "auto" else kind
     if kind == "cross_entropy":
         if target.is_floating_point() and target.shape == output.shape:
@@ -925,10 +933,11 @@ def _loss(
     target: torch.Tensor | None,
     kind: str,
     direction: torch.Tensor | None,
+    signs: torch.Tensor | None,
     inputs: Any,
 ) -> tuple[torch.Tensor, str]:
     try:
-        return compute_loss(output, target, kind, direction)
+        return compute_loss(output, target, kind, direction, signs)
     except ProbeError:
         raise
     except Exception as error:  # e.g. a class index beyond the output's classes
@@ -1081,7 +1090,10 @@ def run(
                     key = tuple(output.shape[1:])
                     if target is None and key not in direction:
                         direction[key] = _direction(output, seed)
-                    value, loss_name = _loss(output, target, loss, direction.get(key), inputs)
+                    signs = _sample_signs(output, seed) if train_mode and target is None else None
+                    value, loss_name = _loss(
+                        output, target, loss, direction.get(key), signs, inputs
+                    )
                     grads = _backward(value, wrt, inputs)
                     if trainable:
                         _report_param_grads(recorder, owners, trainable, grads)
@@ -1246,6 +1258,18 @@ class UnitAxes:
 def _direction(output: torch.Tensor, seed: int) -> torch.Tensor:
     gen = torch.Generator(device=output.device).manual_seed(seed)
     return torch.randn(output.shape[1:], generator=gen, device=output.device, dtype=output.dtype)
+
+
+def _sample_signs(output: torch.Tensor, seed: int) -> torch.Tensor | None:
+    """+1 for half a batch's samples and -1 for the others, in a seeded order, for the
+    surrogate loss in train mode. With one direction for every sample, a pooled output sends
+    the same gradient back to every sample and position of a channel, and a train-mode batch
+    norm, whose backward takes out the batch mean, cancels it: everything before the last
+    norm of a MobileNet got gradients of ~1e-13."""
+    if output.dim() == 0:
+        return None
+    order = torch.randperm(output.shape[0], generator=torch.Generator().manual_seed(seed))
+    return torch.where(order % 2 == 0, 1.0, -1.0).to(output.device, output.dtype)
 
 
 def _parameter_owners(recorder: _Recorder) -> dict[int, nn.Module]:

@@ -115,6 +115,27 @@ def test_vanishing_gradients_in_a_deep_sigmoid_stack_fire_at_the_first_layer():
     assert finding.value < 1e-3
 
 
+def test_in_train_mode_the_surrogate_gradient_survives_a_norm_before_pooling():
+    # MobileNet's linear bottleneck: a batch norm, then global pooling, then the head. With
+    # one surrogate direction for every sample, the norm's backward (batch mean taken out)
+    # cancelled the gradient: the first convolution got ~1e-10 of the head's, an error.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU6(),
+        nn.Conv2d(16, 16, 1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+    report = modelcheck.check(model, images(), train_mode=True)
+    ratio = report.layer("0").param_grad.rms / report.layer("7").param_grad.rms
+    assert ratio > 1e-2
+    assert findings_of(report, "vanishing-gradients") == []
+
+
 def test_exploding_gradients_fire_where_scale_invariant_weights_are_tiny():
     report = modelcheck.check(ScaleInvariantStack(), gaussian(features=32))
     finding = only(report, "exploding-gradients")
