@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import modelcheck
 from modelcheck import capture, kernel
 from modelcheck.demo import IrisFFNN
+from modelcheck.errors import ConfigError
 
 
 def layer_names(report) -> list[str]:
@@ -586,6 +587,17 @@ def test_batch_norms_with_statistics_of_data_are_not_noted():
     with torch.no_grad():
         model.train()(images * 3 + 1)  # one training-mode forward updates the statistics
     assert _fresh_norm_notes(modelcheck.check(model.eval(), images)) == []
+
+
+def test_a_lazy_module_that_never_ran_is_refused_with_what_to_do():
+    # Its weights have no shape yet: the check stopped on 'uninitialized parameter' from
+    # inside PyTorch, and running it to find out would have changed the model.
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.LazyLinear(3))
+    with pytest.raises(ConfigError, match=r"'2' \(LazyLinear\) is not initialised yet") as raised:
+        modelcheck.check(model, gaussian())
+    assert "run the model once on a batch" in str(raised.value)
+    model(gaussian(n=2))  # its first call gives it its shapes
+    assert modelcheck.check(model, gaussian()).layer("2").parameters
 
 
 def test_a_quantized_model_counts_the_weights_it_packs():
