@@ -60,7 +60,7 @@ def check(
     if not isinstance(module, nn.Module):
         raise ConfigError(f"check(): model must be a torch.nn.Module, not {type(module).__name__}")
     module, unwrapped = _unwrapped(module)
-    _refuse_uninitialised(module)
+    refuse_uninitialised(module)
     chosen = select_rules(settings)
     probe_data = probe
     probe = _as_probe(probe, labels, module, settings, input_shape)
@@ -124,14 +124,14 @@ def check(
     )
 
 
-def _refuse_uninitialised(module: nn.Module) -> None:
+def refuse_uninitialised(module: nn.Module) -> None:
     """Stop at a lazy module that has not run yet: its weights have no shape until its first
     call, and a check that made that call would hand back a changed model."""
     for name, m in module.named_modules():
         tensors = (*m.parameters(recurse=False), *m.buffers(recurse=False))
         if any(nn.parameter.is_lazy(t) for t in tensors):
             raise ConfigError(
-                f"check(): '{name or type(module).__name__}' ({type(m).__name__}) is not "
+                f"'{name or type(module).__name__}' ({type(m).__name__}) is not "
                 "initialised yet: a lazy module takes its shapes from its first call; run the "
                 "model once on a batch (or load its trained weights) before checking it"
             )

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from modelcheck.cli import main
 
@@ -41,6 +42,7 @@ import signal
 import time
 
 import torch
+from torch import nn
 from torch import nn
 
 
@@ -520,6 +522,19 @@ def test_bad_input_is_one_line_exit_two_and_writes_nothing(workdir, capsys, make
     code, out, err = run([*args, "-o", "report.json", "--html", "report.html"], capsys)
     assert_refused(code, out, err, *needles)
     assert listing(workdir) == before  # no report, no temporary file, nothing touched
+
+
+def test_a_lazy_module_that_never_ran_is_one_line_exit_two(workdir, capsys):
+    # The CLI asked its first layer for an input size and told to pass --input-shape;
+    # with one, the check would have initialised the layer.
+    torch.save(nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 3)), "lazy.pt")
+    code, out, err = run(["lazy.pt", "--trust"], capsys)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        "modelcheck: error: '0' (LazyLinear) is not initialised yet: a lazy module takes its "
+        "shapes from its first call; run the model once on a batch (or load its trained "
+        "weights) before checking it"
+    ]
 
 
 @pytest.mark.parametrize("make", [_random_bytes, _cut_pickle, _garbled_legacy])
