@@ -739,14 +739,20 @@ def pass_on_gradient(
 
 
 def _gradless_note(layers: Iterable[str], gradless: Mapping[str, None]) -> list[str]:
-    names = [f"'{name}'" for name in layers if name in gradless]  # in the order of the forward
+    names = [name for name in layers if name in gradless]  # in the order of the forward
     if not names:
         return []
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return [
-        f"no gradient reached the outputs of {shown}: an operator on the way has no backward "
-        "(a dynamically quantized Linear, for one), so those layers have no gradient statistics"
+        f"no gradient reached the outputs of {quoted_names(names)}: an operator on the way has "
+        "no backward (a dynamically quantized Linear, for one), so those layers have no "
+        "gradient statistics"
     ]
+
+
+def quoted_names(names: Sequence[str], shown: int = 3) -> str:
+    """``'a', 'b', 'c' and 2 more``: the first few names of a note's list."""
+    quoted = ", ".join(f"'{name}'" for name in names[:shown])
+    return quoted + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _normal_mode() -> AbstractContextManager:
@@ -1268,8 +1274,11 @@ def _sample_signs(output: torch.Tensor, seed: int) -> torch.Tensor | None:
     norm of a MobileNet got gradients of ~1e-13."""
     if output.dim() == 0:
         return None
-    order = torch.randperm(output.shape[0], generator=torch.Generator().manual_seed(seed))
-    return torch.where(order % 2 == 0, 1.0, -1.0).to(output.device, output.dtype)
+    # Drawn where the output is, as the direction is: a copy to the device every batch
+    # would make the host wait for the GPU.
+    gen = torch.Generator(device=output.device).manual_seed(seed)
+    order = torch.randperm(output.shape[0], generator=gen, device=output.device)
+    return torch.where(order % 2 == 0, 1.0, -1.0).to(output.dtype)
 
 
 def _parameter_owners(recorder: _Recorder) -> dict[int, nn.Module]:

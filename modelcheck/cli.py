@@ -298,7 +298,7 @@ def _check_file(
     inputs: list[str | None],
     device: torch.device | None,
 ) -> int:
-    from modelcheck.engine import check, refuse_uninitialised
+    from modelcheck.engine import check
     from modelcheck.probe import infer_input_shape, probe_from_spec
     from modelcheck.source import load_model
 
@@ -311,7 +311,6 @@ def _check_file(
         inputs.append(getattr(sys.modules.get(args.arch.partition(":")[0]), "__file__", None))
     args.inputs = inputs
     shape = _shape(args.input_shape)
-    refuse_uninitialised(loaded.module)  # before its first layer is asked for a shape
     if spec == "random" and shape is None:
         shape = infer_input_shape(loaded.module)
     probe = probe_from_spec(

@@ -30,7 +30,7 @@ from modelcheck.probe import (
 from modelcheck.report import ModelInfo, ProbeInfo, Report
 from modelcheck.rules import Finding, Rule
 from modelcheck.settings import Settings
-from modelcheck.source import LoadedModel
+from modelcheck.source import LoadedModel, refuse_uninitialised
 from modelcheck.stats import NonfiniteCounter, RunStats, StatsCollector
 
 
@@ -80,13 +80,9 @@ def check(
 
     parameters = _parameter_count(module)
     if group is None:
-        findings, checked = _evaluate(chosen, stats, probe, measured, parameters, settings)
+        findings, checked = _evaluate(chosen, measured, probe, parameters, settings)
     else:  # rank 0 evaluates the rules; every rank returns the same report
-        mine = (
-            _evaluate(chosen, stats, probe, measured, parameters, settings)
-            if group.rank == 0
-            else None
-        )
+        mine = _evaluate(chosen, measured, probe, parameters, settings) if group.rank == 0 else None
         findings, checked = distributed.broadcast(mine, group)
     return Report(
         version=__version__,
@@ -124,19 +120,6 @@ def check(
     )
 
 
-def refuse_uninitialised(module: nn.Module) -> None:
-    """Stop at a lazy module that has not run yet: its weights have no shape until its first
-    call, and a check that made that call would hand back a changed model."""
-    for name, m in module.named_modules():
-        tensors = (*m.parameters(recurse=False), *m.buffers(recurse=False))
-        if any(nn.parameter.is_lazy(t) for t in tensors):
-            raise ConfigError(
-                f"'{name or type(module).__name__}' ({type(m).__name__}) is not "
-                "initialised yet: a lazy module takes its shapes from its first call; run the "
-                "model once on a batch (or load its trained weights) before checking it"
-            )
-
-
 def _parameter_count(module: nn.Module) -> int:
     """The model's parameter values, with the weights a quantized module packs: its weight()
     and bias() are methods, and module.parameters() does not see them."""
@@ -165,11 +148,9 @@ def _untrained_norms_note(model: nn.Module) -> tuple[str, ...]:
     ]
     if not fresh:
         return ()
-    shown = ", ".join(f"'{n}'" for n in fresh[:3]) + (
-        f" and {len(fresh) - 3} more" if len(fresh) > 3 else ""
-    )
     return (
-        f"{len(fresh)} batch norm layer{'s' if len(fresh) > 1 else ''} ({shown}) never saw a "
+        f"{len(fresh)} batch norm layer{'s' if len(fresh) > 1 else ''} "
+        f"({capture.quoted_names(fresh)}) never saw a "
         "batch: in eval mode they normalise with their initial statistics (mean 0, variance "
         "1), so the layers after them see unnormalised activations, unlike in training; for "
         "a model not trained yet, check in train mode (--train-mode, train_mode=True)",
@@ -211,15 +192,14 @@ def _unwrapped(module: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
 
 def _evaluate(
     chosen: tuple[Rule, ...],
-    stats: RunStats,
-    probe: Probe,
     measured: _Measured,
+    probe: Probe,
     parameters: int,
     settings: Settings,
 ) -> tuple[list[Finding], tuple[tuple[str, str | None], ...]]:
     """The findings, and which (rule, layer) pairs were checked at all."""
     metrics = derive(
-        stats,
+        measured.stats,
         parameters=parameters,
         loss=measured.run.loss,
         samples=measured.samples,

@@ -25,7 +25,7 @@ import torch
 
 from modelcheck.errors import ConfigError, ProbeError
 from modelcheck.settings import DATASETS
-from modelcheck.source import verify_archive
+from modelcheck.source import refuse_uninitialised, verify_archive
 
 __all__ = [
     "DATASETS",
@@ -172,6 +172,7 @@ def infer_input_shape(model: torch.nn.Module, *, option: str = "--input-shape") 
     exported = _exported_input_shape(model)
     if exported is not None:
         return exported
+    refuse_uninitialised(model)  # a lazy layer does not know its input size yet
     cli = option.startswith("--")
     a_probe = "a probe file" if cli else "a probe"
     for name, layer in model.named_modules():
@@ -180,18 +181,13 @@ def infer_input_shape(model: torch.nn.Module, *, option: str = "--input-shape") 
         if torch_kind == "Linear" and not isinstance(layer, torch.nn.Linear):
             return _other_linear_input(layer, label, option)
         if isinstance(layer, torch.nn.Linear):
-            if torch.nn.parameter.is_lazy(layer.weight):
-                raise ProbeError(
-                    f"cannot infer the input shape: the first layer {label} is a {kind}, whose "
-                    f"input size is set by its first call; pass {option}"
-                )
             return (layer.in_features,)
         for convolution, (spatial, example) in _CONVOLUTIONS.items():
             if torch_kind == convolution.__name__:
-                channels = layer.in_channels or "C"  # a lazy convolution does not know yet
+                channels = layer.in_channels
                 raise ProbeError(
                     f"cannot infer the input shape: the first layer {label} is a {kind} with "
-                    f"{layer.in_channels or 'unknown'} input channels; pass "
+                    f"{channels} input channels; pass "
                     f"{_shape_option(option, f'{channels},{example}')} with your real {spatial}"
                 )
         if torch_kind in ("Embedding", "EmbeddingBag"):

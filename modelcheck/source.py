@@ -26,7 +26,7 @@ from unittest import mock
 
 import torch
 
-from modelcheck.errors import ModelcheckError, SourceError
+from modelcheck.errors import ConfigError, ModelcheckError, SourceError
 from modelcheck.filekind import ARCHIVES, sniff
 
 __all__ = ["LoadedModel", "import_factory", "load_model", "verify_archive"]
@@ -598,3 +598,16 @@ def _describe(value: object) -> str:
             return "an empty mapping"
         return f"a {type(value).__name__} with keys {keys}{' ...' if len(value) > 5 else ''}"
     return f"a {type(value).__name__}"
+
+
+def refuse_uninitialised(module: torch.nn.Module) -> None:
+    """Stop at a lazy module that has not run yet: its weights have no shape until its first
+    call, and a check that made that call would hand back a changed model."""
+    for name, m in module.named_modules():
+        tensors = (*m.parameters(recurse=False), *m.buffers(recurse=False))
+        if any(torch.nn.parameter.is_lazy(t) for t in tensors):
+            raise ConfigError(
+                f"'{name or type(module).__name__}' ({type(m).__name__}) is not "
+                "initialised yet: a lazy module takes its shapes from its first call; run the "
+                "model once on a batch (or load its trained weights) before checking it"
+            )
