@@ -20,7 +20,7 @@ import jinja2
 import numpy as np
 
 from modelcheck.families import ACTIVATION_FAMILIES
-from modelcheck.metrics import reference_values
+from modelcheck.metrics import has_gradient_stacks, reference_values
 from modelcheck.renderers import format_number
 from modelcheck.report import Report
 from modelcheck.rules import Finding, Rule, severity_rank
@@ -597,6 +597,8 @@ def _overview(report: Report, flags: Sequence[_Flag]) -> tuple[Strip, ...]:
     zeros = [a.zero_fraction if a is not None and i in hidden else None for i, a in enumerate(act)]
     sat = [None if a is None else a.saturated_fraction for a in act]
     rms_ref, grad_ref = reference_values(layers)  # the layers the rules divide by
+    # Layers of repeated blocks are judged against the last block, which no one line shows.
+    stacked = has_gradient_stacks(layers)
     specs = [
         (
             "Activation rms",
@@ -641,13 +643,21 @@ def _overview(report: Report, flags: Sequence[_Flag]) -> tuple[Strip, ...]:
         (
             "Gradient rms",
             "log scale; rms of each layer's parameter gradients and of the gradient at its "
-            "output; thresholds relative to the last weight layer's",
+            "output; thresholds relative to the last weight layer's"
+            + (
+                " (vanishing-gradients compares a layer of repeated blocks with the same "
+                "layer in the last block: no line)"
+                if stacked
+                else ""
+            ),
             [
                 _Series(out_grads, "s-soft", "at the output", "output-gradient rms", marks=False),
                 _Series(grads, "s-main", "parameters", "parameter-gradient rms"),
             ],
             True,
-            _ratio_lines(rules, grad_ref, "exploding-gradients", "vanishing-gradients"),
+            _ratio_lines(
+                rules, grad_ref, "exploding-gradients", None if stacked else "vanishing-gradients"
+            ),
             ("exploding-gradients", "vanishing-gradients"),
             "gradients were not computed (--no-gradients)"
             if not report.probe.gradients
@@ -667,7 +677,9 @@ def _plottable(v: float | None, log: bool) -> bool:
     return v is not None and math.isfinite(v) and (v >= 0 if log else True)
 
 
-def _ratio_lines(rules: Mapping[str, Rule], ref: float | None, up: str, down: str) -> list[_Line]:
+def _ratio_lines(
+    rules: Mapping[str, Rule], ref: float | None, up: str, down: str | None
+) -> list[_Line]:
     if ref is None:
         return []
     lines = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,9 @@ _WEIGHTED_FAMILIES = frozenset({"linear", "conv", "rnn", "attention"})
 _NEAR_ZERO = 0.01
 # A block's index in a module name: transformer.h.3.attn.c_proj.
 _BLOCK_INDEX = re.compile(r"\.\d+\.")
+# Repeated blocks from which a layer's gradient is judged against its own kind in the last
+# block rather than against the head (see _add_gradient_ratios).
+_STACK_BLOCKS = 4
 # How near a weight's std must come to 1/sqrt(N) or 1/sqrt(2N) of the others' to be taken
 # as scaled with depth on purpose (a std over a few thousand values is far closer).
 _DEPTH_SCALE_TOLERANCE = 0.1
@@ -106,6 +109,10 @@ LAYER_METRICS: Mapping[str, str] = {
     "param_grad_mean_abs": "mean |gradient| of the layer's own parameters",
     "param_grad_ratio": "param_grad_rms relative to the last weight layer's (linear, conv, ...)",
     "grad_reference_layer": "the layer param_grad_ratio is relative to",
+    "param_grad_depth_ratio": "param_grad_rms relative to the same layer in the last of the "
+    "blocks it repeats in (at least 4 of them: encoder.layer.N.output.dense), else "
+    "param_grad_ratio: how gradients change with depth, apart from the head",
+    "grad_depth_reference_layer": "the layer param_grad_depth_ratio is relative to",
     "param_nonfinite": "NaN or Inf values in the layer's parameters",
     "buffer_nonfinite": "NaN or Inf values in the layer's buffers",
     "grad_nonfinite": "the layer's output or parameter gradients hold NaN or Inf",
@@ -295,12 +302,18 @@ def reference_values(layers: Sequence[LayerStats]) -> tuple[float | None, float 
 
 
 def _add_gradient_ratios(layers: list[dict]) -> None:
-    """Divide each weight layer's parameter-gradient rms by the last weight layer's.
+    """Divide each weight layer's parameter-gradient rms by the last weight layer's, and
+    by the same layer's in the last of its repeated blocks.
 
     Only layers with weight matrices or kernels are compared: a norm gain's gradient sums over
     every position and an embedding's falls on the few rows a probe uses, so neither is on
     the same scale (in all-MiniLM-L6-v2 the last LayerNorm's is ×14 the last Linear's, and
     the word embeddings' ×0.004).
+
+    The depth ratio judges a stack of repeated blocks by itself. A classification head can
+    hold gradients ×100 those of every block behind it, whatever the depth: in a freshly
+    initialised BERT-base the classifier reads one position through a pooler, and every
+    encoder layer gets ×0.008-0.014 of its gradient, the first block as much as the last.
     """
     weighted = [m for m in layers if m["family"] in _WEIGHTED_FAMILIES]
     _add_relative(
@@ -309,6 +322,34 @@ def _add_gradient_ratios(layers: list[dict]) -> None:
     for m in layers:
         if m["family"] not in _WEIGHTED_FAMILIES:
             m["param_grad_ratio"], m["grad_reference_layer"] = None, None
+        m["param_grad_depth_ratio"] = m["param_grad_ratio"]
+        m["grad_depth_reference_layer"] = m["grad_reference_layer"]
+    by_name = {m["name"]: m for m in weighted}
+    for stack in _stacks(by_name):
+        members = [by_name[name] for name in stack]
+        _add_relative(
+            members,
+            "param_grad_rms",
+            "param_grad_depth_ratio",
+            "grad_depth_reference_layer",
+            first=False,
+        )
+
+
+def _stacks(names: Iterable[str]) -> list[list[str]]:
+    """The names that differ only in a block index, in groups of at least _STACK_BLOCKS."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        masked = _BLOCK_INDEX.sub(".#.", name)
+        if masked != name:
+            groups.setdefault(masked, []).append(name)
+    return [group for group in groups.values() if len(group) >= _STACK_BLOCKS]
+
+
+def has_gradient_stacks(layers: Sequence[LayerStats]) -> bool:
+    """Whether vanishing-gradients judges some weight layer against its own kind in the last
+    of its repeated blocks, rather than against the last weight layer."""
+    return bool(_stacks(layer.name for layer in layers if layer.family in _WEIGHTED_FAMILIES))
 
 
 def _add_context(layers: list[dict], stats: Sequence[LayerStats]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -501,10 +502,12 @@ class BertInitEncoder(nn.Module):
     """A small BERT over sequences of feature vectors, initialised as BERT is (normal weights
     of std 0.02, zero biases), classifying from its first position."""
 
-    def __init__(self, names: tuple[str, str, str], features: int = 8, width: int = 64) -> None:
+    def __init__(
+        self, names: tuple[str, str, str], features: int = 8, width: int = 64, blocks: int = 2
+    ) -> None:
         super().__init__()
         self.embed = nn.Sequential(nn.Linear(features, width), nn.LayerNorm(width))
-        self.blocks = nn.Sequential(EncoderBlock(width, names), EncoderBlock(width, names))
+        self.blocks = nn.Sequential(*(EncoderBlock(width, names) for _ in range(blocks)))
         self.head = nn.Linear(width, 3)
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -516,8 +519,23 @@ class BertInitEncoder(nn.Module):
 
 
 @seeded(19)
-def bert_init_encoder(names: tuple[str, str, str] = ("query", "key", "value")) -> BertInitEncoder:
-    return BertInitEncoder(names)
+def bert_init_encoder(
+    names: tuple[str, str, str] = ("query", "key", "value"), blocks: int = 2
+) -> BertInitEncoder:
+    return BertInitEncoder(names, blocks=blocks)
+
+
+@seeded(23)
+def sigmoid_block_stack(blocks: int = 8, width: int = 16) -> nn.Sequential:
+    """Blocks of Linear and Sigmoid under one name each (``blocks.N.fc``), then a head:
+    gradients shrink about ×4 at every block."""
+    stack = nn.Sequential(
+        *(
+            nn.Sequential(OrderedDict(fc=nn.Linear(width, width), act=nn.Sigmoid()))
+            for _ in range(blocks)
+        )
+    )
+    return nn.Sequential(OrderedDict(blocks=stack, head=nn.Linear(width, 3)))
 
 
 @seeded(22)

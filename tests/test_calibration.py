@@ -13,6 +13,7 @@ from models import (
     mlp,
     nano_gpt,
     sequences,
+    sigmoid_block_stack,
     sigmoid_fronted_encoder,
     t5_init_encoder,
 )
@@ -123,6 +124,43 @@ def test_vanishing_gradients_are_still_found_behind_an_attention():
     report = modelcheck.check(sigmoid_fronted_encoder(), sequences())
     finding = findings_of(report, "vanishing-gradients")[0]
     assert (finding.layer, finding.severity) == ("0.0", "error")
+
+
+def layer_metrics(report) -> dict:
+    from modelcheck.metrics import derive
+    from modelcheck.stats import RunStats
+
+    stats = RunStats(report.layers, report.input, report.output, None, 16384)
+    derived = derive(stats, parameters=1, loss="x", samples=report.probe.samples)
+    return {m["name"]: m for m in derived.layers}
+
+
+def test_a_head_over_repeated_blocks_is_not_a_trend_with_depth():
+    # The head reads one position: every block gets ~x0.001-0.003 of its gradient, the first
+    # as much as the last. Judged against the head, the value projections warned.
+    report = modelcheck.check(bert_init_encoder(blocks=4), sequences())
+    layers = layer_metrics(report)
+    first, last = layers["blocks.0.ffn.0"], layers["blocks.3.ffn.0"]
+    assert first["param_grad_ratio"] < 1e-2 and last["param_grad_ratio"] < 1e-2
+    assert first["grad_depth_reference_layer"] == "blocks.3.ffn.0"
+    assert first["param_grad_depth_ratio"] == pytest.approx(
+        first["param_grad_rms"] / last["param_grad_rms"]
+    )
+    assert layers["embed.0"]["grad_depth_reference_layer"] == "head"  # in no stack
+    assert findings_of(report, "vanishing-gradients") == []
+    assert "compares a layer of repeated blocks with the same layer" in report.to_html()
+
+
+def test_gradients_that_vanish_through_repeated_blocks_are_judged_against_the_last():
+    report = modelcheck.check(sigmoid_block_stack(), torch.randn(256, 16))
+    finding = findings_of(report, "vanishing-gradients")[0]
+    assert (finding.layer, finding.severity) == ("blocks.0.fc", "error")
+    assert "those of 'blocks.7.fc'" in finding.message
+
+
+def test_blocks_repeated_fewer_than_four_times_are_judged_against_the_last_weight_layer():
+    layers = layer_metrics(modelcheck.check(bert_init_encoder(), sequences()))
+    assert layers["blocks.0.ffn.0"]["grad_depth_reference_layer"] == "head"
 
 
 @pytest.mark.parametrize(
