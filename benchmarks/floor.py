@@ -28,6 +28,7 @@ import torch
 import modelcheck
 from modelcheck import kernel
 from modelcheck.capture import recorded_modules
+from modelcheck.stats import _three_axes
 
 
 class _Reducer:
@@ -37,7 +38,7 @@ class _Reducer:
         self.scratch: dict[int, tuple[torch.Tensor, list[int]]] = {}
 
     def __call__(self, out: torch.Tensor) -> None:
-        x3 = out.reshape(out.shape[0], out.shape[1], -1) if out.dim() > 2 else out.unsqueeze(-1)
+        x3 = _three_axes(out, 1)  # (batch, units, positions), as a check views it
         units = x3.shape[1]
         if units not in self.scratch:
             rows = torch.zeros(7, units)  # a shift, then sum, dsumsq, low, high, active, saturated

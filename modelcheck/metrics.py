@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -324,11 +324,9 @@ def _add_gradient_ratios(layers: list[dict]) -> None:
             m["param_grad_ratio"], m["grad_reference_layer"] = None, None
         m["param_grad_depth_ratio"] = m["param_grad_ratio"]
         m["grad_depth_reference_layer"] = m["grad_reference_layer"]
-    by_name = {m["name"]: m for m in weighted}
-    for stack in _stacks(by_name):
-        members = [by_name[name] for name in stack]
+    for stack in _repeated([m["name"] for m in weighted], _STACK_BLOCKS):
         _add_relative(
-            members,
+            [weighted[i] for i in stack],
             "param_grad_rms",
             "param_grad_depth_ratio",
             "grad_depth_reference_layer",
@@ -336,20 +334,22 @@ def _add_gradient_ratios(layers: list[dict]) -> None:
         )
 
 
-def _stacks(names: Iterable[str]) -> list[list[str]]:
-    """The names that differ only in a block index, in groups of at least _STACK_BLOCKS."""
-    groups: dict[str, list[str]] = {}
-    for name in names:
+def _repeated(names: Sequence[str], at_least: int = 2) -> list[list[int]]:
+    """Where the names that differ only in a block index are (``transformer.h.N.attn``), a
+    group of at least ``at_least`` positions per name with its index masked."""
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
         masked = _BLOCK_INDEX.sub(".#.", name)
         if masked != name:
-            groups.setdefault(masked, []).append(name)
-    return [group for group in groups.values() if len(group) >= _STACK_BLOCKS]
+            groups.setdefault(masked, []).append(i)
+    return [group for group in groups.values() if len(group) >= at_least]
 
 
 def has_gradient_stacks(layers: Sequence[LayerStats]) -> bool:
     """Whether vanishing-gradients judges some weight layer against its own kind in the last
     of its repeated blocks, rather than against the last weight layer."""
-    return bool(_stacks(layer.name for layer in layers if layer.family in _WEIGHTED_FAMILIES))
+    weighted = [layer.name for layer in layers if layer.family in _WEIGHTED_FAMILIES]
+    return bool(_repeated(weighted, _STACK_BLOCKS))
 
 
 def _add_context(layers: list[dict], stats: Sequence[LayerStats]) -> None:
@@ -514,14 +514,13 @@ def _add_depth_scaled(params: list[dict]) -> None:
     grow with depth): the same weight in each of N repeated blocks (names that differ only
     in their block index), at the std of the model's other weights over sqrt(2N) or sqrt(N).
     """
-    groups: dict[tuple[str, str], list[int]] = {}
-    for i, p in enumerate(params):
+    for p in params:
         p["depth_scaled_init"] = False
-        groups.setdefault((_BLOCK_INDEX.sub(".#.", p["name"]), p["param"]), []).append(i)
     stds = np.array([p["param_std"] for p in params], dtype=np.float64)
-    for members in groups.values():
+    # ':' before the parameter: a layer named for its index (net.3) is no block.
+    for members in _repeated([f"{p['name']}:{p['param']}" for p in params]):
         blocks = len(members)
-        if blocks < 2 or blocks == len(params):
+        if blocks == len(params):
             continue
         common = float(np.median(np.delete(stds, members)))
         for i in members:
