@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import allocator  # this script's directory is first on sys.path
+
 HERE = Path(__file__).resolve().parent
 
 BUILDERS = {"mlp": "mlp", "resnet": "resnet18", "transformer": "transformer"}
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="checks of each kind per process")
     parser.add_argument("--worker", metavar="TREE", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    allocator.fix_heap()
     if args.worker:
         return worker(args.worker, args.model, args.samples, args.batch_size, args.repeat)
     if len(args.trees) != 2:

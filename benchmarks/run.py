@@ -5,8 +5,9 @@
 
 Every time is the median wall time of ``--repeat`` runs taken in this one process, and
 every check's ratio divides it by the plain forward+backward (or forward) pass over the same
-probe batches timed just before it, round by round. Peak memory is measured in fresh
-subprocesses (the peak resident set size of a process only grows).
+probe batches timed just before it, round by round, on a heap whose thresholds are fixed
+(see allocator.py). Peak memory is measured in fresh subprocesses (the peak resident set
+size of a process only grows), on the default heap.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import allocator  # noqa: E402
 import baselines  # noqa: E402
 import models  # noqa: E402
 
@@ -195,7 +197,11 @@ def mmap_worker(path: str) -> None:
 
 def _subprocess(*args: str) -> float:
     out = subprocess.run(
-        [sys.executable, __file__, *args], check=True, capture_output=True, text=True
+        [sys.executable, __file__, *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=allocator.default_heap(),
     )
     return float(out.stdout.split()[-1])
 
@@ -277,6 +283,7 @@ def machine() -> list[str]:
         f"({torch.get_num_threads()} threads), numpy {np.__version__}, "
         f"{platform.system()} {platform.release()}",
         "- load average at start / end: {start} / {end} (the machine is shared)",
+        f"- timed on {allocator.description()}; peak memory on the default heap",
         f"- statistics of float32 CPU activations: {_reductions()}",
     ]
 
@@ -421,6 +428,7 @@ def main() -> None:
         return memory_worker(mode, int(samples), int(width))
     if args.mmap_worker:
         return mmap_worker(args.mmap_worker)
+    allocator.fix_heap()
     repeat = 1 if args.quick else args.repeat
     results: dict = {"load": {"start": f"{os.getloadavg()[0]:.1f}"}}
     results["cases"] = {}

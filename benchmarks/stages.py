@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import baselines  # this script's directory is first on sys.path
+import allocator  # this script's directory is first on sys.path
+import baselines
 import models
 
 import modelcheck
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--checks", type=int, default=10)
     parser.add_argument("--gradients", action="store_true", help="full checks, not forward-only")
     args = parser.parse_args()
+    allocator.fix_heap()
 
     model, x = _model(args)
     batches = list(x.split(args.batch_size))
