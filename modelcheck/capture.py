@@ -253,6 +253,16 @@ def recorded_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
+def calls_functions_between_leaves(model: nn.Module) -> bool:
+    """Whether the model may call torch functions outside its leaf modules (whose calls
+    the leaf's own output stands for): any model but nn.Sequential containers of leaves."""
+    return any(
+        next(module.children(), None) is not None
+        and type(module).forward is not nn.Sequential.forward
+        for _, module in model_modules(model)
+    )
+
+
 def block_layer(name: str, type_name: str) -> LayerInfo:
     """A non-leaf module recorded at block level (family "block")."""
     return LayerInfo(name, type_name, "block", False, None, ())
@@ -510,6 +520,16 @@ class _Recorder(TorchFunctionMode):
         self.first_batch = True
         self.changed_in_place: set[str] = set()
         self.gradless: dict[str, None] = {}  # see pass_on_gradient
+        self.watches_functions = calls_functions_between_leaves(model)
+
+    def __enter__(self) -> _Recorder:
+        # The function mode finds nothing in a model that calls no function outside its
+        # leaves, and costs ~8 µs per torch call (3% of a 20x1024 MLP's forward).
+        return super().__enter__() if self.watches_functions else self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.watches_functions:
+            super().__exit__(*exc)
 
     # hooks ------------------------------------------------------------------------
 

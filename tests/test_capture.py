@@ -63,11 +63,66 @@ def test_seed_layer_two_is_exactly_relu_of_fc2_of_relu_of_fc1():
     assert stats.max == pytest.approx(expected.max(), rel=1e-12)
 
 
+class _Wrapped(nn.Module):
+    """A model with a forward of its own around a Sequential: the function mode watches it."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
 def test_relu_modules_are_recorded_once_not_again_through_the_function_mode():
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    model = _Wrapped(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
     report = modelcheck.check(model, gaussian(features=4))
-    assert layer_names(report) == ["0", "1", "2"]
-    assert report.layer("1").family == "relu"
+    assert layer_names(report) == ["inner.0", "inner.1", "inner.2"]
+    assert report.layer("inner.1").family == "relu"
+
+
+class _ModeSeen(nn.Module):
+    """A leaf that notes how many torch function modes are active in its forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modes: list[int] = []
+
+    def forward(self, x):
+        self.modes.append(torch._C._len_torch_function_stack())
+        return torch.tanh(x)
+
+
+class _SequentialWithForward(nn.Sequential):
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
+@pytest.mark.parametrize(
+    ("container", "watched", "layers"),
+    [
+        (nn.Sequential, False, ["0", "1"]),
+        (_SequentialWithForward, True, ["0", "1", "1.relu"]),
+    ],
+)
+def test_the_function_mode_watches_only_models_that_may_call_functions_between_leaves(
+    container, watched, layers
+):
+    seen = _ModeSeen()
+    model = container(nn.Linear(4, 4), seen)
+    report = modelcheck.check(model, gaussian(features=4))
+    assert set(seen.modes) == {1 if watched else 0}
+    assert layer_names(report) == layers
+
+
+def test_a_sequential_model_has_the_statistics_it_has_under_the_function_mode():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh())
+    x = gaussian(features=4)
+    plain, watched = modelcheck.check(model, x), modelcheck.check(_Wrapped(model), x)
+    for name in layer_names(plain):
+        ours, theirs = plain.layer(name), watched.layer(f"inner.{name}")
+        assert ours.activation == theirs.activation
+        assert ours.output_grad == theirs.output_grad
 
 
 def test_activation_applied_to_an_unrecorded_tensor_is_named_after_its_scope():
