@@ -253,7 +253,7 @@ def recorded_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-def calls_functions_between_leaves(model: nn.Module) -> bool:
+def _calls_functions_between_leaves(model: nn.Module) -> bool:
     """Whether the model may call torch functions outside its leaf modules (whose calls
     the leaf's own output stands for): any model but nn.Sequential containers of leaves."""
     return any(
@@ -520,11 +520,12 @@ class _Recorder(TorchFunctionMode):
         self.first_batch = True
         self.changed_in_place: set[str] = set()
         self.gradless: dict[str, None] = {}  # see pass_on_gradient
-        self.watches_functions = calls_functions_between_leaves(model)
+        self.watches_functions = _calls_functions_between_leaves(model)
 
     def __enter__(self) -> _Recorder:
         # The function mode finds nothing in a model that calls no function outside its
-        # leaves, and costs ~8 µs per torch call (3% of a 20x1024 MLP's forward).
+        # leaves, and costs ~8 µs per torch call (a 20x1024 MLP's forward-only check took
+        # 1.58x its plain forward with it, 1.50x without).
         return super().__enter__() if self.watches_functions else self
 
     def __exit__(self, *exc: object) -> None:
