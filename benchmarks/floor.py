@@ -33,21 +33,26 @@ from modelcheck.stats import _three_axes
 
 
 class _Reducer:
-    """One kernel pass over an output, into scratch rows kept per width."""
+    """One kernel pass over an output, into accumulators kept per width."""
 
     def __init__(self) -> None:
-        self.scratch: dict[int, tuple[torch.Tensor, list[int]]] = {}
+        self.scratch: dict[int, tuple[torch.Tensor, list[int], torch.Tensor]] = {}
 
     def __call__(self, out: torch.Tensor) -> None:
         x3 = _three_axes(out, 1)  # (batch, units, positions), as a check views it
         units = x3.shape[1]
         if units not in self.scratch:
-            rows = torch.zeros(7, units)  # a shift, then sum, dsumsq, low, high, active, saturated
-            self.scratch[units] = (rows, [row.data_ptr() for row in rows])
-        _, (shift, *outputs) = self.scratch[units]
+            # a shift; sum, dsumsq, active, saturated, then low and high, as a summary keeps them
+            totals = torch.zeros(4 * units + 2, dtype=torch.float64)
+            rows = [totals[i * units :].data_ptr() for i in range(4)] + [
+                totals[4 * units :].data_ptr(),
+                totals[4 * units + 1 :].data_ptr(),
+            ]
+            self.scratch[units] = (torch.zeros(units), rows, totals)
+        shift, rows, _ = self.scratch[units]
         kernel.LIBRARY.modelcheck_reduce_f32(
-            x3.data_ptr(), *x3.shape, shift, *outputs, 0, 0.0, 0.0, None, None, 0, None,
-            torch.get_num_threads() if kernel.THREADED else 1,
+            x3.data_ptr(), *x3.shape, shift.data_ptr(), *rows, None, 0, 0.0, 0.0, None, None, 0,
+            None, torch.get_num_threads() if kernel.THREADED else 1,
         )  # fmt: skip
 
 

@@ -28,7 +28,7 @@ enum { SATURATION_NONE = 0, SATURATION_ABOVE = 1, SATURATION_AWAY = 2 };
 /* Raised with every change to a signature below: kernel.py loads only the version it calls,
  * so a library left from an older checkout (an editable install not rebuilt) is not called
  * with the wrong arguments. */
-int modelcheck_kernel_version(void) { return 4; }
+int modelcheck_kernel_version(void) { return 5; }
 
 /* Whether this build can run a reduction on more than one thread. */
 int modelcheck_kernel_threaded(void) {
@@ -269,20 +269,20 @@ VECTOR_VARIANTS static int reduce_runs(Reduction *p) {
     }
 }
 
-static void narrow(float *restrict to, const double *restrict from, int64_t n) {
-    for (int64_t i = 0; i < n; i++) to[i] = (float)from[i];
-}
-
-/* Reduce x into the float32 outputs (each of `units` values; low and high one each; active
- * and saturated may be NULL), on up to `threads` threads, each taking a share of the outer
- * rows into totals of its own, added up in a fixed order; and copy its sample: sample[to[k]]
- * = x[at[k]] for the `count` ascending flat positions at (count 0: none). Returns 0, or 1 when
- * memory ran out (the outputs are then unspecified). */
+/* Add x's reduction to the float64 accumulators of a summary: per unit the sums (`active` and
+ * `saturated` may be NULL: not kept), and the extremes into *low and *high (one value each; a
+ * NaN anywhere makes both NaN for good, as torch.minimum and torch.maximum keep it). The work
+ * is shared between up to `threads` threads, each taking a share of the outer rows into
+ * totals of its own, added up in a fixed order. With `batch`, this batch's own results also
+ * go there, as (sum, dsumsq, active, saturated) of `units` values each (zeros where not kept),
+ * then low and high, for a summary of the very same tensor to add instead of reading it again.
+ * The same pass copies x's sample: sample[to[k]] = x[at[k]] for the `count` ascending flat
+ * positions at (count 0: none). Returns 0, or 1 when memory ran out (nothing is added then). */
 int modelcheck_reduce_f32(const float *x, int64_t outer, int64_t units, int64_t inner,
-                          const float *shift, float *sum, float *dsumsq, float *low,
-                          float *high, float *active, float *saturated, int saturation,
-                          float centre, float bound, const int64_t *at, const int64_t *to,
-                          int64_t count, float *sample, int threads) {
+                          const float *shift, double *sum, double *dsumsq, double *active,
+                          double *saturated, double *low, double *high, double *batch,
+                          int saturation, float centre, float bound, const int64_t *at,
+                          const int64_t *to, int64_t count, float *sample, int threads) {
     if (threads < 1 || outer < threads || outer * units * inner < PARALLEL_FROM) threads = 1;
     double *totals = calloc((size_t)(4 * units * threads), sizeof(double));
     Reduction *parts = calloc((size_t)threads, sizeof(Reduction));
@@ -309,22 +309,26 @@ int modelcheck_reduce_f32(const float *x, int64_t outer, int64_t units, int64_t 
     }
     for (int i = 1; i < threads; i++)
         for (int64_t j = 0; j < 4 * units; j++) totals[j] += totals[4 * units * i + j];
-    float least = INFINITY, most = -INFINITY;
+    double least = INFINITY, most = -INFINITY;
     int nan = 0;
     for (int i = 0; i < threads; i++) {
         least = parts[i].low < least ? parts[i].low : least;
         most = parts[i].high > most ? parts[i].high : most;
         nan |= parts[i].nan;
     }
+    if (nan) least = most = NAN;
     if (!failed) {
-        narrow(sum, totals, units);
-        narrow(dsumsq, totals + units, units);
-        if (active) narrow(active, totals + 2 * units, units);
-        if (saturated) narrow(saturated, totals + 3 * units, units);
+        double *kept[4] = {sum, dsumsq, active, saturated};
+        for (int row = 0; row < 4; row++)
+            if (kept[row])
+                for (int64_t u = 0; u < units; u++) kept[row][u] += totals[row * units + u];
+        *low = nan || *low != *low ? NAN : (least < *low ? least : *low);
+        *high = nan || *high != *high ? NAN : (most > *high ? most : *high);
+        if (batch) {
+            for (int64_t j = 0; j < 4 * units; j++) batch[j] = totals[j];
+            batch[4 * units] = least, batch[4 * units + 1] = most;
+        }
     }
-    /* Like torch.aminmax: a NaN anywhere makes both extremes NaN. */
-    *low = nan ? NAN : least;
-    *high = nan ? NAN : most;
     free(totals), free(parts);
     return failed;
 }

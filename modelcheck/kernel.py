@@ -33,7 +33,7 @@ __all__ = [
 
 _NONE, _ABOVE, _AWAY = 0, 1, 2  # the kernel's kinds of saturation test
 
-_VERSION = 4
+_VERSION = 5
 """The ``modelcheck_kernel_version()`` whose functions this module calls."""
 
 SaturationTest = tuple[int, float, float]
@@ -54,7 +54,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     pointer, size, flt = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     function = library.modelcheck_reduce_f32
-    function.argtypes = [pointer, size, size, size, *[pointer] * 7]
+    function.argtypes = [pointer, size, size, size, *[pointer] * 8]
     function.argtypes += [ctypes.c_int, flt, flt, pointer, pointer, size, pointer, ctypes.c_int]
     function.restype = ctypes.c_int
     function = library.modelcheck_power_sums_f32
@@ -109,21 +109,25 @@ def saturation_test(saturation: tuple[float, float] | None) -> SaturationTest:
 def reduce_into(
     x3: torch.Tensor,
     shift: torch.Tensor,
-    outputs: Sequence[int | None],
+    totals: Sequence[int | None],
     saturation: SaturationTest,
+    batch: torch.Tensor | None = None,
     sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Reduce ``x3`` in one pass into ``outputs``, the addresses of float32 arrays (sum,
-    dsumsq, low, high, active, saturated): per unit the sum of x and of (x - shift)², the
-    count of positive values and of saturated ones (each of those two skipped when None),
-    and the extremes (one value each). With ``sample`` = (at, to, out), the same pass also
-    sets out[to] = x3's flat values at the ascending int64 positions ``at``."""
+    """Reduce ``x3`` in one pass and add the results to ``totals``, the addresses of a
+    summary's float64 accumulators (sum, dsumsq, active, saturated, low, high): per unit the
+    sum of x and of (x - shift)², the count of positive values and of saturated ones (each
+    of those two skipped when None), and the extremes (one value each). ``batch``, a float64
+    tensor of 4 × units + 2 values, receives this batch's own results (sum, dsumsq, active,
+    saturated, then low and high). With ``sample`` = (at, to, out), the same pass also sets
+    out[to] = x3's flat values at the ascending int64 positions ``at``."""
     at, to, out = sample if sample is not None else (None, None, None)
     failed = LIBRARY.modelcheck_reduce_f32(
         x3.data_ptr(),
         *x3.shape,
         shift.data_ptr(),
-        *outputs,
+        *totals,
+        None if batch is None else batch.data_ptr(),
         *saturation,
         None if at is None else at.data_ptr(),
         None if to is None else to.data_ptr(),

@@ -266,7 +266,6 @@ class _BatchSlots:
     reductions over the activation themselves."""
 
     __slots__ = (
-        "_bases",
         "_rows",
         "active",
         "capacity",
@@ -293,7 +292,6 @@ class _BatchSlots:
         self.active = torch.empty(rows, self.units if activity else 0, **counts)
         self.saturated = torch.empty(rows, self.units if saturation else 0, **counts)
         self._rows: list[tuple[torch.Tensor, ...]] | None = None
-        self._bases: list[tuple[int, int]] | None = None
         self.filled = 0
 
     def _results(self) -> tuple[torch.Tensor, ...]:
@@ -304,16 +302,6 @@ class _BatchSlots:
         if self._rows is None:  # made once: slicing rows on every batch costs microseconds
             self._rows = list(zip(*self._results()))
         return self._rows[i]
-
-    def addresses(self, i: int) -> tuple[int | None, ...]:
-        """Where row i of each result is in memory, for the kernel: no views to make (a
-        few microseconds each); None for a result not kept."""
-        if self._bases is None:
-            self._bases = [
-                (t.data_ptr(), t.stride(0) * t.element_size()) if t.numel() else (None, 0)
-                for t in self._results()
-            ]
-        return tuple(None if at is None else at + i * step for at, step in self._bases)
 
     def fits(self, x3: torch.Tensor) -> bool:
         return (
@@ -682,6 +670,10 @@ class TensorSummary:
         # holds its own copy of a shift, so the tensor names the summary): see ``update``.
         self._last_rows: tuple[_BatchSlots, int, int] | None = None
         self._shift_source: torch.Tensor | None = None
+        # The kernel's results for the last batch alone, while they are its (see update),
+        # in a buffer of 4 x units + 2 values the kernel rewrites every batch.
+        self._last_batch: torch.Tensor | None = None
+        self._batch_buffer: torch.Tensor | None = None
         self._pending: list[tuple[torch.Tensor, float]] = []
         self._pending_values = 0
         # Values of the probe the reservoir's offers were counted over, and all it will
@@ -709,7 +701,7 @@ class TensorSummary:
             x, unit_dim = x.reshape(1), 0
         x3 = _three_axes(x, unit_dim)
         self.updates += 1
-        self._last_rows = None
+        self._last_rows = self._last_batch = None
         sample = None
         if same_as is None or not self._copied_from(same_as, x3):
             sample = self._reduce(x3)
@@ -786,34 +778,42 @@ class TensorSummary:
             self._fold()  # a module called with differently shaped inputs
             self._absorb(self._batch_part(x3))
             return None
+        if self.unit_sum is None:
+            self._start(x3)
+        plan = self._plan_for(x3)
+        if plan.kernel_shift is not None:
+            self._fold()  # batches of another dtype may still wait in the slots
+            return self._into_totals(x3, plan)
         if self._slots is None or not self._slots.fits(x3):
             self._fold()  # the first batch, or one of another dtype
-            if self.count == 0:
-                self._start(x3)
             self._slots = _BatchSlots(x3, self.activity, self.saturation is not None)
-        return self._into_slots(x3, self._slots)
+        self._into_slots(x3, self._slots, plan)
+        return None
 
-    def _into_slots(
-        self, x3: torch.Tensor, slots: _BatchSlots
-    ) -> tuple[torch.Tensor, float] | None:
-        plan, first = self._plan_for(x3), slots.filled
-        sample = None
-        if plan.kernel_shift is not None:  # the whole batch in one compiled pass
-            # Its sample too, copied as each row is read: a gather afterwards would read a
-            # large activation's positions from memory again, one cache miss each.
-            sample = self.sampler.for_kernel(x3)
-            copy = None if sample is None else sample[:3]
-            kernel.reduce_into(x3, plan.kernel_shift, slots.addresses(first), plan.saturation, copy)
-            pieces = 1
-            self._row_filled(slots, x3.numel())
-        else:
-            pieces = len(plan.pieces)
-            for piece, planned in zip(x3.split(plan.rows) if pieces > 1 else (x3,), plan.pieces):
-                self._piece_into_row(piece, slots.row(slots.filled), *planned)
-                self._row_filled(slots, piece.numel())
+    def _into_totals(self, x3: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, float] | None:
+        """The whole batch in one compiled pass, added straight to the accumulators; its
+        sample too, copied as each row is read (a gather afterwards would read a large
+        activation's positions from memory again, one cache miss each)."""
+        sample = self.sampler.for_kernel(x3)
+        batch = self._batch_buffer
+        if batch is None or batch.numel() != 4 * x3.shape[1] + 2:
+            batch = self._batch_buffer = torch.empty(4 * x3.shape[1] + 2, dtype=torch.float64)
+        totals = [self.unit_sum, self.unit_dsumsq, self.unit_active, self.unit_saturated]
+        totals = [None if t is None else t.data_ptr() for t in totals]
+        totals += [self.unit_min.data_ptr(), self.unit_max.data_ptr()]
+        copy = None if sample is None else sample[:3]
+        kernel.reduce_into(x3, plan.kernel_shift, totals, plan.saturation, batch, copy)
+        self.count += x3.numel()
+        self._last_batch = batch
+        return None if sample is None else sample[2:]  # (values, weight), as take gives
+
+    def _into_slots(self, x3: torch.Tensor, slots: _BatchSlots, plan: _Plan) -> None:
+        first, pieces = slots.filled, len(plan.pieces)
+        for piece, planned in zip(x3.split(plan.rows) if pieces > 1 else (x3,), plan.pieces):
+            self._piece_into_row(piece, slots.row(slots.filled), *planned)
+            self._row_filled(slots, piece.numel())
         if first + pieces <= slots.capacity:  # no fold in between overwrote them
             self._last_rows = (slots, first, pieces)
-        return None if sample is None else sample[2:]  # (values, weight), as take gives
 
     def _plan_for(self, x3: torch.Tensor) -> _Plan:
         # A new shift (another rank's mean) is a new tensor: it makes a new plan.
@@ -824,21 +824,48 @@ class TensorSummary:
         return plan
 
     def _copied_from(self, source: TensorSummary, x3: torch.Tensor) -> bool:
-        """Copy ``source``'s last batch's slot rows, if they hold everything this
-        summary keeps, around the same shift; False to reduce ``x3`` instead."""
+        """Add ``source``'s results for its last batch (the kernel's, or its slot rows), if
+        they hold everything this summary keeps, around the same shift; False to reduce
+        ``x3`` instead."""
         if (
-            source._last_rows is None
+            (source._last_batch is None and source._last_rows is None)
             or (self.activity and not source.activity)
             or (self.saturation is not None and self.saturation != source.saturation)
         ):
             return False
-        theirs, first, n = source._last_rows
         if self.count == 0:  # start from the source's shift, so the sums agree
-            self.start_empty(theirs.units, x3.device, source.unit_shift)
+            self.start_empty(source.units, x3.device, source.unit_shift)
             self._shift_source = source.unit_shift
+        if self._shift_source is not source.unit_shift or x3.shape[1] != self.units:
+            return False
+        if source._last_batch is not None:
+            self._add_batch(source._last_batch)
+        elif not self._copy_rows(source._last_rows, x3):
+            return False
+        self.count += x3.numel()
+        return True
+
+    def _add_batch(self, batch: torch.Tensor) -> None:
+        """Add a batch's results as the kernel wrote them (see kernel.reduce_into)."""
+        units = self.units
+        sums = batch[: 4 * units].view(4, units)
+        for row, total in enumerate(
+            (self.unit_sum, self.unit_dsumsq, self.unit_active, self.unit_saturated)
+        ):
+            if total is not None:
+                total.add_(sums[row])
+        extremes = batch[4 * units :]
+        torch.minimum(self.unit_min, extremes[:1], out=self.unit_min)
+        torch.maximum(self.unit_max, extremes[1:], out=self.unit_max)
+        self._last_batch = batch
+
+    def _copy_rows(self, rows: tuple[_BatchSlots, int, int], x3: torch.Tensor) -> bool:
+        """Copy another summary's slot rows into this one's slots."""
+        theirs, first, n = rows
+        if self._slots is None:
             self._slots = _BatchSlots(x3, self.activity, self.saturation is not None)
         slots = self._slots
-        if self._shift_source is not source.unit_shift or not slots.fits(x3) or n > slots.capacity:
+        if not slots.fits(x3) or n > slots.capacity:
             return False
         if slots.filled + n > slots.capacity:
             self._fold()
@@ -852,7 +879,6 @@ class TensorSummary:
         for mine, copied in pairs:
             mine[at : at + n].copy_(copied[first : first + n])
         slots.filled += n
-        self.count += x3.numel()
         self._last_rows = (slots, at, n)
         if slots.filled == slots.capacity:
             self._fold()

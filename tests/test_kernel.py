@@ -22,14 +22,32 @@ SATURATIONS = [None, (-0.99, 0.99), (0.005, 0.995), (-math.inf, 6.0), (-2.0, 1.0
 pytestmark = pytest.mark.usefixtures("kernel_built")
 
 
-def reduced(x3: torch.Tensor, shift: torch.Tensor, saturation=None, sample=None):
+def reduced(x3: torch.Tensor, shift: torch.Tensor, saturation=None, sample=None, into=None):
+    """The kernel's results for x3, added to ``into`` (accumulators from ``accumulators``)
+    or to fresh ones; also checks that its batch buffer holds what one batch added."""
     units = x3.shape[1]
-    outputs = (*torch.full((2, units), math.nan), *torch.full((2,), math.nan))
-    tracked = units if saturation else 0  # as in a summary: empty when not kept
-    outputs += (torch.full((units,), math.nan), torch.full((tracked,), math.nan))
-    addresses = [t.data_ptr() if t.numel() else None for t in outputs]
-    kernel.reduce_into(x3, shift, addresses, kernel.saturation_test(saturation), sample)
-    return [t.double().numpy() for t in outputs]
+    sums, extremes = into if into is not None else accumulators(units)
+    before = sums.clone(), extremes.clone()
+    kept = [sums[0], sums[1], sums[2], sums[3] if saturation else None]  # as in a summary
+    totals = [None if t is None else t.data_ptr() for t in kept]
+    totals += [extremes[0:1].data_ptr(), extremes[1:2].data_ptr()]
+    batch = torch.full((4 * units + 2,), math.nan, dtype=torch.float64)
+    kernel.reduce_into(x3, shift, totals, kernel.saturation_test(saturation), batch, sample)
+    rows = 4 if saturation else 3
+    added = batch[: 4 * units].view(4, units)[:rows] + before[0][:rows]
+    torch.testing.assert_close(added, sums[:rows], rtol=0, atol=0, equal_nan=True)
+    low, high = batch[4 * units :]
+    both = torch.stack([low.minimum(before[1][0]), high.maximum(before[1][1])])
+    torch.testing.assert_close(extremes, both, rtol=0, atol=0, equal_nan=True)
+    saturated = sums[3].numpy() if saturation else np.zeros(0)
+    return [sums[0].numpy(), sums[1].numpy(), *extremes.numpy(), sums[2].numpy(), saturated]
+
+
+def accumulators(units: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A summary's float64 accumulators as they start: zero sums, extremes at ±inf."""
+    return torch.zeros(4, units, dtype=torch.float64), torch.tensor(
+        [math.inf, -math.inf], dtype=torch.float64
+    )
 
 
 def expected(x3: torch.Tensor, shift: torch.Tensor, saturation=None) -> list[np.ndarray]:
@@ -115,6 +133,20 @@ def test_each_thread_count_agrees_with_numpy(shape, threads, monkeypatch):
         assert torch.equal(sample[2], x3.reshape(-1)[positions])
     finally:
         torch.set_num_threads(before)
+
+
+def test_batches_add_up_in_a_summarys_accumulators():
+    gen = torch.Generator().manual_seed(3)
+    first, second = torch.randn(9, 5, 3, generator=gen), torch.randn(4, 5, 3, generator=gen) * 3
+    shift, saturation, into = first.mean((0, 2)), (-1.0, 1.0), accumulators(5)
+    reduced(first, shift, saturation, into=into)
+    got = reduced(second, shift, saturation, into=into)
+    both = torch.cat([first, second])
+    assert_agree(got, expected(both, shift, saturation), both)
+    second[2, 1, 0] = math.nan  # from here on the extremes are NaN, as torch.minimum keeps them
+    reduced(second, shift, into=into)
+    got = reduced(first, shift, into=into)
+    assert np.isnan(got[2]) and np.isnan(got[3])
 
 
 class FakeLibrary:
