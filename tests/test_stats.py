@@ -721,6 +721,23 @@ def test_a_layer_returning_its_input_copies_the_results_of_the_layer_before(
     )
 
 
+@pytest.mark.parametrize("reduction", ["kernel"], indirect=True)
+def test_the_kernels_results_for_a_batch_are_added_again_for_the_same_tensor(monkeypatch, copies):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.5), nn.Identity())
+    x = torch.randn(200, 6, generator=torch.Generator().manual_seed(1))
+    report = modelcheck.check(model, x, batch_size=40)
+    assert copies == [True] * 10  # the Dropout and the Identity, five batches each
+    statistics = _layer_statistics(report)
+    assert statistics[2] == statistics[3]
+    for key in ("count", "mean", "std", "min", "max", "skewness", "kurtosis"):
+        assert statistics[2][key] == statistics[1][key]  # as the ReLU's summary has them
+    monkeypatch.setattr(StatsCollector, "_summarised_as_is", lambda *_: None)
+    np.testing.assert_equal(
+        statistics, _layer_statistics(modelcheck.check(model, x, batch_size=40))
+    )
+
+
 def test_a_tensor_changed_in_place_after_its_summary_is_summarised_again(copies):
     # Identity returns the Linear's output; the in-place ReLU then changes that very tensor.
     model = nn.Sequential(nn.Linear(6, 32), nn.Identity(), nn.ReLU(inplace=True)).double()
