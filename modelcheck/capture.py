@@ -253,13 +253,13 @@ def recorded_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-def _calls_functions_between_leaves(model: nn.Module) -> bool:
-    """Whether the model may call torch functions outside its leaf modules (whose calls
-    the leaf's own output stands for): any model but nn.Sequential containers of leaves."""
+def _calls_functions_between_leaves(modules: Iterable[nn.Module]) -> bool:
+    """Whether a model of these modules may call torch functions outside its leaves (whose
+    calls the leaf's own output stands for): any model but nn.Sequential containers of leaves."""
     return any(
         next(module.children(), None) is not None
         and type(module).forward is not nn.Sequential.forward
-        for _, module in model_modules(model)
+        for module in modules
     )
 
 
@@ -520,7 +520,7 @@ class _Recorder(TorchFunctionMode):
         self.first_batch = True
         self.changed_in_place: set[str] = set()
         self.gradless: dict[str, None] = {}  # see pass_on_gradient
-        self.watches_functions = _calls_functions_between_leaves(model)
+        self.watches_functions = _calls_functions_between_leaves(self._names)
 
     def __enter__(self) -> _Recorder:
         # The function mode finds nothing in a model that calls no function outside its

@@ -75,17 +75,10 @@ def test_sparse_embedding_gradients_are_not_vanishing_gradients():
 
 
 def test_gradients_are_compared_among_weight_layers_only():
-    from modelcheck.metrics import derive
-    from modelcheck.stats import RunStats
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 16), nn.LayerNorm(16))
     report = modelcheck.check(model, gaussian())
-    stats = RunStats(report.layers, report.input, report.output, None, 16384)
-    layers = {
-        m["name"]: m
-        for m in derive(stats, parameters=1, loss="x", samples=report.probe.samples).layers
-    }
+    layers = layer_metrics(report)
     assert layers["0"]["grad_reference_layer"] == "2"  # the last Linear, not the last norm
     assert layers["0"]["param_grad_ratio"] == pytest.approx(
         report.layer("0").param_grad.rms / report.layer("2").param_grad.rms
@@ -126,13 +119,17 @@ def test_vanishing_gradients_are_still_found_behind_an_attention():
     assert (finding.layer, finding.severity) == ("0.0", "error")
 
 
-def layer_metrics(report) -> dict:
+def derived(report):
+    """The metrics the rules read, derived again from a report's statistics."""
     from modelcheck.metrics import derive
     from modelcheck.stats import RunStats
 
     stats = RunStats(report.layers, report.input, report.output, None, 16384)
-    derived = derive(stats, parameters=1, loss="x", samples=report.probe.samples)
-    return {m["name"]: m for m in derived.layers}
+    return derive(stats, parameters=1, loss="x", samples=report.probe.samples)
+
+
+def layer_metrics(report) -> dict:
+    return {m["name"]: m for m in derived(report).layers}
 
 
 def test_a_head_over_repeated_blocks_is_not_a_trend_with_depth():
@@ -188,15 +185,7 @@ def test_a_query_or_key_without_a_value_beside_it_is_an_ordinary_layer():
 
 
 def query_and_key_layers(report) -> list[str]:
-    from modelcheck.metrics import derive
-    from modelcheck.stats import RunStats
-
-    stats = RunStats(report.layers, report.input, report.output, None, 16384)
-    return [
-        m["name"]
-        for m in derive(stats, parameters=1, loss="x", samples=report.probe.samples).layers
-        if m["is_query_or_key"]
-    ]
+    return [m["name"] for m in derived(report).layers if m["is_query_or_key"]]
 
 
 @pytest.mark.parametrize("branches", [2, 1], ids=["sqrt-2N", "sqrt-N"])
@@ -228,11 +217,7 @@ def token_ids() -> torch.Tensor:
 
 
 def parameter_metrics(report) -> tuple:
-    from modelcheck.metrics import derive
-    from modelcheck.stats import RunStats
-
-    stats = RunStats(report.layers, report.input, report.output, None, 16384)
-    return derive(stats, parameters=1, loss="x", samples=report.probe.samples).parameters
+    return derived(report).parameters
 
 
 @pytest.mark.parametrize("activation", [nn.GELU, nn.SiLU])
