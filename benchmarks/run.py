@@ -1,7 +1,7 @@
 """Measure what a check costs against the floor, and write the results to README.md.
 
     python benchmarks/run.py            # everything, medians of 5 runs (about 25 minutes)
-    python benchmarks/run.py --quick    # smaller sizes, one run: a smoke test of this script
+    python benchmarks/run.py --quick    # smaller sizes, one run, printed only: a smoke test
 
 Every time is the median wall time of ``--repeat`` runs taken in this one process, and
 every check's ratio divides it by the plain forward+backward (or forward) pass over the same
@@ -417,7 +417,9 @@ def write_readme(text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, printed only: a smoke run"
+    )
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-write", action="store_true", help="print, leave README.md alone")
     parser.add_argument("--memory-worker", nargs=3, metavar=("MODE", "SAMPLES", "WIDTH"))
@@ -450,7 +452,7 @@ def main() -> None:
     results["load"]["end"] = f"{os.getloadavg()[0]:.1f}"
     text = report(results, repeat)
     print(text)
-    if not args.no_write:
+    if not (args.no_write or args.quick):  # a smoke run's numbers are not results
         write_readme(text)
 
 
