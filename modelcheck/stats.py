@@ -795,9 +795,7 @@ class TensorSummary:
         sample too, copied as each row is read (a gather afterwards would read a large
         activation's positions from memory again, one cache miss each)."""
         sample = self.sampler.for_kernel(x3)
-        batch = self._batch_buffer
-        if batch is None or batch.numel() != 4 * x3.shape[1] + 2:
-            batch = self._batch_buffer = torch.empty(4 * x3.shape[1] + 2, dtype=torch.float64)
+        batch = self._own_batch_buffer(4 * x3.shape[1] + 2)
         totals = [self.unit_sum, self.unit_dsumsq, self.unit_active, self.unit_saturated]
         totals = [None if t is None else t.data_ptr() for t in totals]
         totals += [self.unit_min.data_ptr(), self.unit_max.data_ptr()]
@@ -857,7 +855,15 @@ class TensorSummary:
         extremes = batch[4 * units :]
         torch.minimum(self.unit_min, extremes[:1], out=self.unit_min)
         torch.maximum(self.unit_max, extremes[1:], out=self.unit_max)
-        self._last_batch = batch
+        # A copy: the source rewrites its buffer when next called (a module called twice in
+        # a batch), while a later layer may still return this tensor and copy from here.
+        self._last_batch = self._own_batch_buffer(batch.numel()).copy_(batch)
+
+    def _own_batch_buffer(self, size: int) -> torch.Tensor:
+        """This summary's buffer for a batch's results (see kernel.reduce_into)."""
+        if self._batch_buffer is None or self._batch_buffer.numel() != size:
+            self._batch_buffer = torch.empty(size, dtype=torch.float64)
+        return self._batch_buffer
 
     def _copy_rows(self, rows: tuple[_BatchSlots, int, int], x3: torch.Tensor) -> bool:
         """Copy another summary's slot rows into this one's slots."""

@@ -738,6 +738,32 @@ def test_the_kernels_results_for_a_batch_are_added_again_for_the_same_tensor(mon
     )
 
 
+class _CalledTwice(nn.Module):
+    """A Linear called again between a layer that returns its first output and another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.first, self.second = nn.Linear(6, 32), nn.Identity(), nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = self.first(self.linear(x))
+        self.linear(x * 3)
+        return self.second(kept)  # the first output again, copied from `first`'s results
+
+
+def test_copied_results_stay_those_of_their_batch_when_the_source_runs_again(monkeypatch, copies):
+    torch.manual_seed(0)
+    model = _CalledTwice()
+    x = torch.randn(200, 6, generator=torch.Generator().manual_seed(1))
+    report = modelcheck.check(model, x, batch_size=40)
+    assert copies == [True, True] * 5
+    statistics = {layer.name: dataclasses.asdict(layer.activation) for layer in report.layers}
+    assert statistics["second"] == statistics["first"]
+    monkeypatch.setattr(StatsCollector, "_summarised_as_is", lambda *_: None)
+    again = modelcheck.check(model, x, batch_size=40)
+    np.testing.assert_equal(_layer_statistics(report), _layer_statistics(again))
+
+
 def test_a_tensor_changed_in_place_after_its_summary_is_summarised_again(copies):
     # Identity returns the Linear's output; the in-place ReLU then changes that very tensor.
     model = nn.Sequential(nn.Linear(6, 32), nn.Identity(), nn.ReLU(inplace=True)).double()
